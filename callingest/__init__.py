@@ -1,0 +1,1 @@
+"""Shared package: settings, Avro codec, Kafka producer and consumer loop, MongoDB access, metrics, logging."""

@@ -1,0 +1,1 @@
+"""Services of the call-ingestion platform: each package holds only its own step."""

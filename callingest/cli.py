@@ -1,0 +1,157 @@
+"""The ``callingest`` command: serve a service, apply configuration, inspect and replay calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+STAGES = ("validator", "fetcher", "normalizer")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="callingest",
+        description="Call ingestion platform: the Call Ingestion API and its processing pipeline.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run one service in the foreground",
+                           description="Run one service in the foreground until SIGTERM.")
+    serve.add_argument("service", choices=SERVICES)
+
+    config = sub.add_parser("config", help="manage configuration",
+                            description="Manage networks, tokens, campaigns and auth configs.")
+    config_sub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    apply = config_sub.add_parser("apply", help="upsert the configuration in a YAML file",
+                                  description="Upsert networks, tokens, advertisers, campaigns, "
+                                  "signals, custom data fields and recording auth configs from "
+                                  "a YAML file. Idempotent; a bad file changes nothing.")
+    apply.add_argument("file", type=Path)
+
+    calls = sub.add_parser("calls", help="inspect calls", description="Inspect calls.")
+    calls_sub = calls.add_subparsers(dest="calls_command", required=True, metavar="ACTION")
+    show = calls_sub.add_parser("show", help="a call's record and processing history as JSON",
+                                description="Print a call's record and history as JSON.")
+    show.add_argument("cuid")
+
+    replay = sub.add_parser(
+        "replay", help="re-publish failed calls to the stage that failed",
+        description="Re-publish failed calls to the stage that failed, after the recording is "
+        "restored or the configuration corrected. Filters combine with AND.")
+    replay.add_argument("--cuid", action="append", default=[], help="a call to replay (repeatable)")
+    replay.add_argument("--stage", choices=STAGES, help="only calls that failed in this stage")
+    replay.add_argument("--since", type=_iso, help="only calls that failed at or after this ISO time")
+    replay.add_argument("--failure-class", help="only calls that failed with this class")
+    replay.add_argument("--dry-run", action="store_true", help="list what would be replayed")
+
+    admin = sub.add_parser("admin", help="operations", description="Operational tasks.")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    admin_sub.add_parser("init", help="create topics, indexes and the bucket (idempotent)",
+                         description="Create every Kafka topic, MongoDB index and the S3 bucket.")
+    return parser
+
+
+def _iso(value: str) -> datetime:
+    from dateutil import parser as dateparser
+
+    try:
+        parsed = dateparser.isoparse(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a UTC offset or Z: {value!r}")
+    return parsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from callingest.settings import load_settings
+
+    settings = load_settings()
+    if args.command == "serve":
+        module = importlib.import_module(f"services.{args.service}.main")
+        try:
+            asyncio.run(module.serve(settings))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    if args.command == "config":
+        return asyncio.run(_config_apply(settings, args.file))
+    if args.command == "calls":
+        return asyncio.run(_calls_show(settings, args.cuid))
+    if args.command == "replay":
+        from callingest.replay import ReplayFilter, run_replay
+
+        flt = ReplayFilter(cuids=args.cuid, stage=args.stage, since=args.since,
+                           failure_class=args.failure_class)
+        return asyncio.run(run_replay(settings, flt, dry_run=args.dry_run))
+    if args.command == "admin":
+        return asyncio.run(_admin_init(settings))
+    return 2
+
+
+async def _config_apply(settings: Any, path: Path) -> int:
+    from callingest import config_file, mongo
+
+    try:
+        config = config_file.load(path)
+    except config_file.ConfigError as exc:
+        print(f"callingest config apply: {exc}", file=sys.stderr)
+        return 1
+    client = mongo.open_client(settings)
+    try:
+        db = mongo.database(client, settings)
+        await mongo.ensure_indexes(db)
+        changes = await config_file.apply(db, config)
+    finally:
+        await client.close()
+    for line in changes:
+        print(line)
+    print(f"{path}: {len(changes)} change(s) applied" if changes else f"{path}: already up to date")
+    return 0
+
+
+async def _calls_show(settings: Any, cuid: str) -> int:
+    from callingest import mongo
+    from callingest.logging import scrub
+
+    client = mongo.open_client(settings)
+    try:
+        call = await mongo.database(client, settings).calls.find_one({"_id": cuid})
+    finally:
+        await client.close()
+    if call is None:
+        print(f"callingest calls show: no call {cuid}", file=sys.stderr)
+        return 1
+    call["cuid"] = call.pop("_id")
+    call.pop("content_hash", None)
+    print(scrub(json.dumps(call, default=_json_default, indent=2, sort_keys=True)))
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+async def _admin_init(settings: Any) -> int:
+    from callingest import s3
+    from callingest.service import prepare_infrastructure
+
+    await prepare_infrastructure(settings)
+    async with s3.s3_client(settings) as client:
+        await s3.ensure_bucket(client, settings.s3_bucket)
+    print("topics, indexes and bucket ready")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The configuration file of ``callingest config apply``: parsed, validated, upserted.
+
+The whole file is validated before anything is written, so a bad file
+changes nothing. Errors name the file, the path of the field and the problem.
+Tokens are stored as SHA-256 hashes, never in clear.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pymongo.asynchronous.database import AsyncDatabase
+
+LANGUAGE_CODES = ("en-US", "en-GB", "es-ES", "fr-FR")
+
+
+def _to_str(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    return value
+
+
+IdStr = Annotated[str, BeforeValidator(_to_str), Field(min_length=1, max_length=128)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class ApiToken(_Strict):
+    token: str = Field(min_length=8, max_length=256)
+    advertisers: list[IdStr] | None = None
+
+
+class RecordingAuthConfig(_Strict):
+    id: IdStr
+    method: Literal["bearer_header", "query_param", "custom_header"]
+    token: str = Field(min_length=1, max_length=4096)
+    name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.~-]+$")
+
+    @model_validator(mode="after")
+    def _name_required(self) -> RecordingAuthConfig:
+        if self.method in ("query_param", "custom_header") and not self.name:
+            raise ValueError(f"'name' is required for method {self.method}")
+        return self
+
+
+class Campaign(_Strict):
+    id_from_network: IdStr
+    type: str = "ExternalOnly"
+    signal_ai_enabled: bool = False
+    voice_signals: int = Field(0, ge=0)
+
+
+class Advertiser(_Strict):
+    id: IdStr
+    name: str | None = None
+    campaigns: list[Campaign] = Field(default_factory=list)
+
+
+class Network(_Strict):
+    id: IdStr
+    name: str
+    timezone: str = "America/Los_Angeles"
+    default_language_code: Literal["en-US", "en-GB", "es-ES", "fr-FR"] = "en-US"
+    multi_language_enabled: bool = False
+    call_ingestion_enabled: bool = True
+    csm_email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+$")
+    api_tokens: list[ApiToken] = Field(default_factory=list)
+    signals: list[str] = Field(default_factory=list)
+    custom_data_fields: list[str] = Field(default_factory=list)
+    recording_auth_configs: list[RecordingAuthConfig] = Field(default_factory=list)
+    advertisers: list[Advertiser] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown IANA timezone {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Network:
+        for label, ids in (
+            ("recording_auth_configs", [c.id for c in self.recording_auth_configs]),
+            ("advertisers", [a.id for a in self.advertisers]),
+            ("campaigns", [c.id_from_network for a in self.advertisers for c in a.campaigns]),
+            ("signals", [s.lower() for s in self.signals]),
+            ("custom_data_fields", [c.lower() for c in self.custom_data_fields]),
+        ):
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {label}: {', '.join(dupes)}")
+        known = {a.id for a in self.advertisers}
+        for i, token in enumerate(self.api_tokens):
+            unknown = sorted(set(token.advertisers or []) - known)
+            if unknown:
+                raise ValueError(f"api_tokens[{i}] names unknown advertisers: {', '.join(unknown)}")
+        return self
+
+
+class ConfigFile(_Strict):
+    networks: list[Network] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_networks(self) -> ConfigFile:
+        ids = [n.id for n in self.networks]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"duplicate network ids: {', '.join(dupes)}")
+        tokens = [t.token for n in self.networks for t in n.api_tokens]
+        if len(tokens) != len(set(tokens)):
+            raise ValueError("an api token is listed more than once")
+        return self
+
+
+class ConfigError(Exception):
+    """The file cannot be applied; the message names the file, field path and problem."""
+
+
+def hash_token(token: str) -> str:
+    """How API tokens are stored and looked up: SHA-256, hex."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def load(path: Path) -> ConfigFile:
+    """Parse and validate ``path``; raises :class:`ConfigError` listing every problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with a 'networks' list")
+    try:
+        return ConfigFile.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = _path(err["loc"], data)
+            lines.append(f"{path}: {loc or '(top level)'}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _path(loc: tuple[Any, ...], data: Any) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
+    """The MongoDB documents ``config`` describes, by collection."""
+    networks, tokens, campaigns = [], [], []
+    for n in config.networks:
+        networks.append({
+            "_id": n.id,
+            "name": n.name,
+            "timezone": n.timezone,
+            "default_language_code": n.default_language_code,
+            "multi_language_enabled": n.multi_language_enabled,
+            "call_ingestion_enabled": n.call_ingestion_enabled,
+            "csm_email": n.csm_email,
+            "signals": n.signals,
+            "custom_data_fields": n.custom_data_fields,
+            "recording_auth_configs": [c.model_dump() for c in n.recording_auth_configs],
+            "advertisers": [a.id for a in n.advertisers],
+        })
+        for t in n.api_tokens:
+            tokens.append({"_id": hash_token(t.token), "network_id": n.id,
+                           "advertisers": t.advertisers})
+        for a in n.advertisers:
+            for c in a.campaigns:
+                campaigns.append({
+                    "_id": f"{n.id}:{c.id_from_network}",
+                    "network_id": n.id,
+                    "advertiser_id": a.id,
+                    "id_from_network": c.id_from_network,
+                    "type": c.type,
+                    "signal_ai_enabled": c.signal_ai_enabled,
+                    "voice_signals": c.voice_signals,
+                })
+    return {"networks": networks, "api_tokens": tokens, "campaigns": campaigns}
+
+
+async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile) -> list[str]:
+    """Upsert every document of ``config``; returns one line per created or changed document."""
+    changes: list[str] = []
+    for collection, docs in documents(config).items():
+        for doc in docs:
+            existing = await db[collection].find_one({"_id": doc["_id"]})
+            label = _label(collection, doc)
+            if existing is None:
+                await db[collection].insert_one(doc)
+                changes.append(f"created {label}")
+            elif {k: existing.get(k) for k in doc} != doc:
+                await db[collection].replace_one({"_id": doc["_id"]}, doc)
+                changes.append(f"updated {label}")
+    return changes
+
+
+def _label(collection: str, doc: dict[str, Any]) -> str:
+    if collection == "api_tokens":
+        return f"api token of network {doc['network_id']} (sha256 {doc['_id'][:8]}...)"
+    if collection == "campaigns":
+        return f"campaign {doc['id_from_network']} of network {doc['network_id']}"
+    return f"network {doc['_id']}"

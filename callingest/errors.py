@@ -1,0 +1,31 @@
+"""Failures a pipeline step raises; the shared consumer loop decides what happens next."""
+
+from __future__ import annotations
+
+
+class StepError(Exception):
+    """Base class for failures raised by a stage step."""
+
+    failure_class: str = "Error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class TransientError(StepError):
+    """Worth retrying later (timeouts, 5xx, store unavailable): nothing is committed."""
+
+    failure_class = "Transient"
+
+    def __init__(self, message: str, failure_class: str = "Transient") -> None:
+        super().__init__(message)
+        self.failure_class = failure_class
+
+
+class PermanentError(StepError):
+    """Retrying cannot help until something changes: the call is marked failed."""
+
+    def __init__(self, failure_class: str, message: str) -> None:
+        super().__init__(message)
+        self.failure_class = failure_class

@@ -1,0 +1,89 @@
+"""Structured JSON logs, one object per line, with secrets scrubbed.
+
+Every line that concerns a call carries ``cuid`` (and ``event_id`` when an
+event is being handled): pass them in ``extra``. Scrubbing is a last line of
+defence: code must not log secrets in the first place, but URL query strings,
+userinfo and Authorization values are removed from every rendered line, and
+values registered with :func:`register_secret` are masked wherever they appear.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from typing import Any
+
+_URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/\s@\"']*@)?(?P<rest>[^\s?#\"']*)(?:\?[^\s#\"']*)?")
+_AUTH_VALUES = re.compile(r"(?i)(authorization|oauth_token|token|api[-_]?key|secret)(\"?\s*[:=]\s*\"?)([^\s\",&]+)")
+_BEARER = re.compile(r"(?i)\b(bearer|token\s+token=)\s*[^\s\",]+")
+_STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+def register_secret(value: str) -> None:
+    """Mask ``value`` in every log line from now on (values shorter than 4 characters are ignored)."""
+    if value and len(value) >= 4:
+        with _secrets_lock:
+            _secrets.add(value)
+
+
+def scrub(text: str) -> str:
+    """``text`` without URL query strings, URL userinfo, credential values or registered secrets."""
+    text = _URL_SECRETS.sub(lambda m: m.group("scheme") + m.group("rest"), text)
+    text = _BEARER.sub(lambda m: m.group(1) + " [redacted]", text)
+    text = _AUTH_VALUES.sub(lambda m: m.group(1) + m.group(2) + "[redacted]", text)
+    if _secrets:
+        with _secrets_lock:
+            secrets = sorted(_secrets, key=len, reverse=True)
+        for secret in secrets:
+            if secret in text:
+                text = text.replace(secret, "[redacted]")
+    return text
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, service, plus any ``extra`` fields."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "service": self.service,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return scrub(json.dumps(entry, default=str))
+
+
+def configure(service: str, level: str = "INFO") -> None:
+    """Send every logger's records to stderr as JSON lines; idempotent."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for noisy in ("aiokafka", "botocore", "aiobotocore", "pymongo", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A stdlib logger; records are rendered by :class:`JsonFormatter` once :func:`configure` ran."""
+    return logging.getLogger(name)

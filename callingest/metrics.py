@@ -1,0 +1,137 @@
+"""Every Prometheus metric the platform exports, declared once.
+
+Names follow Prometheus conventions: base units, ``_total`` for counters,
+``_seconds`` and ``_bytes`` for quantities. Label values are bounded sets
+(route templates, topic names, stage names, failure classes), never cuids.
+
+When ``PROMETHEUS_MULTIPROC_DIR`` is set (the gateway with several worker
+processes), prometheus-client writes per-process files there and
+:func:`render_latest` aggregates them behind one endpoint.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+# Buckets for request latency: the gateway answers in milliseconds.
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Buckets for a pipeline stage: fetching and transcoding take seconds to minutes.
+_STAGE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+# HTTP requests served, by service, method, route template and status code.
+HTTP_REQUESTS = Counter(
+    "callingest_http_requests_total",
+    "HTTP requests served",
+    ["service", "method", "route", "status"],
+)
+# HTTP request latency from first byte read to response written.
+HTTP_REQUEST_DURATION = Histogram(
+    "callingest_http_request_duration_seconds",
+    "HTTP request latency",
+    ["service", "method", "route"],
+    buckets=_HTTP_BUCKETS,
+)
+# Calls accepted by the gateway, by result (created, duplicate, conflict, rejected).
+CALLS_SUBMITTED = Counter(
+    "callingest_calls_submitted_total",
+    "Call submissions answered by the gateway, by result",
+    ["result"],
+)
+# Events consumed from Kafka, by topic and outcome (ok, retry, failed, dead_letter, skipped).
+EVENTS_CONSUMED = Counter(
+    "callingest_events_consumed_total",
+    "Events consumed, by topic and outcome",
+    ["service", "topic", "outcome"],
+)
+# Events produced to Kafka and acknowledged (outcome ok) or refused (outcome error).
+EVENTS_PRODUCED = Counter(
+    "callingest_events_produced_total",
+    "Events produced, by topic and outcome",
+    ["service", "topic", "outcome"],
+)
+# Time a stage spends on one event, by outcome.
+STAGE_DURATION = Histogram(
+    "callingest_stage_duration_seconds",
+    "Processing time of one event in a pipeline stage",
+    ["stage", "outcome"],
+    buckets=_STAGE_BUCKETS,
+)
+# Messages between the consumer's committed offset and the partition's end.
+CONSUMER_LAG = Gauge(
+    "callingest_consumer_lag_messages",
+    "Consumer lag per partition",
+    ["service", "topic", "partition"],
+    multiprocess_mode="max",
+)
+# Messages taken from Kafka whose processing has not finished.
+EVENTS_IN_FLIGHT = Gauge(
+    "callingest_events_in_flight",
+    "Events being processed",
+    ["service"],
+    multiprocess_mode="livesum",
+)
+# Transient failures scheduled for a delayed retry, by stage.
+RETRIES = Counter(
+    "callingest_retries_total",
+    "Transient failures scheduled for retry",
+    ["stage"],
+)
+# Permanent failures published to calls.failed, by stage and failure class.
+FAILURES = Counter(
+    "callingest_failures_total",
+    "Calls failed, by stage and failure class",
+    ["stage", "failure_class"],
+)
+# Messages sent to the dead-letter topic because they could not be decoded.
+DEAD_LETTERS = Counter(
+    "callingest_dead_letters_total",
+    "Undecodable messages sent to the dead-letter topic",
+    ["service", "topic"],
+)
+# Recording bytes downloaded and stored by the fetcher.
+BYTES_FETCHED = Counter(
+    "callingest_fetched_bytes_total",
+    "Recording bytes fetched",
+)
+# Seconds of audio written by the normalizer.
+AUDIO_NORMALIZED = Counter(
+    "callingest_normalized_audio_seconds_total",
+    "Seconds of audio normalized",
+)
+# Calls that reached a terminal status (normalized or failed).
+CALLS_TERMINAL = Counter(
+    "callingest_calls_terminal_total",
+    "Calls that reached a terminal status",
+    ["status"],
+)
+# Notification emails sent (outcome sent, duplicate, error).
+NOTIFICATIONS = Counter(
+    "callingest_notifications_total",
+    "Failure notifications, by outcome",
+    ["outcome"],
+)
+# Accepted calls whose CallSubmitted event is not yet acknowledged by Kafka.
+UNPUBLISHED_CALLS = Gauge(
+    "callingest_unpublished_calls",
+    "Accepted calls waiting to be published",
+    multiprocess_mode="max",
+)
+
+
+def render_latest() -> tuple[bytes, str]:
+    """The exposition text for this process, or for all workers in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,49 @@
+"""MongoDB access through PyMongo's async API.
+
+Only operations that both MongoDB and FerretDB (the dev stack's store)
+support are used: single-document updates and upserts, findAndModify,
+unique indexes; no transactions, no change streams.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from callingest.settings import Settings
+
+Document = dict[str, Any]
+
+
+def open_client(settings: Settings, timeout_ms: int = 5000) -> AsyncMongoClient[Document]:
+    """A client for ``MONGODB_URI``; connects lazily, times out operations after ``timeout_ms``."""
+    return AsyncMongoClient(
+        settings.mongodb_uri.get_secret_value(),
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+        tz_aware=True,
+        appname="callingest",
+    )
+
+
+def database(client: AsyncMongoClient[Document], settings: Settings) -> AsyncDatabase[Document]:
+    return client[settings.mongodb_database]
+
+
+async def ensure_indexes(db: AsyncDatabase[Document]) -> None:
+    """Create every index the platform relies on; idempotent."""
+    await db.calls.create_index(
+        [("network_id", ASCENDING), ("external_call_unique_id", ASCENDING)],
+        unique=True,
+        name="network_external_call_unique_id",
+    )
+    await db.calls.create_index([("status", ASCENDING)], name="status")
+    await db.calls.create_index([("published", ASCENDING)], name="published")
+    await db.campaigns.create_index(
+        [("network_id", ASCENDING), ("id_from_network", ASCENDING)],
+        unique=True,
+        name="network_campaign",
+    )
+    await db.api_tokens.create_index([("network_id", ASCENDING)], name="network")

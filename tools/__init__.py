@@ -1,0 +1,1 @@
+"""Developer tools: the dev/test stack manager and the SMTP sink."""

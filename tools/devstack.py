@@ -1,0 +1,381 @@
+"""Start, check and stop the dev/test stack without Docker.
+
+Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
+FerretDB on SQLite (.tools/bin/ferretdb), versitygw as the S3 store
+(.tools/bin/versitygw, posix backend), an aiosmtpd sink, and the five
+services. Every process runs in its own session (process group) with its pid
+in ``.run/pids/<component>.pid`` and its output in ``.run/logs/<component>.log``.
+
+Usage: ``python -m tools.devstack up|down|status|servers-up|servers-down``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = Path(os.environ.get("CALLINGEST_RUN_DIR", ROOT / ".run"))
+TOOLS = ROOT / ".tools"
+VENV_BIN = ROOT / ".venv" / "bin"
+
+S3_ACCESS_KEY = "callingest"
+S3_SECRET_KEY = "callingest-dev-secret"  # dev-only credential of the local store
+
+SERVERS = ("kafka", "mongodb", "s3", "smtp")
+SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+SERVICE_PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083,
+                 "notifier": 8084}
+
+
+def _port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+@dataclass
+class Ports:
+    kafka: int = field(default_factory=lambda: _port("KAFKA_PORT", 9092))
+    kafka_controller: int = field(default_factory=lambda: _port("KAFKA_CONTROLLER_PORT", 9093))
+    mongodb: int = field(default_factory=lambda: _port("MONGODB_PORT", 27017))
+    s3: int = field(default_factory=lambda: _port("S3_PORT", 9000))
+    smtp: int = field(default_factory=lambda: _port("SMTP_PORT", 1025))
+    gateway: int = field(default_factory=lambda: _port("GATEWAY_PORT", 8080))
+
+    def of(self, component: str) -> int:
+        if component in ("validator", "fetcher", "normalizer", "notifier"):
+            return _port(f"{component.upper()}_PORT", SERVICE_PORTS[component])
+        return int(getattr(self, component))
+
+
+def service_env(ports: Ports) -> dict[str, str]:
+    """Environment for the services so they reach the dev stack's servers."""
+    return {
+        "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
+        "MONGODB_URI": f"mongodb://127.0.0.1:{ports.mongodb}/",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}",
+        "S3_ACCESS_KEY_ID": S3_ACCESS_KEY,
+        "S3_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+        "SMTP_HOST": "127.0.0.1",
+        "SMTP_PORT": str(ports.smtp),
+        "ALLOW_LOOPBACK_RECORDINGS": "true",
+        "PUBLIC_BASE_URL": f"http://127.0.0.1:{ports.gateway}",
+    }
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def pid_file(component: str) -> Path:
+    return RUN / "pids" / f"{component}.pid"
+
+
+def log_file(component: str) -> Path:
+    return RUN / "logs" / f"{component}.log"
+
+
+def running_pid(component: str) -> int | None:
+    path = pid_file(component)
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        path.unlink(missing_ok=True)
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def spawn(component: str, argv: list[str], env: dict[str, str] | None = None,
+          cwd: Path = ROOT) -> int:
+    """Start ``argv`` detached in its own session; returns its pid."""
+    (RUN / "pids").mkdir(parents=True, exist_ok=True)
+    (RUN / "logs").mkdir(parents=True, exist_ok=True)
+    with open(log_file(component), "ab") as log:
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+    pid_file(component).write_text(str(proc.pid))
+    return proc.pid
+
+
+def stop(component: str, timeout: float = 15.0) -> bool:
+    """SIGTERM the component's process group, SIGKILL after ``timeout``; True if it was running."""
+    pid = running_pid(component)
+    if pid is None:
+        return False
+    _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        _signal_group(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.05)
+    pid_file(component).unlink(missing_ok=True)
+    return True
+
+
+def kill9(component: str) -> None:
+    """SIGKILL the component at once (fault tests)."""
+    pid = running_pid(component)
+    if pid is not None:
+        _signal_group(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.05)
+        pid_file(component).unlink(missing_ok=True)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _status = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.3)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for(check: object, what: str, timeout: float, component: str | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        if component is not None and running_pid(component) is None:
+            raise RuntimeError(f"{component} exited during start-up; see {log_file(component)}:\n"
+                               + _tail(log_file(component)))
+        time.sleep(0.2)
+    raise RuntimeError(f"{what} not ready after {timeout:.0f} s; see logs under {RUN / 'logs'}"
+                       + (f":\n{_tail(log_file(component))}" if component else ""))
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: run `make setup` first")
+    return path
+
+
+def start_kafka(ports: Ports) -> None:
+    libs = _require(TOOLS / "kafka" / "libs")
+    java = shutil.which("java") or "java"
+    data = RUN / "kafka" / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    conf = RUN / "kafka" / "server.properties"
+    template = (ROOT / "deploy" / "kafka" / "server.properties.in").read_text()
+    conf.write_text(template.replace("@KAFKA_PORT@", str(ports.kafka))
+                    .replace("@CONTROLLER_PORT@", str(ports.kafka_controller))
+                    .replace("@DATA_DIR@", str(data)))
+    jvm = [java, "-Xmx512m", "-Xms128m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+           "-XX:TieredStopAtLevel=1", "-Xshare:auto", "-Djava.awt.headless=true",
+           f"-Dlog4j2.configurationFile={ROOT / 'deploy' / 'kafka' / 'log4j2.yaml'}",
+           "-cp", f"{libs}/*"]
+    if not (data / "meta.properties").exists():
+        cluster_id = subprocess.run(jvm + ["kafka.tools.StorageTool", "random-uuid"],
+                                    check=True, capture_output=True, text=True).stdout.strip()
+        subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c",
+                              str(conf), "--standalone", "--ignore-formatted"],
+                       check=True, capture_output=True, text=True)
+    spawn("kafka", jvm + ["kafka.Kafka", str(conf)])
+
+
+def start_mongodb(ports: Ports) -> None:
+    binary = _require(TOOLS / "bin" / "ferretdb")
+    spawn("mongodb", [str(binary), "--listen-addr", f"127.0.0.1:{ports.mongodb}",
+                      "--sqlite-dir", str(RUN / "ferretdb")])
+
+
+def start_s3(ports: Ports) -> None:
+    binary = _require(TOOLS / "bin" / "versitygw")
+    root = RUN / "s3"
+    root.mkdir(parents=True, exist_ok=True)
+    spawn("s3", [str(binary), "--port", f"127.0.0.1:{ports.s3}", "--quiet", "posix", str(root)],
+          env={"ROOT_ACCESS_KEY": S3_ACCESS_KEY, "ROOT_SECRET_KEY": S3_SECRET_KEY})
+
+
+def start_smtp(ports: Ports) -> None:
+    spawn("smtp", [str(VENV_BIN / "python"), "-m", "tools.smtp_sink", "--port", str(ports.smtp),
+                   "--dir", str(RUN / "mail")])
+
+
+STARTERS = {"kafka": start_kafka, "mongodb": start_mongodb, "s3": start_s3, "smtp": start_smtp}
+
+
+def kafka_ready(ports: Ports) -> bool:
+    """True once the broker answers metadata requests (not just accepts TCP)."""
+    if not port_open(ports.kafka):
+        return False
+    probe = subprocess.run(
+        [str(VENV_BIN / "python"), "-c",
+         "import asyncio,sys\n"
+         "from aiokafka.admin import AIOKafkaAdminClient\n"
+         "async def m():\n"
+         f"  a=AIOKafkaAdminClient(bootstrap_servers='127.0.0.1:{ports.kafka}',request_timeout_ms=3000)\n"
+         "  await a.start(); await a.list_topics(); await a.close()\n"
+         "asyncio.run(m())\n"],
+        capture_output=True, timeout=20,
+    )
+    return probe.returncode == 0
+
+
+def start_server(component: str, ports: Ports, timeout: float = 60.0) -> bool:
+    """Start one server unless it already listens; wait until it is ready. True if started."""
+    port = ports.of("kafka" if component == "kafka" else component)
+    if port_open(port):
+        return False
+    STARTERS[component](ports)
+    if component == "kafka":
+        wait_for(lambda: kafka_ready(ports), "kafka", timeout, "kafka")
+    else:
+        wait_for(lambda: port_open(port), component, timeout, component)
+    return True
+
+
+def servers_up(ports: Ports, components: Iterable[str] = SERVERS) -> list[str]:
+    """Start the servers that are not running; returns the ones started here."""
+    return [c for c in components if start_server(c, ports)]
+
+
+# -- services ----------------------------------------------------------------------------------
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+def start_service(name: str, ports: Ports, env: dict[str, str] | None = None) -> None:
+    port = ports.of(name)
+    spawn(name, [str(VENV_BIN / "callingest"), "serve", name],
+          env={**service_env(ports), "HTTP_PORT": str(port), **(env or {})})
+
+
+def wait_services(names: Iterable[str], ports: Ports, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for name in names:
+        url = f"http://127.0.0.1:{ports.of(name)}/readyz"
+        wait_for(lambda url=url: _http_ok(url), name, max(1.0, deadline - time.monotonic()), name)
+
+
+def admin_init(ports: Ports) -> None:
+    subprocess.run([str(VENV_BIN / "callingest"), "admin", "init"], check=True,
+                   env={**os.environ, **service_env(ports)})
+
+
+def apply_config(ports: Ports, path: Path) -> None:
+    subprocess.run([str(VENV_BIN / "callingest"), "config", "apply", str(path)], check=True,
+                   env={**os.environ, **service_env(ports)})
+
+
+def up(ports: Ports) -> None:
+    started = time.monotonic()
+    servers_up(ports)
+    admin_init(ports)
+    apply_config(ports, ROOT / "deploy" / "examples" / "demo-config.yaml")
+    for name in SERVICES:
+        if running_pid(name) is None:
+            start_service(name, ports)
+    wait_services(SERVICES, ports, max(5.0, 60.0 - (time.monotonic() - started)))
+    base = f"http://127.0.0.1:{ports.gateway}"
+    print(f"\nstack ready in {time.monotonic() - started:.1f} s; logs in {RUN / 'logs'}")
+    print(f"gateway: {base}\n")
+    print("try it:")
+    print(f"""  curl -s -X POST '{base}/api/2022-03-01/calls.json' \\
+    -H 'Content-Type: application/json' -H 'Authorization: Bearer demo-network-token' \\
+    -d '{{"call": {{"external_call_unique_id": "demo-'$RANDOM'", "start_time": "2016-02-03 09:30:00 AM",
+         "destination_phone_number": 2165388265, "calling_phone_number": 8779257383,
+         "advertiser_campaign_id_from_network": 85, "call_direction": "inbound",
+         "recording_url": "http://127.0.0.1:8000/call.wav"}}}}'""")
+
+
+def down() -> None:
+    for component in (*SERVICES, *reversed(SERVERS)):
+        if stop(component):
+            print(f"stopped {component}")
+
+
+def status(ports: Ports) -> int:
+    bad = 0
+    for component in (*SERVERS, *SERVICES):
+        pid = running_pid(component)
+        listening = port_open(ports.of(component))
+        print(f"{component:11s} pid={pid or '-':<8} port={ports.of(component)} "
+              f"{'listening' if listening else 'closed'}")
+        bad += not listening
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="devstack", description=__doc__)
+    parser.add_argument("action", choices=["up", "down", "status", "servers-up", "servers-down"])
+    args = parser.parse_args(argv)
+    ports = Ports()
+    try:
+        if args.action == "up":
+            up(ports)
+        elif args.action == "down":
+            down()
+        elif args.action == "status":
+            return status(ports)
+        elif args.action == "servers-up":
+            servers_up(ports)
+        elif args.action == "servers-down":
+            for component in reversed(SERVERS):
+                stop(component)
+    except RuntimeError as exc:
+        print(f"devstack: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

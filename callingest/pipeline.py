@@ -92,6 +92,8 @@ class Stage:
     output_topic: str | None = None
     output_event: str | None = None
     resources: dict[str, Any] = field(default_factory=dict)
+    retry_forever: bool = False
+    """Transient failures never exhaust (the notifier: a notification is never dropped)."""
 
 
 def now() -> datetime:
@@ -323,7 +325,8 @@ class StageRunner:
             else:
                 log.exception("step raised unexpectedly; treated as transient", extra=extra)
                 transient = TransientError(f"internal error: {type(exc).__name__}", "InternalError")
-            if retry + 1 >= self.settings.max_processing_attempts:
+            if (retry + 1 >= self.settings.max_processing_attempts
+                    and not self.stage.retry_forever):
                 await self._fail(event, transient.failure_class,
                                  f"{transient.message} (gave up after {retry + 1} attempts)",
                                  retryable=True)

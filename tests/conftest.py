@@ -1,0 +1,241 @@
+"""Session fixtures: the real servers, started once (or reused), and per-test isolation.
+
+The servers (Kafka, FerretDB, versitygw, the SMTP sink) are started by
+:mod:`tools.devstack` unless something already listens on their ports (a
+stack from ``make up``); whatever this session started, it stops at the end.
+Each test gets its own topic prefix and its own MongoDB database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient
+from pydantic import SecretStr
+
+from callingest import mongo, s3
+from callingest.settings import Settings
+from callingest.topics import Topics, ensure_topics
+from tools import devstack
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def ports() -> devstack.Ports:
+    return devstack.Ports()
+
+
+@pytest.fixture(scope="session")
+def servers(ports: devstack.Ports) -> Iterator[devstack.Ports]:
+    """The four servers, running for the whole session."""
+    started = devstack.servers_up(ports)
+    yield ports
+    for component in reversed(started):
+        devstack.stop(component)
+
+
+def make_settings(ports: devstack.Ports, **overrides: Any) -> Settings:
+    tag = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "kafka_bootstrap_servers": f"127.0.0.1:{ports.kafka}",
+        "topic_prefix": f"t{tag}.",
+        "mongodb_uri": SecretStr(f"mongodb://127.0.0.1:{ports.mongodb}/"),
+        "mongodb_database": f"test_{tag}",
+        "s3_endpoint_url": f"http://127.0.0.1:{ports.s3}",
+        "s3_access_key_id": SecretStr(devstack.S3_ACCESS_KEY),
+        "s3_secret_access_key": SecretStr(devstack.S3_SECRET_KEY),
+        "smtp_port": ports.smtp,
+        "allow_loopback_recordings": True,
+        "retry_delays_seconds": [1.0, 2.0],
+        "fetch_connect_timeout_seconds": 2.0,
+        "fetch_read_timeout_seconds": 2.0,
+        "shutdown_grace_seconds": 5.0,
+        "republish_after_seconds": 1.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that make a service process use ``settings``."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if isinstance(value, list):
+            import json
+
+            value = json.dumps(value)
+        env[name.upper()] = str(value)
+    return env
+
+
+@pytest.fixture
+def settings(servers: devstack.Ports) -> Settings:
+    """Settings of this test: its own topic prefix and database on the session's servers."""
+    return make_settings(servers)
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[Any]:
+    """This test's MongoDB database, with indexes; dropped afterwards."""
+    client = mongo.open_client(settings)
+    database = mongo.database(client, settings)
+    await mongo.ensure_indexes(database)
+    yield database
+    with contextlib.suppress(Exception):
+        await client.drop_database(settings.mongodb_database)
+    await client.close()
+
+
+@pytest.fixture
+async def topics(settings: Settings) -> AsyncIterator[Topics]:
+    """This test's topics, created; deleted afterwards."""
+    t = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
+    await ensure_topics(settings.kafka_bootstrap_servers, t.all(), 3, 1)
+    yield t
+    await delete_topics(settings, t.all())
+
+
+async def delete_topics(settings: Settings, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        doomed = [n for n in names if n in existing]
+        if doomed:
+            with contextlib.suppress(Exception):
+                await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def s3_client(settings: Settings) -> AsyncIterator[Any]:
+    """An S3 client on the session's store, with the bucket created."""
+    async with s3.s3_client(settings) as client:
+        await s3.ensure_bucket(client, settings.s3_bucket)
+        yield client
+
+
+@pytest.fixture(scope="session")
+def mail_dir(servers: devstack.Ports) -> Path:
+    """Where the SMTP sink stores messages."""
+    return devstack.RUN / "mail"
+
+
+# -- service processes -------------------------------------------------------------------------
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Services:
+    """Starts ``callingest serve <name>`` processes for a test and stops them afterwards."""
+
+    settings: Settings
+    log_dir: Path
+    running: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def start(self, name: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+              port: int | None = None) -> ServiceProcess:
+        port = port or free_port()
+        log = self.log_dir / f"{name}.log"
+        out = open(log, "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(
+            [str(ROOT / ".venv" / "bin" / "callingest"), "serve", name],
+            env={**os.environ, **settings_env(self.settings), "HTTP_PORT": str(port),
+                 **(env or {})},
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+            start_new_session=True,
+        )
+        out.close()
+        service = ServiceProcess(name, port, proc, log)
+        self.running[name] = service
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{service.log_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{service.url}/readyz", timeout=1.0) as resp:
+                    if resp.status == 200:
+                        return service
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} not ready after {timeout} s:\n{service.log_text()[-3000:]}")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
+        service = self.running.pop(name, None)
+        if service is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(service.proc.pid, sig)
+        try:
+            return service.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.proc.pid, signal.SIGKILL)
+            return service.proc.wait(5)
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+
+@pytest.fixture
+def services(settings: Settings, tmp_path: Path) -> Iterator[Services]:
+    """Start service processes configured with this test's settings; all stopped afterwards."""
+    svc = Services(settings, tmp_path)
+    yield svc
+    svc.stop_all()
+
+
+async def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2,
+                     what: str = "condition") -> Any:
+    """Poll the (async or sync) predicate until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)

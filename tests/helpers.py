@@ -1,0 +1,106 @@
+"""Helpers shared by tests: stored calls, publishing and reading events, reading the mail sink."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import os
+import subprocess
+import uuid
+from datetime import UTC, datetime
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+
+from callingest import avro, events
+from callingest.kafka import Producer
+from callingest.settings import Settings
+from tests.conftest import ROOT, settings_env
+
+
+def call_doc(network_id: str = "1001", campaign: str = "85", direction: str = "inbound",
+             recording_url: str = "http://127.0.0.1:9/none.wav", **extra: Any) -> dict[str, Any]:
+    """A call as the gateway stores it."""
+    cuid = extra.pop("cuid", uuid.uuid4().hex)
+    now = datetime.now(UTC)
+    doc = {
+        "_id": cuid,
+        "network_id": network_id,
+        "external_call_unique_id": extra.pop("external_call_unique_id", f"ext-{cuid[:8]}"),
+        "status": "received",
+        "start_time": datetime(2016, 4, 11, 20, 0, tzinfo=UTC),
+        "calling_phone_number": "+18779257383",
+        "destination_phone_number": "+12165388265",
+        "advertiser_campaign_id_from_network": campaign,
+        "call_direction": direction,
+        "recording_url": recording_url,
+        "recording_auth_config_id": None,
+        "language_code": "en-US",
+        "signals": [],
+        "custom_data": [],
+        "attempt": 1,
+        "published": True,
+        "created_at": now,
+        "history": [{"stage": "gateway", "status": "received", "at": now}],
+    }
+    doc.update(extra)
+    return doc
+
+
+async def submit(settings: Settings, db: Any, doc: dict[str, Any]) -> str:
+    """Store ``doc`` and publish its CallSubmitted event, as the gateway does."""
+    await db.calls.insert_one(doc)
+    await publish(settings, f"{settings.topic_prefix}calls.submitted", "CallSubmitted",
+                  events.call_submitted(doc), doc["_id"])
+    return str(doc["_id"])
+
+
+async def publish(settings: Settings, topic: str, event: str, record: dict[str, Any],
+                  key: str) -> None:
+    producer = Producer(settings.kafka_bootstrap_servers, "tests")
+    await producer.start()
+    try:
+        await producer.send(topic, event, record, key=key)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(settings: Settings, topic: str, timeout: float = 3.0) -> list[Any]:
+    """Every message currently on ``topic`` (read from the beginning until idle)."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=settings.kafka_bootstrap_servers,
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                group_id=None)
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=300)
+            for records in batch.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def decoded(records: list[Any]) -> list[dict[str, Any]]:
+    return [avro.decode(r.value)[1] for r in records]
+
+
+def mails_about(mail_dir: Path, cuid: str) -> list[Message]:
+    """Messages in the SMTP sink that concern ``cuid``."""
+    found = []
+    for path in sorted(mail_dir.glob("*.eml")):
+        msg = email.message_from_bytes(path.read_bytes())
+        if msg.get("X-Callingest-Cuid") == cuid:
+            found.append(msg)
+    return found
+
+
+def apply_config(settings: Settings, path: Path | None = None) -> None:
+    path = path or ROOT / "deploy" / "examples" / "demo-config.yaml"
+    subprocess.run([str(ROOT / ".venv/bin/callingest"), "config", "apply", str(path)],
+                   env={**os.environ, **settings_env(settings)}, check=True,
+                   capture_output=True, timeout=60)

@@ -176,7 +176,7 @@ class StageRunner:
             auto_offset_reset="earliest",
             client_id=f"callingest-{self.service}",
             max_poll_interval_ms=600000,
-            session_timeout_ms=30000,
+            session_timeout_ms=10000,
             heartbeat_interval_ms=3000,
         )
         consumer.subscribe([self.stage.input_topic, *self.retry_topics], listener=Listener())

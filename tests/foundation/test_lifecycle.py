@@ -1,0 +1,77 @@
+"""`make up` starts every component and reports ready; `make down` leaves nothing behind.
+
+Runs a second, private stack (own run directory, own ports) so that it never
+disturbs the servers the rest of the session uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port
+from tools import devstack
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+COMPONENTS = ("kafka", "mongodb", "s3", "smtp", "gateway", "validator", "fetcher", "normalizer",
+              "notifier")
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if text in cmdline or text.encode() in environ:
+            if int(proc.name) != os.getpid():
+                found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
+
+
+def test_make_up_then_down(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    ports = {
+        "KAFKA_PORT": free_port(), "KAFKA_CONTROLLER_PORT": free_port(),
+        "MONGODB_PORT": free_port(), "S3_PORT": free_port(), "SMTP_PORT": free_port(),
+        "GATEWAY_PORT": free_port(), "VALIDATOR_PORT": free_port(), "FETCHER_PORT": free_port(),
+        "NORMALIZER_PORT": free_port(), "NOTIFIER_PORT": free_port(),
+    }
+    env = {**os.environ, "CALLINGEST_RUN_DIR": str(run_dir),
+           **{k: str(v) for k, v in ports.items()}}
+    env.pop("MAKEFLAGS", None)
+    try:
+        started = time.monotonic()
+        up = subprocess.run(["make", "-s", "up"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=180)
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+        assert time.monotonic() - started < 120
+        assert f"http://127.0.0.1:{ports['GATEWAY_PORT']}" in up.stdout
+        assert "curl" in up.stdout
+        for name in ("gateway", "validator", "fetcher", "normalizer", "notifier"):
+            port = ports[f"{name.upper()}_PORT"]
+            for path in ("/healthz", "/readyz", "/metrics"):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                    assert resp.status == 200, (name, path)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
+                assert json.loads(resp.read())["status"] == "ready"
+        for component in COMPONENTS:
+            assert (run_dir / "logs" / f"{component}.log").exists(), component
+    finally:
+        down = subprocess.run(["make", "-s", "down"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    for name, port in ports.items():
+        assert not devstack.port_open(port), f"{name} {port} still listening after make down"
+    assert _processes_mentioning(str(run_dir)) == []

@@ -1,0 +1,75 @@
+"""`callingest replay`: failed calls go back to the stage that failed and finish once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from callingest.settings import Settings
+from callingest.topics import Topics
+from tests.conftest import ROOT, Services, settings_env, wait_until
+from tests.helpers import apply_config, call_doc, decoded, mails_about, read_topic, submit
+
+pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.smtp, pytest.mark.slow]
+
+
+def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(ROOT / ".venv/bin/callingest"), *args],
+                          env={**os.environ, **settings_env(settings)}, capture_output=True,
+                          text=True, timeout=60)
+
+
+async def status(db: Any, cuid: str) -> str | None:
+    doc = await db.calls.find_one({"_id": cuid})
+    return doc and doc["status"]
+
+
+async def test_replay_after_correcting_the_configuration(
+    settings: Settings, db: Any, topics: Topics, services: Services, mail_dir: Path,
+    tmp_path: Path
+) -> None:
+    apply_config(settings)
+    services.start("validator")
+    services.start("notifier")
+    cuid = await submit(settings, db, call_doc(campaign="91"))  # type Standard: fails
+    other = await submit(settings, db, call_doc(campaign="92"))  # no transcription: fails
+    await wait_until(lambda: _is(status(db, cuid), "failed"), what="failed")
+    await wait_until(lambda: _is(status(db, other), "failed"), what="failed")
+    await wait_until(lambda: len(mails_about(mail_dir, cuid)) == 1, what="email")
+
+    dry = cli(settings, "replay", "--failure-class", "call.advertiser_campaign_id_from_network",
+              "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert f"would replay {cuid} at stage validator" in dry.stdout
+    assert "2 failed call(s) matched" in dry.stdout
+    assert await status(db, cuid) == "failed"
+
+    # Correct the campaign, then replay just that call.
+    fixed = (ROOT / "deploy/examples/demo-config.yaml").read_text().replace(
+        "type: Standard", "type: ExternalOnly")
+    (tmp_path / "fixed.yaml").write_text(fixed)
+    apply_config(settings, tmp_path / "fixed.yaml")
+    result = cli(settings, "replay", "--cuid", cuid, "--stage", "validator")
+    assert result.returncode == 0, result.stderr
+    assert "replayed 1" in result.stdout
+    await wait_until(lambda: _is(status(db, cuid), "validated"), what="validated after replay")
+    doc = await db.calls.find_one({"_id": cuid})
+    assert doc["attempt"] == 2
+    assert "failure" not in doc
+    assert [h["status"] for h in doc["history"]] == ["received", "failed", "received", "validated"]
+    assert await status(db, other) == "failed"
+    validated = [e for e in decoded(await read_topic(settings, topics.validated))
+                 if e["cuid"] == cuid]
+    assert [e["attempt"] for e in validated] == [2]
+
+    again = cli(settings, "replay", "--cuid", cuid)
+    assert "no failed call with this cuid" in again.stdout
+    assert len(mails_about(mail_dir, cuid)) == 1
+
+
+async def _is(awaitable: Any, expected: str) -> bool:
+    return bool(await awaitable == expected)

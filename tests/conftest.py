@@ -32,6 +32,49 @@ from callingest.topics import Topics, ensure_topics
 from tools import devstack
 
 ROOT = Path(__file__).resolve().parent.parent
+TEST_LOGS = devstack.RUN / "test-logs"
+
+# Secrets the tests hand to the platform; tests/zz_final checks none reached a log.
+USED_SECRETS: set[str] = {
+    "demo-network-token", "demo-advertiser-token", "disabled-network-token", "s3cr3t",
+    devstack.S3_SECRET_KEY,
+}
+
+
+def used_secret(value: str) -> str:
+    """Register ``value`` as a secret the logs of this run must never contain; returns it."""
+    USED_SECRETS.add(value)
+    return value
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``last`` run after everything else (they inspect the whole run)."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_log_file() -> Iterator[Path]:
+    """Every in-process log record of the run, as JSON lines, in .run/test-logs/pytest.log."""
+    import logging
+
+    from callingest.logging import JsonFormatter
+
+    if TEST_LOGS.exists():
+        import shutil
+
+        shutil.rmtree(TEST_LOGS, ignore_errors=True)
+    TEST_LOGS.mkdir(parents=True, exist_ok=True)
+    path = TEST_LOGS / "pytest.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(JsonFormatter("pytest"))
+    handler.setLevel(logging.DEBUG)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    yield path
+    root.removeHandler(handler)
+    handler.close()
 
 
 def free_port() -> int:
@@ -219,9 +262,15 @@ class Services:
 
 
 @pytest.fixture
-def services(settings: Settings, tmp_path: Path) -> Iterator[Services]:
-    """Start service processes configured with this test's settings; all stopped afterwards."""
-    svc = Services(settings, tmp_path)
+def services(settings: Settings, request: pytest.FixtureRequest) -> Iterator[Services]:
+    """Start service processes configured with this test's settings; all stopped afterwards.
+
+    Their logs go to .run/test-logs/<test>/<service>.log (scanned for secrets at the end).
+    """
+    log_dir = TEST_LOGS / "".join(c if c.isalnum() or c in "-_." else "_"
+                                  for c in request.node.nodeid)[-150:]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    svc = Services(settings, log_dir)
     yield svc
     svc.stop_all()
 

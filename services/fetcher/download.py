@@ -1,0 +1,491 @@
+"""Streaming a recording from its URL into the object store.
+
+:func:`fetch_recording` is the whole download: http(s) through the SSRF-guarded aiohttp
+session (:mod:`services.fetcher.ssrf`), ``s3://`` through aiobotocore, redirects followed by
+hand and checked hop by hop, the network's recording auth config applied, the format
+sniffed from the first bytes, and the body streamed into S3 - one PUT for a recording
+smaller than :data:`PART_SIZE`, a multipart upload (aborted on any failure) otherwise.
+Memory per download is bounded by about two parts (the buffer and the part being sent),
+whatever the recording's length. ``callingest_fetched_bytes_total`` counts every byte
+read from a source, failed attempts included.
+
+Failures:
+
+* :class:`~callingest.errors.PermanentError` at once: ``RecordingUnavailable`` (4xx other
+  than 408/425/429, too many redirects, missing object), ``RecordingTooLarge`` (over
+  ``fetch_max_bytes``, by Content-Length or while streaming), ``RecordingFormat`` (empty or
+  not a recognized container), ``RecordingUrlRefused`` (SSRF guard, scheme, bucket not
+  allowed).
+* Timeouts, connection errors, 5xx, 408/425/429 are retried here with exponential backoff
+  and full jitter (``Retry-After`` honoured) up to ``fetch_max_attempts``, then raised as
+  :class:`~callingest.errors.TransientError`. Object-store failures raise TransientError
+  at once (botocore already retried).
+
+Secrets never reach a log line or an error message: URLs are shown through
+:func:`redact_url`, headers are never logged, and third-party exception texts (which may
+quote the full URL) are replaced by their type names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import quote, unquote, urlsplit
+
+import aiohttp
+from botocore.exceptions import BotoCoreError, ClientError
+from yarl import URL
+
+from callingest import metrics
+from callingest.audioformat import SNIFF_BYTES, sniff_format
+from callingest.errors import PermanentError, TransientError
+from callingest.logging import get_logger, register_secret
+from callingest.settings import Settings
+from services.fetcher.ssrf import AddressPolicy, AddressRefused, check_url
+
+log = get_logger(__name__)
+
+#: Size of each multipart-upload part, and the largest recording stored with one PUT.
+PART_SIZE: Final = 8 * 1024 * 1024
+#: A transfer must deliver at least this many bytes per read-timeout window of waiting
+#: (a server trickling bytes slower than that is treated as timed out).
+MIN_BYTES_PER_READ_WINDOW: Final = 1024
+REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
+RETRYABLE_4XX: Final = frozenset({408, 425, 429})
+CONTENT_TYPES: Final = {
+    "wav": "audio/wav",
+    "mp3": "audio/mpeg",
+    "flac": "audio/flac",
+    "ogg": "audio/ogg",
+    "m4a": "audio/mp4",
+}
+AUTH_METHODS: Final = frozenset({"bearer_header", "query_param", "custom_header"})
+
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RecordingAuthConfig:
+    """A network's recording auth config; ``token`` is a secret and never shown."""
+
+    id: str
+    method: str
+    token: str
+    name: str | None = None
+
+    def __repr__(self) -> str:
+        return f"RecordingAuthConfig(id={self.id!r}, method={self.method!r}, name={self.name!r})"
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any]) -> RecordingAuthConfig:
+        """From an entry of ``networks.recording_auth_configs``; ValueError if unusable."""
+        method = str(doc.get("method", ""))
+        token = doc.get("token")
+        name = doc.get("name")
+        if method not in AUTH_METHODS:
+            raise ValueError(f"unknown recording auth method {method!r}")
+        if not isinstance(token, str) or not token:
+            raise ValueError("recording auth config has no token")
+        if method != "bearer_header" and not name:
+            raise ValueError(f"recording auth method {method} needs a name")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in token + str(name or "")):
+            raise ValueError("recording auth config contains control characters")
+        register_secret(token)
+        return cls(id=str(doc.get("id")), method=method, token=token,
+                   name=str(name) if name else None)
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Limits of one download; :meth:`from_settings` for the service, smaller ones in tests."""
+
+    max_bytes: int
+    connect_timeout: float
+    read_timeout: float
+    max_attempts: int
+    max_redirects: int = 5
+    backoff_base: float = 0.5
+    backoff_cap: float = 20.0
+    #: A Retry-After longer than this is not waited for in-process: TransientError at once.
+    max_retry_after: float = 60.0
+    allowed_source_buckets: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> FetchPolicy:
+        values: dict[str, Any] = {
+            "max_bytes": settings.fetch_max_bytes,
+            "connect_timeout": settings.fetch_connect_timeout_seconds,
+            "read_timeout": settings.fetch_read_timeout_seconds,
+            "max_attempts": settings.fetch_max_attempts,
+            "max_redirects": settings.fetch_max_redirects,
+            "allowed_source_buckets": frozenset(settings.s3_allowed_source_buckets),
+        }
+        values.update(overrides)
+        return cls(**values)
+
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout,
+                                     sock_read=self.read_timeout)
+
+
+@dataclass(frozen=True)
+class StoredRecording:
+    """Where a recording was stored, its size in bytes and its sniffed container format."""
+
+    bucket: str
+    key: str
+    size_bytes: int
+    format: str
+
+    def as_document(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "key": self.key, "size_bytes": self.size_bytes,
+                "format": self.format}
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt; ``message`` is safe to log."""
+
+    def __init__(self, failure_class: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.failure_class = failure_class
+        self.message = message
+        self.retry_after = retry_after
+
+
+def redact_url(url: str | URL) -> str:
+    """``url`` without userinfo, query string and fragment: safe to log. Never raises."""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+        scheme = f"{parts.scheme}://" if parts.scheme else ""
+        return f"{scheme}{host}{port}{parts.path}"
+    except ValueError:
+        return "<unparseable URL>"
+
+
+def parse_url(raw: str) -> URL:
+    """The URL exactly as given (a presigned URL's encoding is kept byte for byte)."""
+    try:
+        return URL(raw, encoded=True) if raw.isascii() else URL(raw)
+    except (ValueError, TypeError):
+        raise PermanentError("RecordingUrlRefused", "recording_url is not a valid URL") from None
+
+
+def apply_auth(url: URL, auth: RecordingAuthConfig | None) -> tuple[URL, dict[str, str]]:
+    """The URL and headers of the first request for ``auth`` (None: the URL as given).
+
+    ``query_param`` appends ``<name>=<token>`` to the query string (after any existing
+    parameters, leaving them untouched); the header methods return the header to send.
+    """
+    if auth is None:
+        return url, {}
+    if auth.method == "bearer_header":
+        return url, {"Authorization": f"Bearer {auth.token}"}
+    assert auth.name is not None
+    if auth.method == "custom_header":
+        return url, {auth.name: auth.token}
+    param = f"{quote(auth.name, safe='')}={quote(auth.token, safe='')}"
+    query = url.raw_query_string
+    joined = f"{query}&{param}" if query else param
+    base = str(url.with_query(None).with_fragment(None))
+    return URL(f"{base}?{joined}", encoded=True), {}
+
+
+def _origin(url: URL) -> tuple[str, str, int | None]:
+    return ((url.scheme or "").lower(), (url.raw_host or "").lower(), url.port)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(attempt: int, base: float, cap: float) -> float:
+    """Full-jitter exponential backoff before attempt ``attempt + 1`` (attempt counts from 1)."""
+    return random.uniform(0.0, min(cap, base * (2 ** (attempt - 1))))
+
+
+async def fetch_recording(
+    recording_url: str,
+    *,
+    auth: RecordingAuthConfig | None,
+    http: aiohttp.ClientSession,
+    s3: Any,
+    bucket: str,
+    key: str,
+    policy: FetchPolicy,
+    address_policy: AddressPolicy,
+    log_extra: Mapping[str, Any] | None = None,
+    sleep: Sleep = asyncio.sleep,
+) -> StoredRecording:
+    """Download ``recording_url`` into ``s3://bucket/key``; see the module docstring.
+
+    ``http`` must be a session from :func:`services.fetcher.ssrf.guarded_session` built with
+    the same ``address_policy`` (the connector makes the final address decision). Writes
+    nothing under ``key`` unless the whole recording was read and recognized.
+    """
+    extra = {**(log_extra or {}), "url": redact_url(recording_url)}
+    is_s3 = recording_url[:5].lower() == "s3://"
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            if is_s3:
+                return await _fetch_s3_once(recording_url, s3=s3, bucket=bucket, key=key,
+                                            policy=policy)
+            return await _fetch_http_once(recording_url, auth=auth, http=http, s3=s3,
+                                          bucket=bucket, key=key, policy=policy,
+                                          address_policy=address_policy)
+        except _Retryable as exc:
+            if attempt >= policy.max_attempts:
+                raise TransientError(
+                    f"{exc.message} (after {attempt} attempts)", exc.failure_class
+                ) from None
+            if exc.retry_after is not None and exc.retry_after > policy.max_retry_after:
+                raise TransientError(
+                    f"{exc.message}; server asked to retry after {exc.retry_after:.0f} s",
+                    exc.failure_class,
+                ) from None
+            delay = backoff_delay(attempt, policy.backoff_base, policy.backoff_cap)
+            if exc.retry_after is not None:
+                delay = max(delay, exc.retry_after)
+            log.warning("recording download failed, retrying",
+                        extra={**extra, "attempt": attempt, "delay_seconds": round(delay, 3),
+                               "failure_class": exc.failure_class, "reason": exc.message})
+            await sleep(delay)
+    raise AssertionError("unreachable: max_attempts >= 1")
+
+
+async def _fetch_http_once(recording_url: str, *, auth: RecordingAuthConfig | None,
+                           http: aiohttp.ClientSession, s3: Any, bucket: str, key: str,
+                           policy: FetchPolicy, address_policy: AddressPolicy) -> StoredRecording:
+    first, auth_headers = apply_auth(parse_url(recording_url), auth)
+    auth_origin = _origin(first)
+    url = first
+    for _hop in range(policy.max_redirects + 1):
+        shown = redact_url(url)
+        try:
+            check_url(url, address_policy)
+        except AddressRefused as exc:
+            raise PermanentError("RecordingUrlRefused",
+                                 f"recording URL refused: {exc}") from None
+        # Credentials go only to the origin they were configured for.
+        headers = {"Accept-Encoding": "identity"}
+        if _origin(url) == auth_origin:
+            headers.update(auth_headers)
+        try:
+            async with http.get(url, headers=headers, allow_redirects=False,
+                                timeout=policy.client_timeout()) as resp:
+                status = resp.status
+                if status in REDIRECT_STATUSES:
+                    location = resp.headers.get("Location")
+                    if not location:
+                        raise PermanentError("RecordingUnavailable",
+                                             f"HTTP {status} without Location from {shown}")
+                    try:
+                        url = url.join(parse_url(location))
+                    except (PermanentError, ValueError):
+                        raise PermanentError("RecordingUnavailable",
+                                             f"HTTP {status} with an invalid Location from "
+                                             f"{shown}") from None
+                    continue
+                _raise_for_status(status, resp.headers, shown)
+                length = resp.content_length
+                if length is not None and length > policy.max_bytes:
+                    raise PermanentError(
+                        "RecordingTooLarge",
+                        f"recording is {length} bytes, over the {policy.max_bytes}-byte limit",
+                    )
+                chunks = _watchdog(resp.content.iter_any(), policy.read_timeout)
+                return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
+                                    source=shown)
+        except AddressRefused as exc:
+            raise PermanentError("RecordingUrlRefused", f"recording URL refused: {exc}") from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise _Retryable("RecordingTimeout", f"timed out fetching {shown}") from None
+        except aiohttp.InvalidURL:
+            raise PermanentError("RecordingUrlRefused", f"invalid recording URL {shown}") from None
+        except aiohttp.ClientConnectorDNSError:
+            raise _Retryable("RecordingConnectionError",
+                             f"could not resolve the host of {shown}") from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise _Retryable("RecordingConnectionError",
+                             f"{type(exc).__name__} fetching {shown}") from None
+    raise PermanentError("RecordingUnavailable",
+                         f"more than {policy.max_redirects} redirects from {redact_url(first)}")
+
+
+def _raise_for_status(status: int, headers: Mapping[str, str], shown: str) -> None:
+    if 200 <= status < 300:
+        return
+    if status >= 500 or status in RETRYABLE_4XX:
+        retry_after = _retry_after(headers.get("Retry-After")) if status in (429, 503) else None
+        failure = "RecordingRateLimited" if status == 429 else "RecordingServerError"
+        raise _Retryable(failure, f"HTTP {status} from {shown}", retry_after)
+    raise PermanentError("RecordingUnavailable", f"HTTP {status} from {shown}")
+
+
+async def _watchdog(chunks: AsyncIterator[bytes], window: float) -> AsyncIterator[bytes]:
+    """``chunks``, but raise TimeoutError when a ``window`` seconds of waiting brought fewer
+    than :data:`MIN_BYTES_PER_READ_WINDOW` bytes (a trickle that per-read timeouts miss).
+    Only time spent waiting for the source counts, not time spent uploading."""
+    waited = 0.0
+    received = 0
+    while True:
+        started = time.monotonic()
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        waited += time.monotonic() - started
+        received += len(chunk)
+        if waited >= window:
+            if received < MIN_BYTES_PER_READ_WINDOW:
+                raise TimeoutError("source too slow")
+            waited, received = 0.0, 0
+        yield chunk
+
+
+async def _fetch_s3_once(recording_url: str, *, s3: Any, bucket: str, key: str,
+                         policy: FetchPolicy) -> StoredRecording:
+    parts = urlsplit(recording_url)
+    source_bucket = parts.netloc
+    source_key = unquote(parts.path.lstrip("/"))
+    shown = f"s3://{source_bucket}/{source_key}"
+    if not source_bucket or not source_key:
+        raise PermanentError("RecordingUrlRefused", "s3 recording URL needs a bucket and a key")
+    if source_bucket not in policy.allowed_source_buckets:
+        raise PermanentError("RecordingUrlRefused",
+                             f"bucket {source_bucket!r} is not an allowed recording source")
+    try:
+        response = await s3.get_object(Bucket=source_bucket, Key=source_key)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        http_status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if http_status >= 500 or http_status in RETRYABLE_4XX or code in (
+            "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+            "ServiceUnavailable", "InternalError",
+        ):
+            raise _Retryable("RecordingServerError",
+                             f"{code or http_status} from {shown}") from None
+        raise PermanentError("RecordingUnavailable", f"{code or http_status} for {shown}") from None
+    except (BotoCoreError, TimeoutError, aiohttp.ClientError) as exc:
+        raise _Retryable("RecordingConnectionError",
+                         f"{type(exc).__name__} fetching {shown}") from None
+    body = response["Body"]
+    try:
+        length = response.get("ContentLength")
+        if length is not None and length > policy.max_bytes:
+            raise PermanentError(
+                "RecordingTooLarge",
+                f"recording is {length} bytes, over the {policy.max_bytes}-byte limit",
+            )
+        try:
+            return await _store(body.iter_chunks(256 * 1024), s3=s3, bucket=bucket, key=key,
+                                policy=policy, source=shown)
+        except (BotoCoreError, TimeoutError, aiohttp.ClientError) as exc:
+            raise _Retryable("RecordingConnectionError",
+                             f"{type(exc).__name__} fetching {shown}") from None
+    finally:
+        body.close()
+
+
+class _StoreFailed(Exception):
+    """The object store refused or failed an upload call."""
+
+
+async def _store(chunks: AsyncIterator[bytes], *, s3: Any, bucket: str, key: str,
+                 policy: FetchPolicy, source: str) -> StoredRecording:
+    """Stream ``chunks`` into ``s3://bucket/key``; never more than about one part in memory."""
+    buffer = bytearray()
+    total = 0
+    fmt: str | None = None
+    upload_id: str | None = None
+    parts: list[dict[str, Any]] = []
+
+    def sniff() -> str:
+        found = sniff_format(bytes(buffer[:SNIFF_BYTES]))
+        if found is None:
+            what = "empty" if total == 0 else "not a recognized audio format"
+            raise PermanentError("RecordingFormat", f"recording from {source} is {what} "
+                                 "(supported: WAV, MP3, FLAC, OGG, M4A)")
+        return found
+
+    try:
+        async for chunk in chunks:
+            total += len(chunk)
+            metrics.BYTES_FETCHED.inc(len(chunk))
+            if total > policy.max_bytes:
+                raise PermanentError(
+                    "RecordingTooLarge",
+                    f"recording from {source} exceeds the {policy.max_bytes}-byte limit",
+                )
+            buffer += chunk
+            if fmt is None and len(buffer) >= SNIFF_BYTES:
+                fmt = sniff()
+            while len(buffer) >= PART_SIZE:
+                assert fmt is not None
+                if upload_id is None:
+                    created = await _s3_call(
+                        s3.create_multipart_upload, Bucket=bucket, Key=key,
+                        ContentType=CONTENT_TYPES[fmt], Metadata={"format": fmt},
+                    )
+                    upload_id = str(created["UploadId"])
+                part = bytes(buffer[:PART_SIZE])
+                del buffer[:PART_SIZE]
+                parts.append(await _upload_part(s3, bucket, key, upload_id, len(parts) + 1, part))
+        if fmt is None:
+            fmt = sniff()
+        if upload_id is None:
+            await _s3_call(s3.put_object, Bucket=bucket, Key=key, Body=bytes(buffer),
+                           ContentType=CONTENT_TYPES[fmt], Metadata={"format": fmt})
+        else:
+            if buffer:
+                parts.append(await _upload_part(s3, bucket, key, upload_id, len(parts) + 1,
+                                                bytes(buffer)))
+                buffer.clear()
+            await _s3_call(s3.complete_multipart_upload, Bucket=bucket, Key=key,
+                           UploadId=upload_id, MultipartUpload={"Parts": parts})
+            upload_id = None
+    except _StoreFailed as exc:
+        raise TransientError(f"object store unavailable: {exc}", "ObjectStoreUnavailable") from None
+    finally:
+        if upload_id is not None:
+            with contextlib.suppress(Exception):
+                await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+    return StoredRecording(bucket=bucket, key=key, size_bytes=total, format=fmt)
+
+
+async def _upload_part(s3: Any, bucket: str, key: str, upload_id: str, number: int,
+                       body: bytes) -> dict[str, Any]:
+    response = await _s3_call(s3.upload_part, Bucket=bucket, Key=key, UploadId=upload_id,
+                              PartNumber=number, Body=body)
+    return {"PartNumber": number, "ETag": response["ETag"]}
+
+
+async def _s3_call(method: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
+    try:
+        return await method(**kwargs)
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise _StoreFailed(f"{method.__name__}: {code}") from None
+    except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise _StoreFailed(f"{method.__name__}: {type(exc).__name__}") from None

@@ -1,0 +1,140 @@
+"""The fetcher stage: CallValidated in, the recording stored in S3, RecordingFetched out.
+
+Wiring (see :func:`open_resources`): the stage's ``resources`` hold ``"http"`` (an
+SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client) and ``"address_policy"``;
+:func:`step` reads them from ``ctx.resources``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+from pymongo.asynchronous.database import AsyncDatabase
+
+from callingest.audioformat import FORMATS, SNIFF_BYTES, sniff_format
+from callingest.errors import PermanentError, TransientError
+from callingest.logging import get_logger
+from callingest.pipeline import StageContext, StepResult
+from callingest.s3 import object_exists, s3_client
+from callingest.settings import Settings
+from services.fetcher.download import (
+    FetchPolicy,
+    RecordingAuthConfig,
+    StoredRecording,
+    fetch_recording,
+    redact_url,
+)
+from services.fetcher.ssrf import AddressPolicy, guarded_session
+
+log = get_logger(__name__)
+
+STAGE = "fetcher"
+
+
+def raw_key(cuid: str, attempt: int) -> str:
+    """The object key of a call's raw recording for one processing attempt."""
+    return f"raw/{cuid}/{attempt}"
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
+    """The ``resources`` the fetcher stage needs, open for the life of the service."""
+    address_policy = AddressPolicy(allow_loopback=settings.allow_loopback_recordings)
+    async with s3_client(settings) as s3, guarded_session(address_policy) as http:
+        yield {"http": http, "s3": s3, "address_policy": address_policy}
+
+
+async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_id: str,
+                                     config_id: str | None) -> RecordingAuthConfig | None:
+    """The network's recording auth config ``config_id`` (None when the call names none).
+
+    Raises PermanentError ``RecordingAuthConfigNotFound`` if the network no longer has it
+    (the fix is to restore the config and replay).
+    """
+    if config_id is None or config_id == "":
+        return None
+    network = await db.networks.find_one(
+        {"_id": network_id}, {"recording_auth_configs": 1}
+    )
+    for doc in (network or {}).get("recording_auth_configs") or []:
+        if str(doc.get("id")) == str(config_id):
+            try:
+                return RecordingAuthConfig.from_document(doc)
+            except ValueError as exc:
+                raise PermanentError("RecordingAuthConfigInvalid",
+                                     f"recording auth config {config_id}: {exc}") from None
+    raise PermanentError(
+        "RecordingAuthConfigNotFound",
+        f"network {network_id} has no recording auth config {config_id}",
+    )
+
+
+async def _already_stored(s3: Any, bucket: str, key: str) -> StoredRecording | None:
+    """The recording stored by an earlier run of this (cuid, attempt), if any."""
+    try:
+        head = await object_exists(s3, bucket, key)
+        if head is None:
+            return None
+        fmt = (head.get("Metadata") or {}).get("format")
+        if fmt not in FORMATS:
+            obj = await s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{SNIFF_BYTES - 1}")
+            async with obj["Body"] as body:
+                fmt = sniff_format(await body.read())
+    except (ClientError, BotoCoreError) as exc:
+        raise TransientError(f"object store unavailable: {type(exc).__name__}",
+                             "ObjectStoreUnavailable") from None
+    if fmt is None:
+        return None  # not something this stage wrote: download again over it
+    return StoredRecording(bucket=bucket, key=key, size_bytes=int(head["ContentLength"]),
+                           format=fmt)
+
+
+async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
+    """Store the call's recording at ``raw/<cuid>/<attempt>`` and describe it.
+
+    Idempotent per (cuid, attempt): an object already at that key is reused without a
+    second download. Raises PermanentError / TransientError as :mod:`.download` describes.
+    """
+    settings = ctx.settings
+    cuid = str(event["cuid"])
+    attempt = int(event.get("attempt", 1))
+    network_id = str(event["network_id"])
+    bucket = settings.s3_bucket
+    key = raw_key(cuid, attempt)
+    s3 = ctx.resources["s3"]
+    extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": STAGE}
+
+    stored = await _already_stored(s3, bucket, key)
+    if stored is not None:
+        log.info("recording already stored, reused", extra={**extra, "key": key})
+    else:
+        auth = await load_recording_auth_config(ctx.db, network_id,
+                                                event.get("recording_auth_config_id"))
+        stored = await fetch_recording(
+            event["recording_url"],
+            auth=auth,
+            http=ctx.resources["http"],
+            s3=s3,
+            bucket=bucket,
+            key=key,
+            policy=FetchPolicy.from_settings(settings),
+            address_policy=ctx.resources["address_policy"],
+            log_extra=extra,
+        )
+        log.info("recording fetched",
+                 extra={**extra, "url": redact_url(event["recording_url"]), "key": key,
+                        "size_bytes": stored.size_bytes, "format": stored.format})
+    return StepResult(
+        next_event={
+            "bucket": stored.bucket,
+            "key": stored.key,
+            "size_bytes": stored.size_bytes,
+            "format": stored.format,
+            "call_direction": event["call_direction"],
+        },
+        call_update={"fetched": stored.as_document()},
+        status="fetched",
+    )

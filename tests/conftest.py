@@ -32,7 +32,8 @@ from callingest.topics import Topics, ensure_topics
 from tools import devstack
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST_LOGS = devstack.RUN / "test-logs"
+# This session's logs; other sessions (developers running tests side by side) use their own.
+TEST_LOGS = devstack.RUN / "test-logs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
 # Secrets the tests hand to the platform; tests/zz_final checks none reached a log.
 USED_SECRETS: set[str] = {
@@ -59,10 +60,11 @@ def session_log_file() -> Iterator[Path]:
 
     from callingest.logging import JsonFormatter
 
-    if TEST_LOGS.exists():
-        import shutil
+    import shutil
 
-        shutil.rmtree(TEST_LOGS, ignore_errors=True)
+    for old in TEST_LOGS.parent.glob("*"):
+        if old != TEST_LOGS and old.stat().st_mtime < time.time() - 3600:
+            shutil.rmtree(old, ignore_errors=True)
     TEST_LOGS.mkdir(parents=True, exist_ok=True)
     path = TEST_LOGS / "pytest.log"
     handler = logging.FileHandler(path)

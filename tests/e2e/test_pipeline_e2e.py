@@ -300,3 +300,35 @@ async def test_presigned_style_query_string_never_reaches_logs(stack: Stack, tmp
     call = await stack.settled(cuid)
     assert call["status"] == "normalized", call.get("failure")
     assert signature not in str(call)
+
+
+async def test_every_metric_the_alerts_and_dashboards_use_is_exported(stack: Stack) -> None:
+    """Scrape every service after the run above; alert and dashboard queries name real series."""
+    from tests.ops.promql import metric_names_used
+
+    declared: set[str] = set()
+    sampled: dict[str, float] = {}
+    for name, service in stack.services.running.items():
+        async with stack.http.get(f"{service.url}/metrics") as resp:
+            assert resp.status == 200, name
+            text = await resp.text()
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                family, kind = line.split()[2:4]
+                declared.add(family)
+                if kind == "counter":
+                    declared.add(f"{family}_total")
+                if kind == "histogram":
+                    declared.update(f"{family}_{s}" for s in ("bucket", "sum", "count"))
+            elif line and not line.startswith("#"):
+                series = line.split("{")[0].split(" ")[0]
+                sampled[series] = sampled.get(series, 0.0) + float(line.rsplit(" ", 1)[1])
+    missing = sorted(n for n in metric_names_used() if n not in declared and n not in sampled)
+    assert missing == []
+    for series in ("callingest_http_requests_total", "callingest_http_request_duration_seconds_bucket",
+                   "callingest_calls_submitted_total", "callingest_events_consumed_total",
+                   "callingest_events_produced_total", "callingest_stage_duration_seconds_count",
+                   "callingest_fetched_bytes_total", "callingest_normalized_audio_seconds_total",
+                   "callingest_calls_terminal_total", "callingest_failures_total",
+                   "callingest_notifications_total", "callingest_retries_total"):
+        assert sampled.get(series, 0) > 0, f"{series} has no samples after the end-to-end run"

@@ -84,7 +84,7 @@ class Producer:
                 await fut
             else:
                 await asyncio.wait_for(fut, timeout)
-        except (KafkaError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError) as exc:
             metrics.EVENTS_PRODUCED.labels(self.service, topic, "error").inc()
             raise PublishError(f"Kafka did not acknowledge the event on {topic}: "
                                f"{type(exc).__name__}") from exc

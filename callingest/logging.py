@@ -17,8 +17,16 @@ import threading
 import time
 from typing import Any
 
-_URL_SECRETS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?:[^/\s@\"']*@)?(?P<rest>[^\s?#\"']*)(?:\?[^\s#\"']*)?")
-_AUTH_VALUES = re.compile(r"(?i)(authorization|oauth_token|token|api[-_]?key|secret)(\"?\s*[:=]\s*\"?)([^\s\",&]+)")
+_URL_SECRETS = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)"  # scheme
+    r"(?:[^/\s@\"']*@)?"  # userinfo (dropped)
+    r"(?P<rest>[^\s?#\"']*)"  # host and path (kept)
+    r"(?:\?[^\s#\"']*)?"  # query string (dropped)
+)
+_AUTH_VALUES = re.compile(
+    r"(?i)(authorization|oauth_token|token|api[-_]?key|secret)"  # the credential's name
+    r"(\"?\s*[:=]\s*\"?)([^\s\",&]+)"  # separator, then the value (redacted)
+)
 _BEARER = re.compile(r"(?i)\b(bearer|token\s+token=)\s*[^\s\",]+")
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 

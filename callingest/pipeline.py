@@ -290,7 +290,7 @@ class StageRunner:
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         started = time.perf_counter()
         try:
-            event_name, event = avro.decode(record.value)
+            _event_name, event = avro.decode(record.value)
         except avro.UndecodableMessage as exc:
             await self._dead_letter(tp, record, str(exc))
             return

@@ -83,7 +83,7 @@ async def run_stage_service(service: str, factory: StageFactory, settings: Setti
                 mongo_ok = True
                 try:
                     await asyncio.wait_for(client.admin.command("ping"), 2.0)
-                except (PyMongoError, asyncio.TimeoutError):
+                except (TimeoutError, PyMongoError):
                     mongo_ok = False
                 return {"kafka_consumer": runner.ready, "kafka_producer": producer.started,
                         "mongodb": mongo_ok}

@@ -57,10 +57,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def session_log_file() -> Iterator[Path]:
     """Every in-process log record of the run, as JSON lines, in .run/test-logs/pytest.log."""
     import logging
+    import shutil
 
     from callingest.logging import JsonFormatter
-
-    import shutil
 
     for old in TEST_LOGS.parent.glob("*"):
         if old != TEST_LOGS and old.stat().st_mtime < time.time() - 3600:
@@ -222,7 +221,7 @@ class Services:
               port: int | None = None) -> ServiceProcess:
         port = port or free_port()
         log = self.log_dir / f"{name}.log"
-        out = open(log, "ab")  # noqa: SIM115 - owned by the process
+        out = open(log, "ab")
         proc = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "callingest"), "serve", name],
             env={**os.environ, **settings_env(self.settings), "HTTP_PORT": str(port),

@@ -217,12 +217,12 @@ def start_kafka(ports: Ports) -> None:
            f"-Dlog4j2.configurationFile={ROOT / 'deploy' / 'kafka' / 'log4j2.yaml'}",
            "-cp", f"{libs}/*"]
     if not (data / "meta.properties").exists():
-        cluster_id = subprocess.run(jvm + ["kafka.tools.StorageTool", "random-uuid"],
+        cluster_id = subprocess.run([*jvm, "kafka.tools.StorageTool", "random-uuid"],
                                     check=True, capture_output=True, text=True).stdout.strip()
-        subprocess.run(jvm + ["kafka.tools.StorageTool", "format", "-t", cluster_id, "-c",
-                              str(conf), "--standalone", "--ignore-formatted"],
+        subprocess.run([*jvm, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                        "-c", str(conf), "--standalone", "--ignore-formatted"],
                        check=True, capture_output=True, text=True)
-    spawn("kafka", jvm + ["kafka.Kafka", str(conf)])
+    spawn("kafka", [*jvm, "kafka.Kafka", str(conf)])
 
 
 def start_mongodb(ports: Ports) -> None:

@@ -22,7 +22,14 @@ from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
 from tests.conftest import ROOT, Services, delete_topics, make_settings, settings_env, wait_until
 from tests.helpers import apply_config, mails_about
-from tests.normalizer.audiogen import LEFT_HZ, RIGHT_HZ, dominant_hz, read_wav, write_encoded, write_wav
+from tests.normalizer.audiogen import (
+    LEFT_HZ,
+    RIGHT_HZ,
+    dominant_hz,
+    read_wav,
+    write_encoded,
+    write_wav,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

@@ -21,6 +21,8 @@ import (
 func main() {
 	listen := flag.String("listen-addr", "127.0.0.1:27017", "TCP address to listen on")
 	dataDir := flag.String("sqlite-dir", ".run/ferretdb", "directory holding the SQLite databases")
+	synchronous := flag.String("sqlite-synchronous", "normal",
+		"SQLite synchronous pragma: normal (WAL: durable against process crashes, no fsync per commit) or full")
 	flag.Parse()
 
 	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
@@ -39,7 +41,7 @@ func main() {
 		Listener:  ferretdb.ListenerConfig{TCP: *listen},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + dir + "/",
+		SQLiteURL: "file:" + dir + "/?_pragma=synchronous(" + *synchronous + ")",
 	})
 	if err != nil {
 		logger.Error("cannot configure FerretDB", "error", err)

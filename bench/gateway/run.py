@@ -1,0 +1,225 @@
+"""Benchmark of the gateway against a bare aiohttp handler, with wrk (see docs/benchmarks.md).
+
+Runs against the dev stack's servers (``make up`` or ``python -m tools.devstack servers-up``)
+with its own database and topic prefix, both removed afterwards:
+
+    .venv/bin/python bench/gateway/run.py [--workers N] [--duration S]
+
+For each target (bare handler; gateway with metrics; gateway without metrics) it runs
+wrk at concurrency 64 and 4 with ``submit.lua`` (every request a new call) and prints a
+Markdown table; raw wrk output goes to ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from callingest import config_file, mongo  # noqa: E402
+from callingest.settings import Settings  # noqa: E402
+from callingest.topics import Topics, ensure_topics  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = ROOT / "bench" / "results"
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+DEMO_CONFIG = ROOT / "deploy" / "examples" / "demo-config.yaml"
+TOKEN = "demo-network-token"
+URL_PATH = "/api/2022-03-01/calls.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 60.0, expect: int = 200) -> None:
+    """Poll ``url`` with GET until it answers ``expect``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == expect:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code == expect:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
+        )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def wrk(port: int, connections: int, duration: int, run_id: str, log: Path) -> dict[str, Any]:
+    cmd = [
+        "wrk",
+        "-t2",
+        f"-c{connections}",
+        f"-d{duration}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(HERE / "submit.lua"),
+        f"http://127.0.0.1:{port}{URL_PATH}",
+    ]
+    out = subprocess.run(
+        cmd,
+        env={**os.environ, "BENCH_TOKEN": TOKEN, "BENCH_RUN": run_id},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    log.write_text(log.read_text() + " ".join(cmd) + "\n" + out + "\n" if log.exists() else out)
+    result = json.loads(out.strip().splitlines()[-1])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    return result
+
+
+def measure(name: str, port: int, duration: int, log: Path) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:8]
+    wrk(port, 64, 3, f"warm{run_id}", log)
+    return {
+        "target": name,
+        "c64": wrk(port, 64, duration, f"c64{run_id}", log),
+        "c4": wrk(port, 4, duration, f"c4{run_id}", log),
+    }
+
+
+async def prepare(settings: Settings) -> None:
+    await ensure_topics(
+        settings.kafka_bootstrap_servers,
+        Topics(settings.topic_prefix).all(),
+        settings.topic_partitions,
+        1,
+    )
+    client = mongo.open_client(settings)
+    try:
+        db = mongo.database(client, settings)
+        await mongo.ensure_indexes(db)
+        await config_file.apply(db, config_file.load(DEMO_CONFIG))
+    finally:
+        await client.close()
+
+
+async def cleanup(settings: Settings) -> int:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    client = mongo.open_client(settings)
+    try:
+        db = mongo.database(client, settings)
+        accepted = await db.calls.count_documents({"published": True})
+        await client.drop_database(settings.mongodb_database)
+    finally:
+        await client.close()
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.delete_topics(Topics(settings.topic_prefix).all())
+    finally:
+        await admin.close()
+    return accepted
+
+
+def row(result: dict[str, Any], bare_rps: float) -> str:
+    c64, c4 = result["c64"], result["c4"]
+    return (
+        f"| {result['target']} | {c64['rps']:.0f} | {c64['rps'] / bare_rps:.2f} | "
+        f"{c64['p50_us'] / 1000:.1f} | {c64['p99_us'] / 1000:.1f} | {c4['rps']:.0f} | "
+        f"{c4['p50_us'] / 1000:.1f} | {c4['p99_us'] / 1000:.1f} | "
+        f"{c64['non_2xx'] + c4['non_2xx']} / {c64['socket_errors'] + c4['socket_errors']} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("GATEWAY_WORKERS", 1)))
+    parser.add_argument("--duration", type=int, default=15)
+    args = parser.parse_args()
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = RESULTS / f"gateway-{time.strftime('%Y%m%dT%H%M%S')}-{tag}.log"
+    asyncio.run(prepare(settings))
+    env = {
+        "MONGODB_DATABASE": settings.mongodb_database,
+        "TOPIC_PREFIX": settings.topic_prefix,
+        "GATEWAY_WORKERS": str(args.workers),
+    }
+    results = []
+    try:
+        port = free_port()
+        bare = start(
+            [PYTHON, str(HERE / "bare_server.py"), str(port)], {}, log.with_suffix(".bare.log")
+        )
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/api/2022-03-01/calls.json", expect=405)
+            results.append(measure("bare aiohttp handler (1 process)", port, args.duration, log))
+        finally:
+            stop(bare)
+        for metrics_on in (True, False):
+            port = free_port()
+            cmd = [PYTHON, str(HERE / "serve_gateway.py")] + (
+                [] if metrics_on else ["--no-metrics"]
+            )
+            gateway = start(cmd, {**env, "HTTP_PORT": str(port)}, log.with_suffix(".gateway.log"))
+            try:
+                wait_ready(f"http://127.0.0.1:{port}/readyz")
+                label = (
+                    f"gateway, {args.workers} worker(s), metrics {'on' if metrics_on else 'off'}"
+                )
+                results.append(measure(label, port, args.duration, log))
+            finally:
+                stop(gateway)
+    finally:
+        published = asyncio.run(cleanup(settings))
+    bare_rps = results[0]["c64"]["rps"]
+    lines = [
+        "| target | c=64 req/s | ratio to bare | c=64 p50 ms | c=64 p99 ms | c=4 req/s | "
+        "c=4 p50 ms | c=4 p99 ms | non-2xx / socket errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *(row(r, bare_rps) for r in results),
+    ]
+    print("\n".join(lines))
+    print(f"\ncalls stored and published during the run: {published}; raw output: {log}")
+    (log.with_suffix(".json")).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+-- wrk script: every request submits a new call (unique external_call_unique_id).
+-- Env: BENCH_TOKEN (API token), BENCH_RUN (prefix making ids unique across runs).
+-- done() prints one JSON line: requests, non-2xx, socket errors, p50/p90/p99 (microseconds).
+
+local token = os.getenv("BENCH_TOKEN") or "demo-network-token"
+local run = os.getenv("BENCH_RUN") or tostring(os.time())
+local threads = {}
+local counter = 0
+
+function setup(thread)
+   thread:set("tid", #threads + 1)
+   table.insert(threads, thread)
+end
+
+function init(args)
+   wrk.method = "POST"
+   wrk.headers["Content-Type"] = "application/json"
+   wrk.headers["Authorization"] = "Bearer " .. token
+end
+
+function request()
+   counter = counter + 1
+   local body = string.format(
+      '{"call":{"external_call_unique_id":"%s-%d-%d","start_time":"2016/04/11T13:00:00.000-07:00",' ..
+      '"destination_phone_number":9093900003,"calling_phone_number":8779257383,' ..
+      '"advertiser_campaign_id_from_network":85,"call_direction":"inbound",' ..
+      '"recording_url":"http://127.0.0.1:9/recordings/%d.wav"},' ..
+      '"signals":[{"name":"sale","value":1}],"custom_data":[{"name":"channel","value":"Paid Search"}]}',
+      run, tid or 0, counter, counter)
+   return wrk.format(nil, nil, nil, body)
+end
+
+function done(summary, latency, requests)
+   local e = summary.errors
+   io.write(string.format(
+      '{"requests":%d,"duration_us":%d,"non_2xx":%d,"socket_errors":%d,' ..
+      '"p50_us":%d,"p90_us":%d,"p99_us":%d}\n',
+      summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+      latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+end

@@ -1,0 +1,114 @@
+"""The gateway's aiohttp application: ``init_app`` wires resources, middlewares and routes.
+
+Resources (MongoDB client, Kafka producer, S3 client, the background
+republisher) are opened and closed in ``cleanup_ctx`` generators, in that
+order, and closed in reverse order on shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+from pymongo.errors import PyMongoError
+
+from callingest import mongo, s3
+from callingest.http import add_ops_routes
+from callingest.logging import get_logger
+from callingest.settings import Settings
+from callingest.topics import Topics
+from services.gateway import keys
+from services.gateway.auth import TokenAuthenticator
+from services.gateway.calls import CallService, ConfigCache
+from services.gateway.middleware import error_middleware, metrics_middleware
+from services.gateway.openapi import build_openapi
+from services.gateway.publisher import CallPublisher, LazyProducer
+from services.gateway.routes import setup_routes
+from services.gateway.views import MAX_BODY_BYTES
+from services.gateway.writer import CallWriter
+
+log = get_logger(__name__)
+
+
+async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
+    """MongoDB client and database; indexes ensured (the unique index idempotency relies on)."""
+    settings = app[keys.SETTINGS]
+    client = mongo.open_client(settings)
+    db = mongo.database(client, settings)
+    await mongo.ensure_indexes(db)
+    app[keys.MONGO_CLIENT] = client
+    app[keys.DB] = db
+    app[keys.AUTHENTICATOR] = TokenAuthenticator(db, settings.auth_cache_seconds)
+    writer = CallWriter(db.calls)
+    writer.start()
+    app[keys.WRITER] = writer
+    yield
+    await writer.stop()
+    await client.close()
+
+
+async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Kafka producer (started lazily: the gateway serves 503s while Kafka is down)."""
+    settings = app[keys.SETTINGS]
+    producer = LazyProducer(settings.kafka_bootstrap_servers)
+    with contextlib.suppress(Exception):
+        await producer.get()
+    publisher = CallPublisher(app[keys.DB], app[keys.WRITER], producer, Topics(settings.topic_prefix))
+    app[keys.PRODUCER] = producer
+    app[keys.PUBLISHER] = publisher
+    app[keys.CALL_SERVICE] = CallService(
+        app[keys.DB],
+        app[keys.WRITER],
+        ConfigCache(app[keys.DB], settings.auth_cache_seconds),
+        publisher,
+        frozenset(settings.s3_allowed_source_buckets),
+    )
+    yield
+    await producer.close()
+
+
+async def s3_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The S3 client that serves normalized recordings."""
+    async with s3.s3_client(app[keys.SETTINGS]) as client:
+        app[keys.S3_CLIENT] = client
+        yield
+
+
+async def republisher_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Background task publishing calls left unpublished (Kafka was down when they came)."""
+    after = app[keys.SETTINGS].republish_after_seconds
+    task = asyncio.create_task(app[keys.PUBLISHER].run_republisher(max(after / 2, 0.5), after))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def init_app(settings: Settings, *, with_metrics: bool = True) -> web.Application:
+    """The gateway application for ``settings`` (``with_metrics=False`` only for benchmarks)."""
+    middlewares: list[Any] = [metrics_middleware] if with_metrics else []
+    middlewares.append(error_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[keys.SETTINGS] = settings
+    app[keys.OPENAPI] = build_openapi(settings.public_base_url)
+    app.cleanup_ctx.extend([mongo_ctx, kafka_ctx, s3_ctx, republisher_ctx])
+    setup_routes(app)
+
+    async def ready() -> dict[str, bool]:
+        try:
+            await asyncio.wait_for(app[keys.MONGO_CLIENT].admin.command("ping"), 2.0)
+            mongo_ok = True
+        except (PyMongoError, TimeoutError):
+            mongo_ok = False
+        kafka_ok = app[keys.PRODUCER].ready
+        if not kafka_ok:
+            with contextlib.suppress(Exception):
+                await app[keys.PRODUCER].get()
+                kafka_ok = True
+        return {"mongodb": mongo_ok, "kafka_producer": kafka_ok}
+
+    add_ops_routes(app, ready)
+    return app

@@ -1,0 +1,81 @@
+"""API tokens: where a request carries one, and whom it speaks for.
+
+Tokens are looked up by their SHA-256 (the only form stored), the stored hash
+is compared in constant time, and answers are cached for a short while so a
+burst of submissions costs one lookup. A token is never logged or echoed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+from pymongo.asynchronous.database import AsyncDatabase
+
+from services.gateway.domain import Principal
+from services.gateway.errors import NotAuthorized
+
+_TOKEN_HEADER = re.compile(r'Token\s+token="?(?P<token>[^"\s,]+)"?', re.IGNORECASE)
+_BEARER_HEADER = re.compile(r"Bearer\s+(?P<token>\S+)", re.IGNORECASE)
+NEGATIVE_CACHE_SECONDS = 1.0
+MAX_CACHE_ENTRIES = 10_000
+
+
+def token_hash(token: str) -> str:
+    """The stored form of a token (``api_tokens._id``)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def request_token(request: web.Request, body: dict[str, Any] | None) -> str | None:
+    """The token from ``Authorization`` (Bearer or Token token=), the query string, or the body."""
+    header = request.headers.get("Authorization", "").strip()
+    for pattern in (_BEARER_HEADER, _TOKEN_HEADER):
+        if match := pattern.fullmatch(header):
+            return match["token"]
+    if token := request.query.get("oauth_token"):
+        return token
+    if body is not None and isinstance(body.get("oauth_token"), str) and body["oauth_token"]:
+        return str(body["oauth_token"])
+    return None
+
+
+class TokenAuthenticator:
+    """Resolves tokens to principals through ``api_tokens``, with a brief cache."""
+
+    def __init__(self, db: AsyncDatabase[dict[str, Any]], cache_seconds: float) -> None:
+        self._tokens = db.api_tokens
+        self._cache_seconds = cache_seconds
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def authenticate(self, token: str | None) -> Principal:
+        """The principal of ``token``; raises :class:`NotAuthorized` if missing or unknown."""
+        if not token:
+            raise NotAuthorized("Invalid or missing oauth token.")
+        digest = token_hash(token)
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            principal = cached[1]
+        else:
+            principal = await self._lookup(digest)
+            if len(self._cache) >= MAX_CACHE_ENTRIES:
+                self._cache.clear()
+            ttl = self._cache_seconds if principal is not None else NEGATIVE_CACHE_SECONDS
+            self._cache[digest] = (now + ttl, principal)
+        if principal is None:
+            raise NotAuthorized("Invalid or missing oauth token.")
+        return principal
+
+    async def _lookup(self, digest: str) -> Principal | None:
+        doc = await self._tokens.find_one({"_id": digest})
+        if doc is None or not hmac.compare_digest(str(doc["_id"]), digest):
+            return None
+        advertisers = doc.get("advertisers")
+        return Principal(
+            network_id=str(doc["network_id"]),
+            advertisers=None if advertisers is None else frozenset(str(a) for a in advertisers),
+        )

@@ -1,0 +1,19 @@
+"""URL map of the gateway."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.gateway import views
+
+V = views.API_VERSION
+
+
+def setup_routes(app: web.Application) -> None:
+    """The API routes of version 2022-03-01, and a 400 for every other version."""
+    app.router.add_post(f"/api/{V}/calls.json", views.submit_call)
+    app.router.add_put(f"/api/{V}/calls.json", views.submit_call)
+    app.router.add_get(f"/api/{V}/calls/{{cuid}}.json", views.get_call)
+    app.router.add_get(f"/api/{V}/calls/{{cuid}}/recording.wav", views.get_recording)
+    app.router.add_get(f"/api/{V}/openapi.json", views.openapi)
+    app.router.add_route("*", r"/api/{version:(?!" + V + r"/)[^/]+}/{tail:.*}", views.other_api_version)

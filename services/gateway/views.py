@@ -1,0 +1,156 @@
+"""HTTP views of the gateway: read the request, call the service, answer.
+
+Views raise :class:`~services.gateway.errors.ApiError`; the error middleware
+renders every refusal as the spec's errors body.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from aiohttp import hdrs, web
+from botocore.exceptions import ClientError
+
+from services.gateway import keys
+from services.gateway.auth import request_token
+from services.gateway.domain import Principal
+from services.gateway.errors import (
+    InvalidApiVersion,
+    NotFound,
+    PayloadTooLarge,
+    RecordInvalid,
+    UnsupportedMediaType,
+)
+from services.gateway.models import CallView, format_utc
+
+API_VERSION = "2022-03-01"
+MAX_BODY_BYTES = 1024 * 1024
+RECORDING_CHUNK_BYTES = 64 * 1024
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object: 415 for a non-JSON content type, 413 over 1 MiB,
+    403 RecordInvalid when unparseable or not an object. An empty body is ``{}``."""
+    if hdrs.CONTENT_TYPE in request.headers:
+        ctype = request.content_type
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise UnsupportedMediaType("Send the request body as application/json.")
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise PayloadTooLarge("The request body is larger than 1 MiB.")
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise RecordInvalid(["the request body is not valid JSON"]) from None
+    if not isinstance(body, dict):
+        raise RecordInvalid(["the request body must be a JSON object"])
+    return body
+
+
+async def _principal(request: web.Request, body: dict[str, Any] | None = None) -> Principal:
+    return await request.app[keys.AUTHENTICATOR].authenticate(request_token(request, body))
+
+
+async def submit_call(request: web.Request) -> web.Response:
+    """POST|PUT /api/2022-03-01/calls.json: 201 {cuid} when created, 202 {cuid} when known."""
+    body = await read_json_object(request)
+    principal = await _principal(request, body)
+    submission = await request.app[keys.CALL_SERVICE].submit(principal, body)
+    return web.json_response({"cuid": submission.cuid}, status=201 if submission.created else 202)
+
+
+async def other_api_version(request: web.Request) -> web.Response:
+    """Any route under another API version: 400."""
+    raise InvalidApiVersion(
+        f"Invalid API version {request.match_info['version']!r} for this route; "
+        f"use /api/{API_VERSION}/calls.json."
+    )
+
+
+async def _visible_call(request: web.Request) -> dict[str, Any]:
+    principal = await _principal(request)
+    service = request.app[keys.CALL_SERVICE]
+    await service.network_of(principal)
+    call = await service.find(principal, request.match_info["cuid"])
+    if call is None:
+        raise NotFound("No such call.")
+    return call
+
+
+async def get_call(request: web.Request) -> web.Response:
+    """GET /api/2022-03-01/calls/{cuid}.json: the call and its processing state."""
+    call = await _visible_call(request)
+    return web.json_response(call_view(call))
+
+
+async def get_recording(request: web.Request) -> web.StreamResponse:
+    """GET /api/2022-03-01/calls/{cuid}/recording.wav: the normalized WAV; 404 until normalized."""
+    call = await _visible_call(request)
+    recording = call.get("recording") or {}
+    if not recording.get("key"):
+        raise NotFound("The call has no normalized recording yet.")
+    try:
+        obj = await request.app[keys.S3_CLIENT].get_object(
+            Bucket=recording.get("bucket") or request.app[keys.SETTINGS].s3_bucket,
+            Key=recording["key"],
+        )
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise NotFound("The call's recording is not stored.") from None
+        raise
+    response = web.StreamResponse(
+        headers={
+            hdrs.CONTENT_TYPE: "audio/wav",
+            hdrs.CONTENT_LENGTH: str(obj["ContentLength"]),
+            hdrs.CONTENT_DISPOSITION: f'inline; filename="{call["_id"]}.wav"',
+        }
+    )
+    await response.prepare(request)
+    async with obj["Body"] as stream:
+        while chunk := await stream.read(RECORDING_CHUNK_BYTES):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """GET /api/2022-03-01/openapi.json."""
+    return web.json_response(request.app[keys.OPENAPI])
+
+
+def _iso(value: Any) -> str | None:
+    return format_utc(value) if isinstance(value, datetime) else value
+
+
+def call_view(call: dict[str, Any]) -> dict[str, Any]:
+    """The call as interfaces.md lists it (no hashes, claims or secrets)."""
+    recording = call.get("recording")
+    failure = call.get("failure")
+    view = CallView.model_validate(
+        {
+            "cuid": call["_id"],
+            "external_call_unique_id": call["external_call_unique_id"],
+            "status": call.get("status", "received"),
+            "start_time": _iso(call["start_time"]),
+            "calling_phone_number": call["calling_phone_number"],
+            "destination_phone_number": call["destination_phone_number"],
+            "advertiser_campaign_id_from_network": call["advertiser_campaign_id_from_network"],
+            "call_direction": call["call_direction"],
+            "language_code": call["language_code"],
+            "signals": call.get("signals", []),
+            "custom_data": call.get("custom_data", []),
+            "recording": recording if recording and "sample_rate" in recording else None,
+            "failure": failure,
+            "csm_notified_at": _iso(call.get("csm_notified_at")),
+            "history": [{**entry, "at": _iso(entry.get("at"))} for entry in call.get("history", [])],
+        }
+    )
+    return view.model_dump(mode="json", by_alias=True)

@@ -4,6 +4,7 @@ served by a local HTTP server, normalized files checked channel by channel."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import uuid
@@ -307,6 +308,16 @@ async def test_presigned_style_query_string_never_reaches_logs(stack: Stack, tmp
     call = await stack.settled(cuid)
     assert call["status"] == "normalized", call.get("failure")
     assert signature not in str(call)
+    shown = subprocess.run([str(ROOT / ".venv/bin/callingest"), "calls", "show", cuid],
+                           env={**os.environ, **settings_env(stack.settings)},
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["cuid"] == cuid and record["status"] == "normalized"
+    assert [h["status"] for h in record["history"]] == ["received", "validated", "fetched",
+                                                        "normalized"]
+    assert signature not in shown.stdout
+    assert record["recording_url"].endswith(f"/{name}")
 
 
 async def test_every_metric_the_alerts_and_dashboards_use_is_exported(stack: Stack) -> None:

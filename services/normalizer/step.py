@@ -1,0 +1,251 @@
+"""The normalizer stage: RecordingFetched in, the house-format WAV in S3, RecordingNormalized out.
+
+Wiring (see :func:`open_resources`): the stage's ``resources`` hold ``"s3"`` (an
+aiobotocore client) and ``"pool"`` (a :class:`~services.normalizer.pool.TranscodePool`);
+:func:`step` reads them from ``ctx.resources``.
+
+Per call: the raw object ``raw/<cuid>/<attempt>`` is streamed into a temp file, transcoded
+in a worker process into a second temp file, and uploaded to ``normalized/<cuid>.wav``
+(multipart above :data:`PART_SIZE`); memory stays at about one part whatever the duration.
+The object's metadata records which attempt and which raw object it came from, and what
+the transcoder measured, so a redelivery finds the work done and does not redo it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, BinaryIO
+
+import aiohttp
+from botocore.exceptions import BotoCoreError, ClientError
+
+from callingest import metrics
+from callingest.errors import PermanentError, TransientError
+from callingest.logging import get_logger
+from callingest.pipeline import StageContext, StepResult
+from callingest.s3 import s3_client
+from callingest.settings import Settings
+from services.normalizer.pool import TranscodePool
+from services.normalizer.transcode import RECORDING_FIELDS
+
+log = get_logger(__name__)
+
+STAGE = "normalizer"
+#: Size of each multipart-upload part, and the largest normalized file stored with one PUT.
+PART_SIZE = 8 * 1024 * 1024
+_DOWNLOAD_CHUNK = 1024 * 1024
+_CONTENT_TYPE = "audio/wav"
+
+
+def normalized_key(cuid: str) -> str:
+    """The object key of a call's normalized recording (one per call; replays overwrite it)."""
+    return f"normalized/{cuid}.wav"
+
+
+@asynccontextmanager
+async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
+    """The ``resources`` the normalizer stage needs, open for the life of the service."""
+    pool = TranscodePool(settings.normalizer_workers)
+    try:
+        async with s3_client(settings) as s3:
+            yield {"s3": s3, "pool": pool}
+    finally:
+        await asyncio.to_thread(pool.close)
+
+
+async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
+    """Normalize the recording of one call and describe it.
+
+    Idempotent per (cuid, attempt): if ``normalized/<cuid>.wav`` already holds the output
+    of this attempt from this raw object and call direction, it is reused as is.
+    Raises PermanentError (``RecordingMissing``, or the transcoder's ``RecordingFormat``,
+    ``RecordingEmpty``, ``RecordingCorrupt``, ``RecordingTooLong``) and TransientError
+    (``ObjectStoreUnavailable``, ``NormalizerWorkerCrashed``, ``NormalizerDiskError``).
+    """
+    cuid = str(event["cuid"])
+    attempt = int(event.get("attempt", 1))
+    direction = str(event["call_direction"])
+    src_bucket, src_key = str(event["bucket"]), str(event["key"])
+    bucket = ctx.settings.s3_bucket
+    key = normalized_key(cuid)
+    s3 = ctx.resources["s3"]
+    pool: TranscodePool = ctx.resources["pool"]
+    extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": STAGE}
+    provenance = {"attempt": str(attempt), "source-key": src_key, "call-direction": direction}
+
+    recording = await _already_normalized(s3, bucket, key, provenance)
+    if recording is not None:
+        log.info("normalized recording already stored, reused", extra={**extra, "key": key})
+    else:
+        async with pool.slot():
+            workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="normalizer-")
+            try:
+                src_path = os.path.join(workdir, "raw")
+                dst_path = os.path.join(workdir, "normalized.wav")
+                await _download(s3, src_bucket, src_key, src_path)
+                info = await pool.transcode(src_path, dst_path, direction)
+                recording = info.recording_fields()
+                metadata = {**provenance, "info": json.dumps(recording, separators=(",", ":"))}
+                await _upload(s3, bucket, key, dst_path, metadata)
+            finally:
+                await asyncio.to_thread(shutil.rmtree, workdir, True)
+        metrics.AUDIO_NORMALIZED.inc(info.duration_seconds)
+        log.info(
+            "recording normalized",
+            extra={
+                **extra,
+                "key": key,
+                "input_format": info.input_format,
+                "input_codec": info.input_codec,
+                "input_sample_rate": info.input_sample_rate,
+                "duration_seconds": info.duration_seconds,
+                "silent_channels": info.silent_channels,
+                "decode_errors": info.decode_errors,
+            },
+        )
+    described = {"bucket": bucket, "key": key, **recording}
+    return StepResult(
+        next_event=described,
+        call_update={"recording": described},
+        status="normalized",
+        terminal=True,
+    )
+
+
+async def _already_normalized(
+    s3: Any, bucket: str, key: str, provenance: dict[str, str]
+) -> dict[str, Any] | None:
+    """The stored measurements if ``key`` holds this attempt's output, else None."""
+    head = await _s3_call(_head, s3, Bucket=bucket, Key=key)
+    if head is None:
+        return None
+    metadata = head.get("Metadata") or {}
+    if any(metadata.get(name) != value for name, value in provenance.items()):
+        return None
+    try:
+        stored = json.loads(metadata.get("info", ""))
+    except ValueError:
+        return None
+    if not isinstance(stored, dict) or set(stored) != set(RECORDING_FIELDS):
+        return None
+    return stored
+
+
+async def _head(s3: Any, **kwargs: Any) -> dict[str, Any] | None:
+    try:
+        head: dict[str, Any] = await s3.head_object(**kwargs)
+        return head
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise
+
+
+async def _download(s3: Any, bucket: str, key: str, path: str) -> None:
+    """Stream ``s3://bucket/key`` into ``path``, one chunk in memory at a time."""
+    try:
+        obj = await s3.get_object(Bucket=bucket, Key=key)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            raise PermanentError(
+                "RecordingMissing",
+                f"the fetched recording s3://{bucket}/{key} is no longer in the object store; "
+                "replay the call from the fetcher",
+            ) from None
+        raise _store_error("get_object", exc) from None
+    except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+        raise _store_error("get_object", exc) from None
+    f = await _disk(open, path, "wb")
+    try:
+        async with obj["Body"] as body:
+            while chunk := await body.read(_DOWNLOAD_CHUNK):
+                await _disk(f.write, chunk)
+    except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+        raise _store_error("get_object body", exc) from None
+    finally:
+        await _disk(f.close)
+
+
+async def _upload(s3: Any, bucket: str, key: str, path: str, metadata: dict[str, str]) -> None:
+    """Upload ``path`` to ``s3://bucket/key``; multipart (aborted on failure) above one part."""
+    size = await _disk(os.path.getsize, path)
+    f: BinaryIO = await _disk(open, path, "rb")
+    upload_id: str | None = None
+    try:
+        if size <= PART_SIZE:
+            body = await _disk(f.read)
+            await _s3_call(
+                s3.put_object,
+                Bucket=bucket,
+                Key=key,
+                Body=body,
+                ContentType=_CONTENT_TYPE,
+                Metadata=metadata,
+            )
+            return
+        created = await _s3_call(
+            s3.create_multipart_upload,
+            Bucket=bucket,
+            Key=key,
+            ContentType=_CONTENT_TYPE,
+            Metadata=metadata,
+        )
+        upload_id = str(created["UploadId"])
+        parts: list[dict[str, Any]] = []
+        while part := await _disk(f.read, PART_SIZE):
+            number = len(parts) + 1
+            response = await _s3_call(
+                s3.upload_part,
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=part,
+            )
+            parts.append({"PartNumber": number, "ETag": response["ETag"]})
+        await _s3_call(
+            s3.complete_multipart_upload,
+            Bucket=bucket,
+            Key=key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+        )
+        upload_id = None
+    finally:
+        await _disk(f.close)
+        if upload_id is not None:
+            with contextlib.suppress(Exception):
+                await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+
+async def _s3_call(method: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return await method(*args, **kwargs)
+    except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
+        raise _store_error(getattr(method, "__name__", "s3"), exc) from None
+
+
+def _store_error(operation: str, exc: Exception) -> TransientError:
+    if isinstance(exc, ClientError):
+        detail = exc.response.get("Error", {}).get("Code", "error")
+    else:
+        detail = type(exc).__name__
+    return TransientError(f"object store unavailable ({operation}: {detail})", "ObjectStoreUnavailable")
+
+
+async def _disk(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run blocking file I/O in a thread; local disk trouble is transient (full, unmounted)."""
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except OSError as exc:
+        raise TransientError(
+            f"normalizer temp storage failed: {exc.strerror or type(exc).__name__}",
+            "NormalizerDiskError",
+        ) from None

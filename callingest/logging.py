@@ -27,6 +27,7 @@ _AUTH_VALUES = re.compile(
     r"(?i)(authorization|oauth_token|token|api[-_]?key|secret)"  # the credential's name
     r"(\"?\s*[:=]\s*\"?)([^\s\",&]+)"  # separator, then the value (redacted)
 )
+_PATH_QUERY = re.compile(r"(?P<path>(?:^|(?<=[\s\"']))/[^\s?#\"']*)\?[^\s#\"']*")
 _BEARER = re.compile(r"(?i)\b(bearer|token\s+token=)\s*[^\s\",]+")
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -44,6 +45,7 @@ def register_secret(value: str) -> None:
 def scrub(text: str) -> str:
     """``text`` without URL query strings, URL userinfo, credential values or registered secrets."""
     text = _URL_SECRETS.sub(lambda m: m.group("scheme") + m.group("rest"), text)
+    text = _PATH_QUERY.sub(lambda m: m.group("path"), text)
     text = _BEARER.sub(lambda m: m.group(1) + " [redacted]", text)
     text = _AUTH_VALUES.sub(lambda m: m.group(1) + m.group(2) + "[redacted]", text)
     if _secrets:

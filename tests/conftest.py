@@ -187,8 +187,8 @@ async def s3_client(settings: Settings) -> AsyncIterator[Any]:
 
 @pytest.fixture(scope="session")
 def mail_dir(servers: devstack.Ports) -> Path:
-    """Where the SMTP sink stores messages."""
-    return devstack.RUN / "mail"
+    """Where the SMTP sink stores messages (.run/mail of the checkout that started it)."""
+    return devstack.smtp_sink_dir(servers.smtp)
 
 
 # -- service processes -------------------------------------------------------------------------

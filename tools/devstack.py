@@ -193,6 +193,23 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def smtp_sink_dir(port: int) -> Path:
+    """Where the SMTP sink listening on ``port`` stores messages (it may belong to another checkout)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "tools.smtp_sink" in argv and "--port" in argv and "--dir" in argv:
+            if argv[argv.index("--port") + 1] == str(port):
+                directory = Path(argv[argv.index("--dir") + 1])
+                return directory if directory.is_absolute() else Path(
+                    os.readlink(proc / "cwd")) / directory
+    return RUN / "mail"
+
+
 # -- servers -----------------------------------------------------------------------------------
 
 
@@ -324,7 +341,9 @@ def up(ports: Ports) -> None:
     for name in SERVICES:
         if running_pid(name) is None:
             start_service(name, ports)
-    wait_services(SERVICES, ports, max(5.0, 60.0 - (time.monotonic() - started)))
+    # The 60 s budget covers the whole stack; on a loaded machine the servers may eat most of
+    # it, so the services always get at least 20 s of their own.
+    wait_services(SERVICES, ports, max(20.0, 60.0 - (time.monotonic() - started)))
     base = f"http://127.0.0.1:{ports.gateway}"
     print(f"\nstack ready in {time.monotonic() - started:.1f} s; logs in {RUN / 'logs'}")
     print(f"gateway: {base}\n")

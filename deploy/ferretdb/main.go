@@ -41,7 +41,7 @@ func main() {
 		Listener:  ferretdb.ListenerConfig{TCP: *listen},
 		Logger:    logger,
 		Handler:   "sqlite",
-		SQLiteURL: "file:" + dir + "/?_pragma=synchronous(" + *synchronous + ")",
+		SQLiteURL: "file:" + dir + "/?_txlock=immediate&_pragma=synchronous(" + *synchronous + ")",
 	})
 	if err != nil {
 		logger.Error("cannot configure FerretDB", "error", err)

@@ -138,7 +138,7 @@ async def stack(servers: Any, tmp_path_factory: pytest.TempPathFactory) -> Async
     recordings = RecordingServer()
     app = web.Application()
     app.router.add_get("/rec/{name}", recordings.handle)
-    runner = web.AppRunner(app)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -268,6 +268,19 @@ async def test_500_500_200_is_retried_to_normalized(stack: Stack, tmp_path: Path
     call = await stack.settled(cuid)
     assert call["status"] == "normalized", call.get("failure")
     assert stack.recordings.hits[name] == 3
+
+
+async def test_outage_longer_than_in_process_retries_goes_through_the_retry_topic(
+    stack: Stack, tmp_path: Path
+) -> None:
+    name = f"{uuid.uuid4().hex}.wav"
+    stack.recordings.files[name] = _wav(tmp_path, name, seconds=1.0, rate=16000)
+    attempts = stack.settings.fetch_max_attempts
+    stack.recordings.scripted[name] = [503] * (attempts + 1) + [200]
+    cuid = await stack.submit(name)
+    call = await stack.settled(cuid)
+    assert call["status"] == "normalized", call.get("failure")
+    assert stack.recordings.hits[name] == attempts + 2
 
 
 @pytest.mark.parametrize(("prefix", "config_id"), [("bearer-", 7), ("query-", 8),

@@ -1,0 +1,622 @@
+"""End-to-end benchmark: N calls with one-minute recordings, submission to normalized.
+
+    .venv/bin/python bench/e2e/run.py --calls 1000 --seconds 60
+
+What it does (see docs/benchmarks.md, "End to end"):
+
+* uses the dev stack's servers (Kafka, FerretDB, versitygw, SMTP sink), starting the ones
+  that are not running with :func:`tools.devstack.servers_up` and stopping those afterwards;
+* creates its own topic prefix and MongoDB database, applies
+  ``deploy/examples/demo-config.yaml``, starts the five services as processes
+  (``callingest serve <name>``) with that environment on free loopback ports and
+  ``ALLOW_LOOPBACK_RECORDINGS=true``;
+* serves ONE generated stereo WAV (two tones, ``--rate`` Hz, s16) and one MP3 of the same
+  length from an aiohttp server on 127.0.0.1, each under a different URL per call;
+* submits the calls through ``POST /api/2022-03-01/calls.json`` with ``--concurrency``
+  requests in flight, recording each submission's wall-clock start;
+* reads each call from MongoDB by ``_id`` only (FerretDB pushes down nothing else) until it
+  is ``normalized`` or ``failed``, bounded by ``--deadline`` seconds; latency is the
+  ``normalized`` history entry's timestamp minus the submission start (same host clock),
+  so the polling interval does not enter the measurement;
+* reports submission throughput, submission-to-normalized p50/p95/p99/max, total time,
+  counts, per-stage time from the call history and from each service's
+  ``callingest_stage_duration_seconds`` histogram, and each service process's peak RSS
+  (``VmHWM`` from ``/proc/<pid>/status``; the normalizer's pool workers separately);
+* removes its database, topics and S3 objects, stops the services.
+
+All traffic is loopback. The JSON result goes to ``bench/results/e2e/<UTC time>.json``,
+the service logs next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import aiohttp  # noqa: E402
+from aiohttp import web  # noqa: E402
+from pydantic import SecretStr  # noqa: E402
+
+from callingest import config_file, mongo, s3  # noqa: E402
+from callingest.settings import Settings  # noqa: E402
+from callingest.topics import Topics, ensure_topics  # noqa: E402
+from tests.conftest import Services, delete_topics  # noqa: E402
+from tests.normalizer.audiogen import write_encoded, write_wav  # noqa: E402
+from tools import devstack  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "e2e"
+DEMO_CONFIG = ROOT / "deploy" / "examples" / "demo-config.yaml"
+TOKEN = "demo-network-token"
+SUBMIT_PATH = "/api/2022-03-01/calls.json"
+SERVICE_NAMES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+TERMINAL = ("normalized", "failed")
+
+
+# -- recordings ------------------------------------------------------------------------------
+
+
+@dataclass
+class RecordingServer:
+    """Serves one WAV and one MP3 body under any name; counts requests."""
+
+    wav: bytes
+    mp3: bytes | None
+    hits: int = 0
+    bytes_sent: int = 0
+    base: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits += 1
+        name = request.match_info["name"]
+        body = self.mp3 if name.endswith(".mp3") and self.mp3 is not None else self.wav
+        self.bytes_sent += len(body)
+        return web.Response(body=body, content_type="application/octet-stream")
+
+
+async def start_recording_server(rec: RecordingServer) -> web.AppRunner:
+    app = web.Application()
+    app.router.add_get("/rec/{name}", rec.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    rec.base = f"http://127.0.0.1:{port}/rec"
+    return runner
+
+
+def make_recordings(seconds: float, rate: int, with_mp3: bool) -> tuple[bytes, bytes | None]:
+    """One stereo s16 WAV and (optionally) one MP3 of the same tones, generated once."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wav_path = Path(tmp) / "call.wav"
+        write_wav(wav_path, seconds, rate, "s16")
+        mp3: bytes | None = None
+        if with_mp3:
+            mp3_path = Path(tmp) / "call.mp3"
+            write_encoded(mp3_path, "mp3", seconds, rate)
+            mp3 = mp3_path.read_bytes()
+        return wav_path.read_bytes(), mp3
+
+
+# -- submissions -----------------------------------------------------------------------------
+
+
+@dataclass
+class Submission:
+    index: int
+    kind: str  # "wav" | "mp3"
+    direction: str
+    started: float = 0.0  # time.time() when the request was sent
+    answered: float = 0.0
+    status: int | None = None
+    error: str | None = None
+    cuid: str | None = None
+
+
+@dataclass
+class Outcome:
+    status: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    failure: dict[str, Any] | None = None
+
+
+async def submit_all(gateway: str, rec: RecordingServer, subs: list[Submission], run_id: str,
+                     concurrency: int) -> None:
+    """POST every call, at most ``concurrency`` at a time; fills in times, status and cuid."""
+    sem = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+
+        async def one(sub: Submission) -> None:
+            call = {
+                "external_call_unique_id": f"bench-e2e-{run_id}-{sub.index:06d}",
+                "start_time": "2016-02-03 09:30:00 AM",
+                "destination_phone_number": 2165388265,
+                "calling_phone_number": 8779257383,
+                "advertiser_campaign_id_from_network": 85,
+                "call_direction": sub.direction,
+                "recording_url": f"{rec.base}/{run_id}-{sub.index:06d}.{sub.kind}",
+            }
+            async with sem:
+                sub.started = time.time()
+                try:
+                    async with http.post(f"{gateway}{SUBMIT_PATH}", json={"call": call},
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                        sub.status = resp.status
+                        body = await resp.json(content_type=None)
+                        if resp.status in (201, 202):  # 202: "already received", same cuid
+                            sub.cuid = str(body["cuid"])
+                        else:
+                            sub.error = json.dumps(body)[:300]
+                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    sub.error = f"{type(exc).__name__}: {exc}"[:300]
+                sub.answered = time.time()
+
+        await asyncio.gather(*(one(s) for s in subs))
+
+
+# -- polling ---------------------------------------------------------------------------------
+
+
+async def poll_until_settled(db: Any, subs: list[Submission], outcomes: dict[str, Outcome],
+                             deadline: float, batch: int, interval: float,
+                             on_round: Any) -> None:
+    """Read pending calls by ``_id`` (oldest first, ``batch`` per round) until all are terminal.
+
+    Completion order is roughly submission order, so checking the oldest pending calls each
+    round finds the finished ones without scanning everything every round.
+    """
+    pending = [s.cuid for s in subs if s.cuid]
+    projection = {"status": 1, "history": 1, "failure": 1}
+    sem = asyncio.Semaphore(4)
+
+    async def read(cuid: str) -> None:
+        async with sem:
+            try:
+                doc = await db.calls.find_one({"_id": cuid}, projection)
+            except Exception as exc:  # a slow store is a result, not a crash
+                print(f"  read {cuid}: {type(exc).__name__}", file=sys.stderr)
+                return
+        out = outcomes.setdefault(cuid, Outcome())
+        if doc is not None:
+            out.status = doc.get("status")
+            out.history = list(doc.get("history") or [])
+            out.failure = doc.get("failure")
+
+    last_report = 0.0
+    while pending and time.time() < deadline:
+        await asyncio.gather(*(read(c) for c in pending[:batch]))
+        pending = [c for c in pending if outcomes.get(c, Outcome()).status not in TERMINAL]
+        on_round()
+        if time.time() - last_report > 15:
+            last_report = time.time()
+            done = sum(1 for o in outcomes.values() if o.status in TERMINAL)
+            print(f"  {time.strftime('%H:%M:%S')} terminal {done}, pending {len(pending)}",
+                  flush=True)
+        if pending:
+            await asyncio.sleep(interval)
+    # a last full pass so the counts of calls still pending at the deadline are current
+    await asyncio.gather(*(read(c) for c in pending))
+
+
+# -- measurements ----------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summary(values: list[float]) -> dict[str, float | None]:
+    return {
+        "n": len(values),
+        "p50": percentile(values, 50),
+        "p95": percentile(values, 95),
+        "p99": percentile(values, 99),
+        "max": max(values) if values else None,
+        "mean": statistics.fmean(values) if values else None,
+    }
+
+
+def _at(history: list[dict[str, Any]], status: str) -> float | None:
+    for entry in history:
+        if entry.get("status") == status and isinstance(entry.get("at"), datetime):
+            at: datetime = entry["at"]
+            return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+    return None
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            match = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def children(pid: int) -> list[int]:
+    """Direct and indirect children of ``pid`` (from /proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                kids = [int(x) for x in (task / "children").read_text().split()]
+                found.extend(kids)
+                todo.extend(kids)
+    return found
+
+
+@dataclass
+class RssTracker:
+    """Peak VmHWM per service process and per child (pool workers), sampled while running."""
+
+    pids: dict[str, int]
+    main_kib: dict[str, int] = field(default_factory=dict)
+    child_kib: dict[str, dict[int, int]] = field(default_factory=dict)
+    last: float = 0.0
+
+    def sample(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last < 5.0:
+            return
+        self.last = time.monotonic()
+        for name, pid in self.pids.items():
+            kib = vm_hwm_kib(pid)
+            if kib is not None:
+                self.main_kib[name] = max(kib, self.main_kib.get(name, 0))
+            for child in children(pid):
+                kib = vm_hwm_kib(child)
+                if kib is not None:
+                    per = self.child_kib.setdefault(name, {})
+                    per[child] = max(kib, per.get(child, 0))
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.pids:
+            kids = self.child_kib.get(name, {})
+            out[name] = {
+                "main_mib": round(self.main_kib.get(name, 0) / 1024, 1),
+                "children": len(kids),
+                "max_child_mib": round(max(kids.values()) / 1024, 1) if kids else None,
+            }
+        return out
+
+
+_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+(\S+)$')
+
+
+def scrape(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return str(resp.read().decode())
+    except OSError as exc:
+        return f"# scrape failed: {exc}"
+
+
+def histograms(text: str, family: str) -> dict[str, dict[str, Any]]:
+    """``family`` histogram series by label set: count, sum, mean, p50/p99 from the buckets."""
+    series: dict[str, dict[str, Any]] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if not match or not match.group(1).startswith(family):
+            continue
+        name, labels, value = match.groups()
+        pairs = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        le = pairs.pop("le", None)
+        key = ",".join(f"{k}={v}" for k, v in sorted(pairs.items()))
+        entry = series.setdefault(key, {"buckets": []})
+        if name == f"{family}_bucket" and le is not None:
+            entry["buckets"].append((math.inf if le == "+Inf" else float(le), float(value)))
+        elif name == f"{family}_count":
+            entry["count"] = float(value)
+        elif name == f"{family}_sum":
+            entry["sum"] = float(value)
+    for entry in series.values():
+        count = entry.get("count", 0.0)
+        entry["mean"] = entry.get("sum", 0.0) / count if count else None
+        buckets = sorted(entry.pop("buckets"))
+        for q in (50, 99):
+            bound = next((le for le, c in buckets if count and c >= q / 100 * count), None)
+            entry[f"p{q}_le"] = bound
+    return {k: v for k, v in series.items() if v.get("count")}
+
+
+# -- set-up and tear-down --------------------------------------------------------------------
+
+
+def bench_settings(ports: devstack.Ports, tag: str) -> Settings:
+    """Production defaults (retry delays, timeouts, in-flight bound) on the dev servers."""
+    return Settings(
+        kafka_bootstrap_servers=f"127.0.0.1:{ports.kafka}",
+        topic_prefix=f"bench-e2e-{tag}.",
+        mongodb_uri=SecretStr(f"mongodb://127.0.0.1:{ports.mongodb}/"),
+        mongodb_database=f"bench_e2e_{tag}",
+        s3_endpoint_url=f"http://127.0.0.1:{ports.s3}",
+        s3_access_key_id=SecretStr(devstack.S3_ACCESS_KEY),
+        s3_secret_access_key=SecretStr(devstack.S3_SECRET_KEY),
+        smtp_port=ports.smtp,
+        allow_loopback_recordings=True,
+    )
+
+
+async def prepare(settings: Settings, topics: Topics) -> None:
+    await ensure_topics(settings.kafka_bootstrap_servers, topics.all(),
+                        settings.topic_partitions, 1)
+    client = mongo.open_client(settings)
+    try:
+        db = mongo.database(client, settings)
+        await mongo.ensure_indexes(db)
+        await config_file.apply(db, config_file.load(DEMO_CONFIG))
+    finally:
+        await client.close()
+    async with s3.s3_client(settings) as client:
+        await s3.ensure_bucket(client, settings.s3_bucket)
+
+
+async def cleanup(settings: Settings, topics: Topics, cuids: list[str]) -> dict[str, int]:
+    """Delete this run's S3 objects (deterministic keys), database and topics."""
+    deleted = 0
+    keys = [k for c in cuids for k in (f"raw/{c}/1", f"normalized/{c}.wav")]
+    with contextlib.suppress(Exception):
+        async with s3.s3_client(settings) as client:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                await client.delete_objects(
+                    Bucket=settings.s3_bucket,
+                    Delete={"Objects": [{"Key": k} for k in chunk], "Quiet": True})
+                deleted += len(chunk)
+    client = mongo.open_client(settings)
+    try:
+        await client.drop_database(settings.mongodb_database)
+    finally:
+        await client.close()
+    await delete_topics(settings, topics.all())
+    return {"s3_keys_deleted": deleted}
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, settings: Settings, services: Services,
+              log_dir: Path) -> dict[str, Any]:
+    run_id = uuid.uuid4().hex[:8]
+    t0 = time.monotonic()
+    wav, mp3 = make_recordings(args.seconds, args.rate, args.mp3_every > 0)
+    gen_s = time.monotonic() - t0
+    print(f"recordings: WAV {len(wav) / 1e6:.2f} MB"
+          + (f", MP3 {len(mp3) / 1e6:.2f} MB" if mp3 else "") + f" ({gen_s:.1f} s)", flush=True)
+    rec = RecordingServer(wav, mp3)
+    runner = await start_recording_server(rec)
+    client = mongo.open_client(settings, timeout_ms=30000)
+    db = mongo.database(client, settings)
+    try:
+        subs = [
+            Submission(i, "mp3" if args.mp3_every and i % args.mp3_every == args.mp3_every - 1
+                       else "wav", "outbound" if i % 2 else "inbound")
+            for i in range(args.calls)
+        ]
+        tracker = RssTracker({n: s.proc.pid for n, s in services.running.items()})
+        tracker.sample(force=True)
+        print(f"submitting {args.calls} calls, concurrency {args.concurrency}", flush=True)
+        deadline = time.time() + args.deadline
+        sampler = asyncio.create_task(_sample_forever(tracker))
+        first = time.time()
+        await submit_all(services.running["gateway"].url, rec, subs, run_id, args.concurrency)
+        submitted = time.time()
+        accepted = [s for s in subs if s.cuid]
+        print(f"submitted in {submitted - first:.1f} s: {len(accepted)} accepted", flush=True)
+        outcomes: dict[str, Outcome] = {}
+        await poll_until_settled(db, subs, outcomes, deadline, args.poll_batch,
+                                 args.poll_interval, tracker.sample)
+        sampler.cancel()
+        tracker.sample(force=True)
+        metrics = {n: scrape(f"{s.url}/metrics") for n, s in services.running.items()}
+    finally:
+        await client.close()
+        await runner.cleanup()
+
+    latencies: list[float] = []
+    stage_times: dict[str, list[float]] = {k: [] for k in
+                                           ("submit_to_received", "received_to_validated",
+                                            "validated_to_fetched", "fetched_to_normalized")}
+    last_terminal = first
+    statuses: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    for sub in accepted:
+        out = outcomes.get(sub.cuid or "", Outcome())
+        statuses[out.status or "missing"] += 1
+        if out.status == "failed" and out.failure:
+            failures[f"{out.failure.get('stage')}/{out.failure.get('class')}"] += 1
+        marks = {s: _at(out.history, s) for s in ("received", "validated", "fetched",
+                                                   "normalized", "failed")}
+        end = marks["normalized"] or marks["failed"]
+        if end and out.status in TERMINAL:
+            last_terminal = max(last_terminal, end)
+        if out.status == "normalized" and marks["normalized"]:
+            latencies.append(marks["normalized"] - sub.started)
+        chain = [sub.started, marks["received"], marks["validated"], marks["fetched"],
+                 marks["normalized"]]
+        for (key, a, b) in zip(stage_times, chain, chain[1:], strict=False):
+            if a is not None and b is not None:
+                stage_times[key].append(b - a)
+    submit_latency = [s.answered - s.started for s in subs if s.status is not None]
+    stage_metrics = {}
+    for name, text in metrics.items():
+        stage_metrics.update({f"{name}:{k}": v for k, v in
+                              histograms(text, "callingest_stage_duration_seconds").items()})
+    http_metrics = {k: v for k, v in
+                    histograms(metrics.get("gateway", ""),
+                               "callingest_http_request_duration_seconds").items()}
+    result = {
+        "run_id": run_id,
+        "utc": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "args": vars(args),
+        "load_average_at_end": os.getloadavg(),
+        "recording": {"seconds": args.seconds, "rate": args.rate, "wav_bytes": len(wav),
+                      "mp3_bytes": len(mp3) if mp3 else None,
+                      "mp3_calls": sum(1 for s in subs if s.kind == "mp3")},
+        "submission": {
+            "calls": len(subs),
+            "accepted": len(accepted),
+            "http_status": dict(Counter(str(s.status) for s in subs)),
+            "errors": [s.error for s in subs if s.error][:10],
+            "seconds": submitted - first,
+            "calls_per_second": len(subs) / (submitted - first) if submitted > first else None,
+            "latency_seconds": summary(submit_latency),
+        },
+        "counts": {"accepted": len(accepted),
+                   "submit_errors": len(subs) - len(accepted),
+                   "normalized": statuses.get("normalized", 0),
+                   "failed": statuses.get("failed", 0),
+                   "missing": len(accepted) - statuses.get("normalized", 0)
+                   - statuses.get("failed", 0),
+                   "by_status": dict(statuses), "failures": dict(failures)},
+        "submission_to_normalized_seconds": summary(latencies),
+        "total_seconds": last_terminal - first,
+        "stage_seconds_from_history": {k: summary(v) for k, v in stage_times.items()},
+        "stage_duration_metric": stage_metrics,
+        "gateway_http_duration_metric": http_metrics,
+        "peak_rss": tracker.report(),
+        "recording_server": {"requests": rec.hits, "bytes": rec.bytes_sent},
+        "logs": str(log_dir),
+    }
+    return result
+
+
+async def _sample_forever(tracker: RssTracker) -> None:
+    while True:
+        tracker.sample()
+        await asyncio.sleep(5)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    def f(v: Any, nd: int = 1) -> str:
+        return "-" if v is None else f"{v:.{nd}f}"
+
+    sub, lat, cnt = (result["submission"], result["submission_to_normalized_seconds"],
+                     result["counts"])
+    rows = [
+        "| calls | recording | submit calls/s | submit answer p50 / p99 s | answered 2xx "
+        "| submit errors | normalized | failed | missing | sub→normalized p50 s | p95 s | p99 s "
+        "| max s | total s |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {sub['calls']} | {result['recording']['seconds']:g} s stereo s16 "
+        f"{result['recording']['rate'] // 1000} kHz WAV ({result['recording']['mp3_calls']} of "
+        f"them MP3) | {f(sub['calls_per_second'])} | {f(sub['latency_seconds']['p50'], 2)} / "
+        f"{f(sub['latency_seconds']['p99'], 2)} | {sub['accepted']} "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(sub['http_status'].items()))}) | "
+        f"{sub['calls'] - sub['accepted']} | {cnt['normalized']} | {cnt['failed']} | "
+        f"{cnt['missing']} | {f(lat['p50'])} | {f(lat['p95'])} | {f(lat['p99'])} | "
+        f"{f(lat['max'])} | {f(result['total_seconds'])} |",
+        "",
+        "| step (call history) | p50 s | p99 s | max s |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, s in result["stage_seconds_from_history"].items():
+        rows.append(f"| {key.replace('_', ' ')} | {f(s['p50'], 2)} | {f(s['p99'], 2)} | "
+                    f"{f(s['max'], 2)} |")
+    rows += ["", "| stage metric (service:labels) | count | mean s | p50 ≤ s | p99 ≤ s |",
+             "|---|---:|---:|---:|---:|"]
+    for key, m in result["stage_duration_metric"].items():
+        rows.append(f"| {key} | {m['count']:.0f} | {f(m['mean'], 3)} | {m['p50_le']} | "
+                    f"{m['p99_le']} |")
+    rows += ["", "| service | peak RSS MiB (VmHWM) | pool workers: max MiB |", "|---|---:|---:|"]
+    for name, r in result["peak_rss"].items():
+        kids = f"{r['max_child_mib']} (x{r['children']})" if r["children"] else "-"
+        rows.append(f"| {name} | {r['main_mib']} | {kids} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=60.0, help="recording length")
+    parser.add_argument("--rate", type=int, default=16000, choices=(8000, 16000))
+    parser.add_argument("--mp3-every", type=int, default=10,
+                        help="every Nth call gets the MP3 variant (0: none)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--deadline", type=float, default=1500.0,
+                        help="seconds from the first submission until the run stops waiting")
+    parser.add_argument("--poll-batch", type=int, default=64)
+    parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument("--report", type=Path, help="print the tables of a saved JSON result")
+    args = parser.parse_args()
+    if args.report:
+        print(markdown(json.loads(args.report.read_text())))
+        return 0
+    if not 1 <= args.calls <= 10000:
+        parser.error("--calls must be 1..10000")
+
+    ports = devstack.Ports()
+    started = devstack.servers_up(ports)
+    tag = uuid.uuid4().hex[:8]
+    settings = bench_settings(ports, tag)
+    topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    log_dir = RESULTS / f"{stamp}-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    services = Services(settings, log_dir)
+    result: dict[str, Any] | None = None
+    cuids: list[str] = []
+    try:
+        asyncio.run(prepare(settings, topics))
+        for name in SERVICE_NAMES:
+            services.start(name)
+        print("services up: " + ", ".join(f"{n}={s.port}" for n, s in services.running.items()),
+              flush=True)
+        result = asyncio.run(run(args, settings, services, log_dir))
+    finally:
+        services.stop_all()
+        with contextlib.suppress(Exception):
+            cuids = asyncio.run(_all_cuids(settings))
+        cleaned = asyncio.run(cleanup(settings, topics, cuids))
+        for component in reversed(started):
+            devstack.stop(component)
+    assert result is not None
+    result["cleanup"] = cleaned
+    out = RESULTS / f"{stamp}.json"
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print()
+    print(markdown(result))
+    print(f"\nJSON: {out.relative_to(ROOT)}")
+    return 0
+
+
+async def _all_cuids(settings: Settings) -> list[str]:
+    """Every call id in this run's database (its own database: a full read is fine once)."""
+    client = mongo.open_client(settings)
+    try:
+        db = mongo.database(client, settings)
+        return [str(d["_id"]) async for d in db.calls.find({}, {"_id": 1})]
+    finally:
+        await client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,11 +3,14 @@
 Runs against the dev stack's servers (``make up`` or ``python -m tools.devstack servers-up``)
 with its own database and topic prefix, both removed afterwards:
 
-    .venv/bin/python bench/gateway/run.py [--workers N] [--duration S]
+    .venv/bin/python bench/gateway/run.py [--workers N [N ...]] [--duration S]
 
-For each target (bare handler; gateway with metrics; gateway without metrics) it runs
-wrk at concurrency 64 and 4 with ``submit.lua`` (every request a new call) and prints a
-Markdown table; raw wrk output goes to ``bench/results/``.
+For each target (bare handler; for each worker count the gateway with and without the
+metrics middleware, each on an empty database of its own; the bare handler again) it
+runs wrk at concurrency 64 and 4 with ``submit.lua`` (every request a new call) after
+a 3 s warm-up, and prints a Markdown table (ratios against the mean of the two bare
+runs, since the machine is shared and its load drifts) and the metrics middleware's
+cost; raw wrk output goes to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ async def cleanup(settings: Settings) -> int:
     client = mongo.open_client(settings)
     try:
         db = mongo.database(client, settings)
-        accepted = await db.calls.count_documents({"published": True})
+        accepted = await db.published_calls.count_documents({})
         await client.drop_database(settings.mongodb_database)
     finally:
         await client.close()
@@ -166,57 +169,78 @@ def row(result: dict[str, Any], bare_rps: float) -> str:
     )
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("GATEWAY_WORKERS", 1)))
-    parser.add_argument("--duration", type=int, default=15)
-    args = parser.parse_args()
+def measure_bare(label: str, duration: int, log: Path) -> dict[str, Any]:
+    port = free_port()
+    bare = start([PYTHON, str(HERE / "bare_server.py"), str(port)], {}, log.with_suffix(".bare.log"))
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/api/2022-03-01/calls.json", expect=405)
+        return measure(label, port, duration, log)
+    finally:
+        stop(bare)
+
+
+def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path) -> dict[str, Any]:
+    """One gateway target on a database and topics of its own (so every target starts empty)."""
     tag = uuid.uuid4().hex[:8]
     settings = Settings(mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    log = RESULTS / f"gateway-{time.strftime('%Y%m%dT%H%M%S')}-{tag}.log"
     asyncio.run(prepare(settings))
     env = {
         "MONGODB_DATABASE": settings.mongodb_database,
         "TOPIC_PREFIX": settings.topic_prefix,
-        "GATEWAY_WORKERS": str(args.workers),
+        "GATEWAY_WORKERS": str(workers),
     }
-    results = []
     try:
         port = free_port()
-        bare = start(
-            [PYTHON, str(HERE / "bare_server.py"), str(port)], {}, log.with_suffix(".bare.log")
-        )
+        cmd = [PYTHON, str(HERE / "serve_gateway.py")] + ([] if metrics_on else ["--no-metrics"])
+        gateway = start(cmd, {**env, "HTTP_PORT": str(port)}, log.with_suffix(".gateway.log"))
         try:
-            wait_ready(f"http://127.0.0.1:{port}/api/2022-03-01/calls.json", expect=405)
-            results.append(measure("bare aiohttp handler (1 process)", port, args.duration, log))
+            wait_ready(f"http://127.0.0.1:{port}/readyz")
+            label = f"gateway, {workers} worker(s), metrics {'on' if metrics_on else 'off'}"
+            result = measure(label, port, duration, log)
         finally:
-            stop(bare)
-        for metrics_on in (True, False):
-            port = free_port()
-            cmd = [PYTHON, str(HERE / "serve_gateway.py")] + (
-                [] if metrics_on else ["--no-metrics"]
-            )
-            gateway = start(cmd, {**env, "HTTP_PORT": str(port)}, log.with_suffix(".gateway.log"))
-            try:
-                wait_ready(f"http://127.0.0.1:{port}/readyz")
-                label = (
-                    f"gateway, {args.workers} worker(s), metrics {'on' if metrics_on else 'off'}"
-                )
-                results.append(measure(label, port, args.duration, log))
-            finally:
-                stop(gateway)
+            stop(gateway)
     finally:
-        published = asyncio.run(cleanup(settings))
-    bare_rps = results[0]["c64"]["rps"]
+        result_published = asyncio.run(cleanup(settings))
+    result["published"] = result_published
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[int(os.environ.get("GATEWAY_WORKERS", 1))],
+        help="gateway worker counts to measure (each with and without metrics)",
+    )
+    parser.add_argument("--duration", type=int, default=15)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    log = RESULTS / f"gateway-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.log"
+    # The bare handler runs first and last: the machine is shared, its load drifts.
+    results = [measure_bare("bare aiohttp handler (1 process), before", args.duration, log)]
+    for workers in args.workers:
+        for metrics_on in (True, False):
+            results.append(measure_gateway(workers, metrics_on, args.duration, log))
+    results.append(measure_bare("bare aiohttp handler (1 process), after", args.duration, log))
+    bare_rps = (results[0]["c64"]["rps"] + results[-1]["c64"]["rps"]) / 2
     lines = [
+        f"ratio = c=64 req/s / mean c=64 req/s of the two bare runs ({bare_rps:.0f})",
+        "",
         "| target | c=64 req/s | ratio to bare | c=64 p50 ms | c=64 p99 ms | c=4 req/s | "
         "c=4 p50 ms | c=4 p99 ms | non-2xx / socket errors |",
         "|---|---|---|---|---|---|---|---|---|",
         *(row(r, bare_rps) for r in results),
+        "",
     ]
+    gateways = [r for r in results if "published" in r]
+    for on, off in zip(gateways[::2], gateways[1::2], strict=True):
+        cost = 1 - on["c64"]["rps"] / off["c64"]["rps"]
+        lines.append(f"metrics middleware cost ({on['target']}): {cost:+.1%} of c=64 throughput")
+    requests = sum(r["c64"]["requests"] + r["c4"]["requests"] for r in gateways)
+    published = sum(r["published"] for r in gateways)
+    lines.append(f"gateway calls published (receipts) / measured requests: {published} / {requests} "
+                 f"(the published count includes the warm-up runs)")
     print("\n".join(lines))
-    print(f"\ncalls stored and published during the run: {published}; raw output: {log}")
+    print(f"raw output: {log}")
     (log.with_suffix(".json")).write_text(json.dumps(results, indent=2))
     return 0
 

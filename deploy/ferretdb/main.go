@@ -8,14 +8,18 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"flag"
+	"fmt"
 	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/FerretDB/FerretDB/ferretdb"
+	_ "modernc.org/sqlite" // the driver FerretDB's SQLite backend uses
 )
 
 func main() {
@@ -51,8 +55,65 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	go indexIDPaths(ctx, logger, dir)
+
 	if err := f.Run(ctx); err != nil && ctx.Err() == nil {
 		logger.Error("FerretDB stopped", "error", err)
 		os.Exit(1)
 	}
+}
+
+// indexIDPaths adds, to every collection table, an index on the exact expression
+// FerretDB 1.24's SQLite backend filters `_id` lookups with (`_ferretdb_sjson->'$._id'`).
+// The index FerretDB creates is on `_ferretdb_sjson->"_id"`, which SQLite's planner
+// does not match to that expression, so without this every find/update by _id scans
+// the whole table. The extra index changes no data and no semantics; it only lets
+// SQLite answer `_id` lookups from an index.
+func indexIDPaths(ctx context.Context, logger *slog.Logger, dir string) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Second):
+		}
+		files, _ := filepath.Glob(filepath.Join(dir, "*.sqlite"))
+		for _, file := range files {
+			if err := indexFile(ctx, file); err != nil {
+				logger.Debug("cannot index _id paths yet", "file", file, "error", err)
+			}
+		}
+	}
+}
+
+// indexFile creates the missing _id path indexes of one database file; it only reads the
+// schema when nothing is missing.
+func indexFile(ctx context.Context, file string) error {
+	db, err := sql.Open("sqlite", "file:"+file+"?_pragma=busy_timeout(5000)")
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	rows, err := db.QueryContext(ctx, `SELECT c.table_name FROM _ferretdb_collections c
+		WHERE NOT EXISTS (SELECT 1 FROM sqlite_master m
+		                  WHERE m.type = 'index' AND m.name = c.table_name || '__id_path')`)
+	if err != nil {
+		return err
+	}
+	var tables []string
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			rows.Close()
+			return err
+		}
+		tables = append(tables, name)
+	}
+	rows.Close()
+	for _, table := range tables {
+		q := fmt.Sprintf(`CREATE INDEX IF NOT EXISTS %q ON %q (_ferretdb_sjson->'$._id')`, table+"__id_path", table)
+		if _, err := db.ExecContext(ctx, q); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -42,7 +42,7 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.MONGO_CLIENT] = client
     app[keys.DB] = db
     app[keys.AUTHENTICATOR] = TokenAuthenticator(db, settings.auth_cache_seconds)
-    writer = CallWriter(db.calls)
+    writer = CallWriter(db)
     writer.start()
     app[keys.WRITER] = writer
     yield

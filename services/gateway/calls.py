@@ -9,8 +9,12 @@ derived from that key, and the first submission inserts the call; the
 unique keys (_id, and the index on network_id + external_call_unique_id)
 make a concurrent second insert fail as a duplicate, after which the stored
 call's content hash decides: same content -> 202 with the stored cuid, other
-content -> 409. A 201 or 202 is
-only given once the call's CallSubmitted event is acknowledged by Kafka.
+content -> 409. A 201 or 202 is only given once the call is stored and its
+CallSubmitted event is acknowledged by Kafka (and its receipt recorded).
+
+The path of a new call only inserts (the call, then its receipt), batched by
+the :class:`~services.gateway.writer.CallWriter`: on the dev store every
+read or update of ``calls`` costs a scan of the collection.
 """
 
 from __future__ import annotations
@@ -162,29 +166,23 @@ class CallService:
     async def _store_and_publish(self, call: NormalizedCall, campaign: Document | None) -> Submission:
         content_hash = call.content_hash
         doc = self._document(call, content_hash, campaign)
-        if not await self._writer.insert(doc):
-            existing = await self._calls.find_one(
-                {"_id": doc["_id"]}, {"content_hash": 1, "published": 1}
-            ) or await self._calls.find_one(
-                {
-                    "network_id": call.network_id,
-                    "external_call_unique_id": call.external_call_unique_id,
-                },
-                {"content_hash": 1, "published": 1},
-            )
-            if existing is None:  # the holder of the id vanished between insert and read
-                return await self._store_and_publish(call, campaign)
-            if existing.get("content_hash") != content_hash:
-                metrics.CALLS_SUBMITTED.labels("conflict").inc()
-                raise Conflict()
-            if not existing.get("published"):
-                await self._publisher.ensure_published(existing["_id"])
-            metrics.CALLS_SUBMITTED.labels("duplicate").inc()
-            return Submission(cuid=existing["_id"], created=False)
-        await self._publisher.publish_claimed(doc)
-        metrics.CALLS_SUBMITTED.labels("created").inc()
-        log.info("call accepted", extra={"cuid": doc["_id"], "network_id": call.network_id})
-        return Submission(cuid=doc["_id"], created=True)
+        if await self._writer.insert("calls", doc):
+            await self._publisher.publish_new(doc)
+            metrics.CALLS_SUBMITTED.labels("created").inc()
+            log.info("call accepted", extra={"cuid": doc["_id"], "network_id": call.network_id})
+            return Submission(cuid=doc["_id"], created=True)
+        # A resubmission (rare): reads of ``calls`` scan the collection on the dev store.
+        existing = await self._calls.find_one({"_id": doc["_id"]}) or await self._calls.find_one(
+            {"network_id": call.network_id, "external_call_unique_id": call.external_call_unique_id}
+        )
+        if existing is None:  # the holder of the id vanished between insert and read
+            return await self._store_and_publish(call, campaign)
+        if existing.get("content_hash") != content_hash:
+            metrics.CALLS_SUBMITTED.labels("conflict").inc()
+            raise Conflict()
+        await self._publisher.ensure_published(existing)
+        metrics.CALLS_SUBMITTED.labels("duplicate").inc()
+        return Submission(cuid=existing["_id"], created=False)
 
     def _document(self, call: NormalizedCall, content_hash: str, campaign: Document | None) -> Document:
         now = datetime.now(UTC)
@@ -197,15 +195,16 @@ class CallService:
             "advertiser_id": str(campaign["advertiser_id"]) if campaign is not None else None,
             "status": "received",
             "attempt": 1,
-            "published": False,
-            "publish_claim": self._publisher.new_claim(),
+            "published": False,  # publication is recorded as a receipt (see publisher.py)
             "created_at": now,
             "history": [{"stage": "gateway", "status": "received", "at": now}],
         }
 
     async def find(self, principal: Principal, cuid: str) -> Document | None:
         """The call ``cuid`` if the principal may see it (its network, its advertisers)."""
-        call = await self._calls.find_one({"_id": cuid, "network_id": principal.network_id})
-        if call is None or not principal.may_use(str(call.get("advertiser_id"))):
+        call = await self._calls.find_one({"_id": cuid})  # by _id alone (see writer.py)
+        if call is None or call.get("network_id") != principal.network_id:
+            return None
+        if not principal.may_use(str(call.get("advertiser_id"))):
             return None
         return call

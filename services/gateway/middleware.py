@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -42,11 +43,20 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         status = exc.status
         raise
     finally:
-        route = route_label(request)
-        metrics.HTTP_REQUESTS.labels(SERVICE, request.method, route, str(status)).inc()
-        metrics.HTTP_REQUEST_DURATION.labels(SERVICE, request.method, route).observe(
-            time.perf_counter() - started
-        )
+        key = (request.method, route_label(request), status)
+        children = _CHILDREN.get(key)
+        if children is None:
+            children = _CHILDREN[key] = (
+                metrics.HTTP_REQUESTS.labels(SERVICE, key[0], key[1], str(status)),
+                metrics.HTTP_REQUEST_DURATION.labels(SERVICE, key[0], key[1]),
+            )
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
+
+
+# Labelled metric children by (method, route template, status): a bounded set
+# (route templates, not paths), looked up once instead of on every request.
+_CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
 def error_response(error: ApiError) -> web.Response:

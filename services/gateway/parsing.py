@@ -8,6 +8,7 @@ field name (the caller prefixes it).
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
@@ -148,6 +149,13 @@ def normalize_phone_number(value: Any) -> str:
     text = str(value).strip()
     if not text or len(text) > MAX_PHONE_INPUT_LENGTH:
         raise FieldError("is not a valid phone number")
+    return _normalize_phone_text(text)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _normalize_phone_text(text: str) -> str:
+    """E.164 of a stripped, length-checked number (cached: the same numbers recur, e.g.
+    an advertiser's tracking numbers; a FieldError is not cached)."""
     try:
         number = phonenumbers.parse(text, None if text.startswith("+") else "US")
     except phonenumbers.NumberParseException:

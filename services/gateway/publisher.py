@@ -1,47 +1,97 @@
-"""Publishing CallSubmitted for stored calls, exactly once per call.
+"""Publishing CallSubmitted for stored calls, once per call.
 
-A call is stored with ``published: false`` and a publish claim
-(``publish_claim: {owner, until}``) held by the request that inserted it.
-Whoever holds an unexpired claim is the only one allowed to produce the
-event; on Kafka's acknowledgement it sets ``published: true``. A claim is
-taken atomically with ``find_one_and_update`` on an unpublished call whose
-claim is missing or expired, so concurrent resubmissions, several gateway
-workers and the background republisher never publish a call twice while a
-claim holder is alive. (A holder that dies mid-send can leave an event that
-is republished after the claim expires: same event id, consumers dedupe.)
+Publication is recorded as a *receipt*: a document ``{_id: cuid, at}`` in
+``published_calls``, inserted (batched, through the :class:`CallWriter`)
+after Kafka acknowledged the event: in the background for a new call (its
+201 waits for the store and Kafka, not for the receipt; a receipt that could
+not be written is retried by the republisher loop, and one lost with the
+process only costs a duplicate event with the same event id), awaited on
+the rarer paths (resubmission, republisher). A call is published when it has a
+receipt, or when its ``calls`` document says ``published: true`` (calls
+recorded by other services, and calls of before receipts). The gateway
+stores calls with ``published: false`` and never updates them: on the dev
+store (FerretDB on SQLite) every update of ``calls`` scans the collection,
+while inserts stay cheap. :func:`unpublished_cuids` is the one definition of
+"not yet published" (for tests and tools too).
+
+Who may publish (so that a call is published once while its publishers live):
+
+* the request that inserted the call holds an implicit claim for
+  :data:`CLAIM_SECONDS` from the call's ``created_at``; if its publication
+  fails it releases the claim by inserting an expired claim (generation 0);
+* anyone else (a resubmission, another worker, the background republisher)
+  must first take a claim: insert ``{_id: "<cuid>:<generation>", owner, until}``
+  into the small ``publish_claims`` collection, where the unique ``_id`` makes
+  exactly one taker win a generation; a generation whose claim expired is
+  skipped. After taking a claim the taker checks for a receipt again, so a
+  publication that finished meanwhile is not repeated.
+
+A holder that dies mid-send can leave an event that is republished after its
+claim expires: same event id (derived from cuid and attempt), consumers
+dedupe.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from callingest import events, metrics
 from callingest.kafka import Producer, PublishError
 from callingest.logging import get_logger
 from callingest.topics import Topics
-from services.gateway.writer import CallWriter
+from services.gateway.writer import CallWriter, WriterStopped, retry_busy
 
 log = get_logger(__name__)
 
 Document = dict[str, Any]
 
+RECEIPTS = "published_calls"
+CLAIMS = "publish_claims"
 PUBLISH_TIMEOUT_SECONDS = 5.0
 CLAIM_SECONDS = 15.0
 PRODUCER_RESTART_INTERVAL_SECONDS = 1.0
 FULL_SCAN_SECONDS = 60.0
+MAX_CLAIM_GENERATIONS = 10_000
+RECENT_MAX = 50_000  # cuids whose event this process saw acknowledged
+EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 class KafkaUnavailable(Exception):
     """The event could not be acknowledged now; the call stays unpublished."""
+
+
+async def unpublished_cuids(
+    db: AsyncDatabase[Document], older_than: datetime | None = None
+) -> list[Document]:
+    """``{_id, created_at}`` of every stored call that is not published yet.
+
+    Reads ``calls`` and ``published_calls`` whole: call it rarely on the dev store.
+    """
+    receipts = {doc["_id"] async for doc in db[RECEIPTS].find({}, {"_id": 1})}
+    pending = []
+    async for doc in db.calls.find({"published": False}, {"_id": 1, "created_at": 1}):
+        if doc["_id"] in receipts:
+            continue
+        if older_than is not None and _aware(doc.get("created_at")) >= older_than:
+            continue
+        pending.append(doc)
+    return pending
+
+
+def _aware(value: Any) -> datetime:
+    if not isinstance(value, datetime):
+        return EPOCH
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 class LazyProducer:
@@ -90,7 +140,7 @@ class LazyProducer:
 
 
 class CallPublisher:
-    """Claims unpublished calls and produces their CallSubmitted event."""
+    """Produces the CallSubmitted event of stored calls and records their receipts."""
 
     def __init__(
         self,
@@ -99,34 +149,41 @@ class CallPublisher:
         producer: LazyProducer,
         topics: Topics,
     ) -> None:
+        self._db = db
         self._calls = db.calls
+        self._receipts = db[RECEIPTS]
+        self._claims = db[CLAIMS]
         self._writer = writer
         self._producer = producer
         self._topics = topics
         self.owner = uuid.uuid4().hex
         self._in_flight: dict[str, asyncio.Future[None]] = {}
         self._failed: set[str] = set()
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._unwritten_receipts: dict[str, Document] = {}
 
-    def new_claim(self) -> dict[str, Any]:
-        """The claim a freshly inserted call carries: held by this publisher."""
-        return {"owner": self.owner, "until": datetime.now(UTC) + timedelta(seconds=CLAIM_SECONDS)}
+    async def publish_new(self, call: Document) -> None:
+        """Publish a call this process just inserted (its implicit claim).
 
-    async def publish_claimed(self, call: Document) -> None:
-        """Produce the event of ``call`` (claimed by us), then mark it published.
+        Raises :class:`KafkaUnavailable` (claim released, call unpublished)
+        if Kafka does not acknowledge in time.
+        """
+        await self._publish(call, claim_id=None)
 
-        Raises :class:`KafkaUnavailable` (claim released, call unpublished) if
-        Kafka does not acknowledge in time. Requests of this process waiting
-        for the same call share the outcome.
+    async def _publish(self, call: Document, claim_id: str | None) -> None:
+        """Produce the event of ``call`` (we hold its claim), then insert its receipt.
+
+        Requests of this process waiting for the same call share the outcome.
         """
         cuid = call["_id"]
         pending = self._in_flight.get(cuid)
-        if pending is not None:  # this process is already publishing it (an expired claim)
+        if pending is not None:  # this process is already publishing it
             await asyncio.shield(pending)
             return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[cuid] = done
         try:
-            await self._send(call)
+            await self._send(call, claim_id)
         except BaseException as exc:
             done.set_exception(KafkaUnavailable(f"publication failed: {type(exc).__name__}"))
             done.exception()  # waiters are optional: never warn about an unretrieved exception
@@ -137,7 +194,7 @@ class CallPublisher:
             if self._in_flight.get(cuid) is done:
                 del self._in_flight[cuid]
 
-    async def _send(self, call: Document) -> None:
+    async def _send(self, call: Document, claim_id: str | None) -> None:
         cuid = call["_id"]
         try:
             producer = await self._producer.get()
@@ -149,20 +206,107 @@ class CallPublisher:
                 timeout=PUBLISH_TIMEOUT_SECONDS,
             )
         except (PublishError, KafkaUnavailable) as exc:
-            await self._calls.update_one(
-                {"_id": cuid, "publish_claim.owner": self.owner}, {"$unset": {"publish_claim": ""}}
-            )
             self._failed.add(cuid)
+            with contextlib.suppress(PyMongoError):
+                await self._release(cuid, claim_id)
             raise KafkaUnavailable(str(exc)) from None
-        await self._writer.mark_published(cuid)
+        receipt = {"_id": cuid, "at": datetime.now(UTC)}
+        self._remember(cuid)
+        if claim_id is None and cuid not in self._failed:
+            # A new call: its receipt is written in the background, batched with others
+            # (the event is acknowledged; a lost receipt only means a duplicate event later).
+            self._write_receipt_later(receipt)
+            return
+        await self._writer.insert(RECEIPTS, receipt)
         self._failed.discard(cuid)
+        with contextlib.suppress(PyMongoError):  # after the receipt, claims are moot
+            await retry_busy(lambda: self._claims.delete_many({"cuid": cuid}))
 
-    async def ensure_published(self, cuid: str, deadline_seconds: float = CLAIM_SECONDS) -> None:
-        """Return once the call's event is acknowledged, publishing it ourselves if nobody is.
+    def _remember(self, cuid: str) -> None:
+        """Note that this process saw the event of ``cuid`` acknowledged (bounded memory)."""
+        self._recent[cuid] = None
+        if len(self._recent) > RECENT_MAX:
+            self._recent.popitem(last=False)
+
+    def _write_receipt_later(self, receipt: Document) -> None:
+        def written(future: asyncio.Future[bool]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                self._unwritten_receipts[receipt["_id"]] = receipt
+                log.warning("receipt not written yet", extra={"cuid": receipt["_id"]})
+
+        try:
+            self._writer.enqueue(RECEIPTS, receipt, background=True).add_done_callback(written)
+        except WriterStopped:  # shutdown: the republisher loop or the next start writes it
+            self._unwritten_receipts[receipt["_id"]] = receipt
+
+    async def _release(self, cuid: str, claim_id: str | None) -> None:
+        """Give up our claim so that a resubmission may publish at once."""
+        if claim_id is None:  # the implicit claim of the inserter: mark generation 0 expired
+            with contextlib.suppress(DuplicateKeyError):
+                await retry_busy(
+                    lambda: self._claims.insert_one(
+                        {"_id": f"{cuid}:0", "cuid": cuid, "owner": self.owner, "until": EPOCH}
+                    )
+                )
+        else:
+            await retry_busy(lambda: self._claims.update_one({"_id": claim_id}, {"$set": {"until": EPOCH}}))
+
+    async def is_published(self, call: Document) -> bool:
+        """True if the call has a receipt (or its document says it is published)."""
+        if call.get("published") or call["_id"] in self._recent:
+            return True
+        return await self._receipts.find_one({"_id": call["_id"]}, {"_id": 1}) is not None
+
+    async def claim(self, call: Document) -> str | None:
+        """Take the publish claim of ``call``: its claim id, or None if someone holds it."""
+        cuid = call["_id"]
+        for generation in range(MAX_CLAIM_GENERATIONS):
+            claim_id = f"{cuid}:{generation}"
+            now = datetime.now(UTC)
+            held = await self._claims.find_one({"_id": claim_id})
+            if held is not None:
+                if _aware(held.get("until")) > now:
+                    return None
+                continue  # expired or released: the next generation is free to take
+            if generation == 0 and _aware(call.get("created_at")) + timedelta(seconds=CLAIM_SECONDS) > now:
+                return None  # the inserting request is still publishing it
+            claim = {
+                "_id": claim_id,
+                "cuid": cuid,
+                "owner": self.owner,
+                "until": now + timedelta(seconds=CLAIM_SECONDS),
+            }
+            try:
+                await retry_busy(functools.partial(self._claims.insert_one, claim))
+            except DuplicateKeyError:
+                return None  # another taker won this generation
+            return claim_id
+        return None
+
+    async def _publish_if_unpublished(self, call: Document) -> bool:
+        """Claim and publish ``call`` unless published or claimed; True if we published it."""
+        claim_id = await self.claim(call)
+        if claim_id is None:
+            return False
+        if await self.is_published(call):  # finished while we were taking the claim
+            with contextlib.suppress(PyMongoError):
+                await retry_busy(lambda: self._claims.delete_one({"_id": claim_id}))
+            return False
+        if "recording_url" not in call:  # a projection: the event needs the whole call
+            full = await self._calls.find_one({"_id": call["_id"]})
+            if full is None:
+                return False
+            call = full
+        await self._publish(call, claim_id)
+        return True
+
+    async def ensure_published(self, call: Document, deadline_seconds: float = CLAIM_SECONDS) -> None:
+        """Return once the stored ``call``'s event is acknowledged, publishing it if nobody is.
 
         Raises :class:`KafkaUnavailable` if that does not happen within
         ``deadline_seconds`` or our own attempt fails.
         """
+        cuid = call["_id"]
         deadline = time.monotonic() + deadline_seconds
         while True:
             pending = self._in_flight.get(cuid)
@@ -172,61 +316,50 @@ class CallPublisher:
                 except TimeoutError:
                     raise KafkaUnavailable("the call is being published by another request") from None
                 return
-            claimed = await self.claim(cuid)
-            if claimed is not None:
-                await self.publish_claimed(claimed)
+            if await self.is_published(call):
                 return
-            current = await self._calls.find_one({"_id": cuid}, {"published": 1})
-            if current is None or current.get("published"):
+            if await self._publish_if_unpublished(call):
                 return
             if time.monotonic() > deadline:
                 raise KafkaUnavailable("the call is being published by another request")
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
 
-    async def claim(self, cuid: str | None = None, older_than: datetime | None = None) -> Document | None:
-        """Atomically take the publish claim of an unpublished call (``cuid``, or any older one)."""
-        now = datetime.now(UTC)
-        query: Document = {
-            "published": False,
-            "$or": [{"publish_claim": None}, {"publish_claim.until": {"$lt": now}}],
-        }
-        if cuid is not None:
-            query["_id"] = cuid
-        if older_than is not None:
-            query["created_at"] = {"$lt": older_than}
-        return await self._calls.find_one_and_update(
-            query,
-            {"$set": {"publish_claim": self.new_claim()}},
-            return_document=ReturnDocument.AFTER,
-        )
-
-    async def republish_pending(self, older_than_seconds: float, limit: int = 100) -> int:
+    async def republish_pending(self, older_than_seconds: float, limit: int = 1000) -> int:
         """Publish calls left unpublished for ``older_than_seconds``; returns how many.
 
-        Sets the unpublished-calls gauge: 0 when none is left, the remaining
-        count when ``limit`` was reached.
+        Reads ``calls`` and the receipts whole (see :func:`unpublished_cuids`).
+        Sets the unpublished-calls gauge to what is left.
         """
-        published = 0
+        await self._producer.get()  # no claims are taken while Kafka is known to be down
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
-        while published < limit:
-            call = await self.claim(older_than=cutoff)
-            if call is None:
-                metrics.UNPUBLISHED_CALLS.set(0)
-                return published
-            await self.publish_claimed(call)
-            published += 1
-            log.info("republished unpublished call", extra={"cuid": call["_id"]})
-        metrics.UNPUBLISHED_CALLS.set(await self._calls.count_documents({"published": False}))
+        candidates = await unpublished_cuids(self._db, older_than=cutoff)
+        published = 0
+        candidates = [c for c in candidates if c["_id"] not in self._recent]
+        for call in candidates[:limit]:
+            if call["_id"] in self._in_flight:
+                continue
+            if await self._publish_if_unpublished(call):
+                published += 1
+                log.info("republished unpublished call", extra={"cuid": call["_id"]})
+        metrics.UNPUBLISHED_CALLS.set(len(candidates) - published)
         return published
 
     async def retry_failed(self) -> int:
-        """Publish the calls whose publication failed in this process (cheap: by ``_id``)."""
+        """Publish the calls whose publication failed in this process (and write the
+        receipts that could not be written)."""
+        for cuid, receipt in list(self._unwritten_receipts.items()):
+            await self._writer.insert(RECEIPTS, receipt)
+            del self._unwritten_receipts[cuid]
+        if not self._failed:
+            return 0
+        await self._producer.get()  # no claims are taken while Kafka is known to be down
         published = 0
         for cuid in list(self._failed):
-            call = await self.claim(cuid)
-            self._failed.discard(cuid)
-            if call is not None:
-                await self.publish_claimed(call)
+            call = await self._calls.find_one({"_id": cuid})
+            if call is None or await self.is_published(call):
+                self._failed.discard(cuid)
+                continue
+            if await self._publish_if_unpublished(call):
                 published += 1
                 log.info("republished unpublished call", extra={"cuid": cuid})
         return published
@@ -235,7 +368,7 @@ class CallPublisher:
         """Forever (never raises): every ``interval_seconds`` retry this process's failed
         publications; at start and every ``FULL_SCAN_SECONDS`` scan for any unpublished call
         (those of a crashed or stopped gateway). Scans are rare because on the dev store
-        (FerretDB on SQLite) a non-``_id`` query reads the whole collection.
+        (FerretDB on SQLite) every query reads the whole collection.
         """
         next_scan = time.monotonic() + older_than_seconds  # calls of before our start are due
         while True:

@@ -34,9 +34,21 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names the same key twice (ambiguous: parsers disagree on which wins)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise DuplicateKey("duplicate key")
+    return obj
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object: 415 for a non-JSON content type, 413 over 1 MiB,
-    403 RecordInvalid when unparseable or not an object. An empty body is ``{}``."""
+    403 RecordInvalid when unparseable, not an object, or naming a key twice in an object.
+    An empty body is ``{}``."""
     if hdrs.CONTENT_TYPE in request.headers:
         ctype = request.content_type
         if ctype != "application/json" and not ctype.endswith("+json"):
@@ -47,7 +59,9 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except DuplicateKey:
+        raise RecordInvalid(["the request body has an object with a duplicate key"]) from None
     except (ValueError, RecursionError):
         raise RecordInvalid(["the request body is not valid JSON"]) from None
     if not isinstance(body, dict):

@@ -1,10 +1,19 @@
-"""One writer task per process for the hot-path writes to ``calls``.
+"""One writer task per process for the hot-path writes: batched inserts.
 
-The dev and test store (FerretDB on SQLite) serializes writes per database
-and degrades sharply when several connections write at once (SQLite's busy
-handler backs off in steps of up to 100 ms). So concurrent requests do not
-write themselves: they queue their insert or "published" mark here and one
-task applies them, inserts grouped into one ``insert_many(ordered=False)``.
+The dev and test store (FerretDB 1.24 on SQLite) makes every read, update
+and delete of a collection cost a scan of that collection: its ``_id``
+"pushdown" (``_ferretdb_sjson->'$._id' = ?``) does not match the expression
+of the ``_id`` index (``_ferretdb_sjson->"_id"``), so SQLite scans, and any
+other filter is applied in Go to every document. Only inserts stay cheap
+(the unique indexes are real SQLite indexes). SQLite also serializes
+writers per database and answers ``database is locked`` (SQLITE_BUSY) to a
+writer that waits too long.
+
+So the request path only *inserts*, and concurrent requests do not write
+themselves: they queue their documents here and one task applies them,
+grouped per collection into one ``insert_many(ordered=False)`` each. A
+busy database is retried briefly (:data:`BUSY_RETRY_DELAYS`); after that
+the error reaches the caller (the gateway answers 503 with Retry-After).
 On MongoDB proper this costs nothing and saves round trips.
 """
 
@@ -12,103 +21,184 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import BulkWriteError
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
 Document = dict[str, Any]
+T = TypeVar("T")
 DUPLICATE_KEY = 11000
 MAX_BATCH = 256
+# Pauses before each retry of a write refused because the SQLite database is locked.
+BUSY_RETRY_DELAYS = (0.01, 0.03, 0.1, 0.2, 0.4)
+
+
+class WriterStopped(PyMongoError):
+    """The writer is not running (the process is stopping): the store cannot take writes now."""
+
+
+def is_busy(error: Any) -> bool:
+    """True for the store's "database is locked" refusal (an exception or a write error)."""
+    if isinstance(error, OperationFailure) and not isinstance(error, BulkWriteError):
+        message = str(error.details.get("errmsg", "")) if error.details else str(error)
+        message = message or str(error)
+    elif isinstance(error, dict):
+        message = str(error.get("errmsg", ""))
+    else:
+        return False
+    return "database is locked" in message or "SQLITE_BUSY" in message
+
+
+async def retry_busy(operation: Callable[[], Awaitable[T]]) -> T:
+    """Run ``operation``, retrying it while the store answers "database is locked" (bounded)."""
+    for delay in BUSY_RETRY_DELAYS:
+        try:
+            return await operation()
+        except OperationFailure as exc:
+            if not is_busy(exc):
+                raise
+        await asyncio.sleep(delay)
+    return await operation()
+
+
+BACKGROUND_MAX_DELAY_SECONDS = 0.25
 
 
 @dataclass
 class _Op:
-    kind: str  # "insert" or "published"
-    payload: Any
+    collection: str
+    doc: Document
+    background: bool = False
     done: asyncio.Future[bool] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
 class CallWriter:
-    """Queue of call inserts and published marks, applied by one background task."""
+    """Queue of inserts into the database's collections, applied in batches by one task."""
 
-    def __init__(self, calls: AsyncCollection[Document]) -> None:
-        self._calls = calls
+    def __init__(self, db: AsyncDatabase[Document]) -> None:
+        self._db = db
         self._queue: asyncio.Queue[_Op] = asyncio.Queue()
+        self._background: list[_Op] = []
+        self._background_since = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
+    async def stop(self, drain_seconds: float = 5.0) -> None:
+        """Apply what is queued (for at most ``drain_seconds``), then stop the task."""
         if self._task is not None:
+            deadline = asyncio.get_running_loop().time() + drain_seconds
+            while (not self._queue.empty() or self._background) and not self._task.done():
+                if asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.01)
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def insert(self, doc: Document) -> bool:
-        """Insert ``doc``: True if inserted, False if a unique key already exists.
+    async def insert(self, collection: str, doc: Document) -> bool:
+        """Insert ``doc`` into ``collection``: True if inserted, False if a unique key exists.
 
-        Other database errors propagate (PyMongoError).
+        Other database errors propagate (PyMongoError), after the bounded
+        retries of a locked database.
         """
-        return await self._submit(_Op("insert", doc))
+        return await asyncio.shield(self.enqueue(collection, doc))
 
-    async def mark_published(self, cuid: str) -> None:
-        """Set ``published: true`` and drop the publish claim of call ``cuid``."""
-        await self._submit(_Op("published", cuid))
+    def enqueue(self, collection: str, doc: Document, *, background: bool = False) -> asyncio.Future[bool]:
+        """Queue the insert of ``doc``; the future is :meth:`insert`'s outcome.
 
-    async def _submit(self, op: _Op) -> bool:
+        ``background`` inserts nobody waits for are held back while other
+        inserts are queued (at most :data:`BACKGROUND_MAX_DELAY_SECONDS` or
+        :data:`MAX_BATCH` documents), so they do not add a commit to the
+        path of the requests waiting for theirs.
+        """
         if self._task is None or self._task.done():
-            raise RuntimeError("CallWriter is not running")
+            raise WriterStopped("the call writer is not running")
+        op = _Op(collection, doc, background)
         self._queue.put_nowait(op)
-        return await asyncio.shield(op.done)
+        return op.done
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
+            if self._queue.empty() and self._background:  # idle: write what was held back
+                await self._write(self._background)
+                self._background = []
+                continue
             batch = [await self._queue.get()]
             while len(batch) < MAX_BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            inserts = [op for op in batch if op.kind == "insert"]
-            marks = [op for op in batch if op.kind == "published"]
-            if inserts:
-                await self._insert_many(inserts)
-            for op in marks:
-                await self._apply(op, self._mark(op.payload))
+            urgent = [op for op in batch if not op.background]
+            held = [op for op in batch if op.background]
+            if held and not self._background:
+                self._background_since = loop.time()
+            self._background.extend(held)
+            await self._write(urgent)
+            if self._background and (
+                len(self._background) >= MAX_BATCH
+                or loop.time() - self._background_since > BACKGROUND_MAX_DELAY_SECONDS
+            ):
+                await self._write(self._background)
+                self._background = []
 
-    async def _insert_many(self, ops: list[_Op]) -> None:
-        duplicates: set[int] = set()
+    async def _write(self, batch: list[_Op]) -> None:
+        groups: dict[str, list[_Op]] = {}
+        for op in batch:
+            groups.setdefault(op.collection, []).append(op)
+        for collection, ops in groups.items():
+            await self._insert_many(collection, ops)
+
+    async def _insert_many(self, collection: str, ops: list[_Op]) -> None:
+        pending = ops
+        for delay in (*BUSY_RETRY_DELAYS, None):
+            pending = await self._attempt(collection, pending, final=delay is None)
+            if not pending or delay is None:
+                return
+            await asyncio.sleep(delay)
+
+    async def _attempt(self, collection: str, ops: list[_Op], final: bool) -> list[_Op]:
+        """One ``insert_many``; settles every op except those refused as busy (returned)."""
+        retry: list[_Op] = []
         try:
-            await self._calls.insert_many([op.payload for op in ops], ordered=False)
+            await self._db[collection].insert_many([op.doc for op in ops], ordered=False)
         except BulkWriteError as exc:
             failed: dict[int, Any] = {e["index"]: e for e in exc.details.get("writeErrors", [])}
-            for index, error in failed.items():
-                if error.get("code") == DUPLICATE_KEY:
-                    duplicates.add(index)
+            for index, op in enumerate(ops):
+                error = failed.get(index)
+                if error is None:
+                    _settle(op, True)
+                elif error.get("code") == DUPLICATE_KEY:
+                    _settle(op, False)
+                elif is_busy(error) and not final:
+                    retry.append(op)
                 else:
-                    _settle(ops[index], exc)
+                    _fail(op, exc)
+            return retry
+        except OperationFailure as exc:
+            if is_busy(exc) and not final:
+                return ops
+            for op in ops:
+                _fail(op, exc)
+            return []
         except Exception as exc:  # the store is unavailable: every caller gets the error
             for op in ops:
-                _settle(op, exc)
-            return
-        for index, op in enumerate(ops):
-            if not op.done.done():
-                op.done.set_result(index not in duplicates)
-
-    async def _mark(self, cuid: str) -> bool:
-        await self._calls.update_one(
-            {"_id": cuid}, {"$set": {"published": True}, "$unset": {"publish_claim": ""}}
-        )
-        return True
-
-    async def _apply(self, op: _Op, work: Any) -> None:
-        try:
-            op.done.set_result(await work)
-        except Exception as exc:
-            _settle(op, exc)
+                _fail(op, exc)
+            return []
+        for op in ops:
+            _settle(op, True)
+        return []
 
 
-def _settle(op: _Op, exc: BaseException) -> None:
+def _settle(op: _Op, inserted: bool) -> None:
+    if not op.done.done():
+        op.done.set_result(inserted)
+
+
+def _fail(op: _Op, exc: BaseException) -> None:
     if not op.done.done():
         op.done.set_exception(exc)
         op.done.exception()  # the caller may have gone away: never warn about it

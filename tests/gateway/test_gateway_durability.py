@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from callingest import avro, events
 from callingest.settings import Settings
+from services.gateway.publisher import unpublished_cuids
 from tests.conftest import free_port
 from tests.gateway.conftest import EventReader, poll, start_client
 from tests.gateway.test_gateway_api import call_body, get_call, post
@@ -43,6 +44,7 @@ async def submit_while_kafka_is_down(
         {"external_call_unique_id": body["call"]["external_call_unique_id"]}
     )
     assert stored is not None and stored["published"] is False
+    assert stored["_id"] in {c["_id"] for c in await unpublished_cuids(db)}
     return stored
 
 
@@ -58,7 +60,8 @@ async def test_resubmission_publishes_a_call_accepted_while_kafka_was_down(
     try:
         status, answer = await post(up, body)
         assert (status, answer) == (202, {"cuid": stored["_id"]})
-        assert (await configured_db.calls.find_one({"_id": stored["_id"]}))["published"] is True
+        assert await configured_db.published_calls.find_one({"_id": stored["_id"]}) is not None
+        assert await unpublished_cuids(configured_db) == []
         status, answer = await post(up, body)
         assert status == 202
         assert (await get_call(up, stored["_id"]))[1]["status"] == "received"
@@ -82,7 +85,7 @@ async def test_republisher_publishes_unpublished_calls_once(
     try:
 
         async def all_published() -> bool:
-            return await configured_db.calls.count_documents({"published": False}) == 0
+            return await unpublished_cuids(configured_db) == []
 
         await poll(all_published, patience=20.0)
     finally:

@@ -29,20 +29,42 @@ class Producer:
 
     def __init__(self, bootstrap_servers: str, service: str, request_timeout_ms: int = 10000) -> None:
         self.service = service
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap_servers,
-            acks="all",
-            enable_idempotence=True,
-            linger_ms=2,
-            request_timeout_ms=request_timeout_ms,
-            retry_backoff_ms=200,
-            client_id=f"callingest-{service}",
-        )
+        self._options = {
+            "bootstrap_servers": bootstrap_servers,
+            "acks": "all",
+            "enable_idempotence": True,
+            "linger_ms": 2,
+            "request_timeout_ms": request_timeout_ms,
+            "retry_backoff_ms": 200,
+            "client_id": f"callingest-{service}",
+        }
+        self._producer = AIOKafkaProducer(**self._options)
         self._started = False
+        self._restart_lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self._producer.start()
         self._started = True
+
+    def _sender_dead(self) -> bool:
+        """True once aiokafka's sender task has died (e.g. OutOfOrderSequenceNumber after a
+        broker restart): from then on every send fails, so the producer must be rebuilt."""
+        sender = getattr(self._producer, "_sender", None)
+        task = getattr(sender, "sender_task", None)
+        return task is not None and task.done()
+
+    async def _restart(self) -> None:
+        """Replace a producer whose sender died with a fresh one (new idempotence epoch)."""
+        async with self._restart_lock:
+            if not self._sender_dead():
+                return
+            old = self._producer
+            self._producer = AIOKafkaProducer(**self._options)
+            try:
+                await old.stop()
+            except Exception:  # the old producer is broken; nothing to save
+                pass
+            await self._producer.start()
 
     async def stop(self) -> None:
         if self._started:
@@ -51,7 +73,8 @@ class Producer:
 
     @property
     def started(self) -> bool:
-        return self._started
+        """Started and able to send (readiness): False while the sender is dead."""
+        return self._started and not self._sender_dead()
 
     async def send(
         self,
@@ -78,6 +101,12 @@ class Producer:
         timeout: float | None = None,
     ) -> None:
         """Publish already-encoded bytes; same acknowledgement contract as :meth:`send`."""
+        if self._started and self._sender_dead():
+            try:
+                await self._restart()
+            except KafkaError as exc:
+                metrics.EVENTS_PRODUCED.labels(self.service, topic, "error").inc()
+                raise PublishError(f"Kafka producer restart failed: {type(exc).__name__}") from exc
         try:
             fut = await self._producer.send(topic, value=value, key=key.encode(), headers=list(headers))
             if timeout is None:

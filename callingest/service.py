@@ -32,7 +32,7 @@ def port_of(service: str, settings: Settings) -> int:
 
 
 async def prepare_infrastructure(settings: Settings) -> None:
-    """Create every topic and index the platform needs; idempotent (``callingest admin init``)."""
+    """Create every topic, index and the bucket the platform needs; idempotent."""
     topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
     await ensure_topics(settings.kafka_bootstrap_servers, topics.all(),
                         settings.topic_partitions, settings.topic_replication_factor)
@@ -41,6 +41,10 @@ async def prepare_infrastructure(settings: Settings) -> None:
         await mongo.ensure_indexes(mongo.database(client, settings))
     finally:
         await client.close()
+    from callingest import s3
+
+    async with s3.s3_client(settings) as s3c:
+        await s3.ensure_bucket(s3c, settings.s3_bucket)
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ from callingest.logging import get_logger
 from callingest.settings import Settings
 from callingest.topics import Topics
 from services.gateway import keys
-from services.gateway.auth import TokenAuthenticator
+from services.gateway.auth import FailureThrottle, TokenAuthenticator
 from services.gateway.calls import CallService, ConfigCache
 from services.gateway.middleware import error_middleware, metrics_middleware
 from services.gateway.openapi import build_openapi
@@ -42,6 +42,8 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.MONGO_CLIENT] = client
     app[keys.DB] = db
     app[keys.AUTHENTICATOR] = TokenAuthenticator(db, settings.auth_cache_seconds)
+    app[keys.AUTH_THROTTLE] = FailureThrottle(settings.auth_failure_threshold,
+                                              settings.auth_failure_window_seconds)
     writer = CallWriter(db)
     writer.start()
     app[keys.WRITER] = writer

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import time
+from collections import deque
 from typing import Any
 
 from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.gateway.domain import Principal
-from services.gateway.errors import NotAuthorized
+from services.gateway.errors import NotAuthorized, TooManyRequests
 
 _TOKEN_HEADER = re.compile(r'Token\s+token="?(?P<token>[^"\s,]+)"?', re.IGNORECASE)
 _BEARER_HEADER = re.compile(r"Bearer\s+(?P<token>\S+)", re.IGNORECASE)
@@ -79,3 +81,44 @@ class TokenAuthenticator:
             network_id=str(doc["network_id"]),
             advertisers=None if advertisers is None else frozenset(str(a) for a in advertisers),
         )
+
+
+class FailureThrottle:
+    """Token guessing defence: after ``threshold`` failed tokens from one source address within
+    ``window`` seconds, that address gets 429 until the oldest failure leaves the window.
+
+    Per process, in memory, bounded: at most ``MAX_CACHE_ENTRIES`` addresses are tracked.
+    Other addresses are unaffected.
+    """
+
+    def __init__(self, threshold: int, window: float) -> None:
+        self.threshold = threshold
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def _recent(self, address: str, now: float) -> deque[float] | None:
+        failures = self._failures.get(address)
+        if failures is None:
+            return None
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if not failures:
+            del self._failures[address]
+            return None
+        return failures
+
+    def check(self, address: str) -> None:
+        """Raise :class:`TooManyRequests` if ``address`` is over the threshold."""
+        now = time.monotonic()
+        failures = self._recent(address, now)
+        if failures is not None and len(failures) >= self.threshold:
+            raise TooManyRequests(max(1, math.ceil(failures[0] + self.window - now)))
+
+    def record_failure(self, address: str) -> None:
+        now = time.monotonic()
+        failures = self._recent(address, now)
+        if failures is None:
+            if len(self._failures) >= MAX_CACHE_ENTRIES:
+                self._failures.pop(next(iter(self._failures)))
+            failures = self._failures[address] = deque()
+        failures.append(now)

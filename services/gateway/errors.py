@@ -123,6 +123,18 @@ class UnsupportedMediaType(ApiError):
     error_class = "UnsupportedMediaType"
 
 
+class TooManyRequests(ApiError):
+    """429: too many failed tokens from this address; retry after ``retry_after`` seconds."""
+
+    status = 429
+    error_class = "TooManyRequests"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("Too many requests with an invalid oauth token from this address; "
+                         f"retry after {retry_after} seconds.")
+        self.retry_after = retry_after
+
+
 class ServiceUnavailable(ApiError):
     """503: Kafka or MongoDB cannot take the call now; retry after ``retry_after`` seconds."""
 

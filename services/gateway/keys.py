@@ -9,7 +9,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest.settings import Settings
-from services.gateway.auth import TokenAuthenticator
+from services.gateway.auth import FailureThrottle, TokenAuthenticator
 from services.gateway.calls import CallService
 from services.gateway.publisher import CallPublisher, LazyProducer
 from services.gateway.writer import CallWriter
@@ -21,6 +21,7 @@ WRITER = web.AppKey("writer", CallWriter)
 PRODUCER = web.AppKey("producer", LazyProducer)
 PUBLISHER = web.AppKey("publisher", CallPublisher)
 AUTHENTICATOR = web.AppKey("authenticator", TokenAuthenticator)
+AUTH_THROTTLE = web.AppKey("auth_throttle", FailureThrottle)
 CALL_SERVICE = web.AppKey("call_service", CallService)
 S3_CLIENT: web.AppKey[Any] = web.AppKey("s3_client")  # aiobotocore generates its class
 OPENAPI = web.AppKey("openapi", dict)

@@ -17,6 +17,7 @@ from services.gateway.errors import (
     NotFound,
     PayloadTooLarge,
     ServiceUnavailable,
+    TooManyRequests,
 )
 
 log = get_logger(__name__)
@@ -60,9 +61,9 @@ _CHILDREN: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
 def error_response(error: ApiError) -> web.Response:
-    """The errors body with the error's status (and Retry-After for 503)."""
+    """The errors body with the error's status (and Retry-After for 429 and 503)."""
     response = web.json_response(error.body(), status=error.status)
-    if isinstance(error, ServiceUnavailable):
+    if isinstance(error, ServiceUnavailable | TooManyRequests):
         response.headers["Retry-After"] = str(error.retry_after)
     return response
 

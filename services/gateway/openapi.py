@@ -19,6 +19,7 @@ _ERROR_STATUSES = {
     "409": "external_call_unique_id already used with other content",
     "413": "Body larger than 1 MiB",
     "415": "Body not application/json",
+    "429": "Too many invalid tokens from this address; retry after the Retry-After seconds",
     "503": "Kafka or MongoDB unavailable; retry after the Retry-After seconds",
 }
 
@@ -53,7 +54,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                 "description": "Call already received (same content)",
                 "content": _json("CallCreated"),
             },
-            **_errors("400", "401", "403", "409", "413", "415", "503"),
+            **_errors("400", "401", "403", "409", "413", "415", "429", "503"),
         },
     }
     cuid = {"name": "cuid", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -81,7 +82,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                     "parameters": [cuid],
                     "responses": {
                         "200": {"description": "The call", "content": _json("CallView")},
-                        **_errors("401", "403", "404"),
+                        **_errors("401", "403", "404", "429"),
                     },
                 }
             },
@@ -95,7 +96,7 @@ def build_openapi(server_url: str) -> dict[str, Any]:
                             "description": "WAV",
                             "content": {"audio/wav": {"schema": {"type": "string", "format": "binary"}}},
                         },
-                        **_errors("401", "403", "404"),
+                        **_errors("401", "403", "404", "429"),
                     },
                 }
             },

@@ -122,6 +122,10 @@ class LazyProducer:
             if time.monotonic() - self._last_attempt < PRODUCER_RESTART_INTERVAL_SECONDS:
                 raise KafkaUnavailable("Kafka is unavailable")
             self._last_attempt = time.monotonic()
+            if self._producer is not None:  # its sender died (e.g. after a broker restart)
+                with contextlib.suppress(Exception):
+                    await self._producer.stop()
+                self._producer = None
             producer = Producer(self._bootstrap_servers, self._service)
             try:
                 await asyncio.wait_for(producer.start(), PUBLISH_TIMEOUT_SECONDS)

@@ -18,6 +18,7 @@ from services.gateway.auth import request_token
 from services.gateway.domain import Principal
 from services.gateway.errors import (
     InvalidApiVersion,
+    NotAuthorized,
     NotFound,
     PayloadTooLarge,
     RecordInvalid,
@@ -70,7 +71,15 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 
 async def _principal(request: web.Request, body: dict[str, Any] | None = None) -> Principal:
-    return await request.app[keys.AUTHENTICATOR].authenticate(request_token(request, body))
+    """The token's principal; failed tokens count against the source address (429 past a limit)."""
+    throttle = request.app[keys.AUTH_THROTTLE]
+    address = request.remote or "unknown"
+    throttle.check(address)
+    try:
+        return await request.app[keys.AUTHENTICATOR].authenticate(request_token(request, body))
+    except NotAuthorized:
+        throttle.record_failure(address)
+        raise
 
 
 async def submit_call(request: web.Request) -> web.Response:

@@ -1,0 +1,17 @@
+# Reliability targets (issue 6). `make test` already runs tests/fault, tests/security and a
+# 60-second tests/soak; these run the long ones.
+#   make reliability          tests_reliability/: Kafka, MongoDB and S3 outages, kill -9 of each
+#                             consumer with 200 calls in flight, schemathesis (>= 2,000 cases)
+#   make soak DURATION=600    steady load for DURATION seconds (default 600) with memory samples
+# Figures land in .run/reliability/*.json (see docs/reliability.md).
+
+DURATION ?= 600
+SOAK_RATE ?= 4
+
+.PHONY: reliability soak
+
+reliability: setup-check ## long fault tests: outages, consumer kills with 200 calls, schemathesis
+	.venv/bin/pytest -q -s tests_reliability
+
+soak: setup-check ## steady load through the pipeline for DURATION seconds (default 600)
+	SOAK_SECONDS=$(DURATION) SOAK_RATE=$(SOAK_RATE) .venv/bin/pytest -q -s tests/soak

@@ -1,0 +1,94 @@
+"""A private set of servers (Kafka, FerretDB, versitygw, the SMTP sink) for fault tests.
+
+Fault tests stop and kill servers. Other developers run tests on the same
+machine against the shared servers on the default ports, so a fault test
+never touches those: :class:`PrivateServers` runs its own copies on free
+loopback ports with their own ``CALLINGEST_RUN_DIR``. :mod:`tools.devstack`
+reads the run directory at import, so every start/stop/kill goes through a
+short ``python -c`` subprocess with that environment; pid files, logs and
+data live under the private run directory, and ``stop``/``kill9`` only ever
+signal the process groups recorded there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.conftest import ROOT, free_port
+from tools import devstack
+
+SERVERS = ("kafka", "mongodb", "s3", "smtp")
+_PORT_VARS = {"kafka": "KAFKA_PORT", "kafka_controller": "KAFKA_CONTROLLER_PORT",
+              "mongodb": "MONGODB_PORT", "s3": "S3_PORT", "smtp": "SMTP_PORT",
+              "gateway": "GATEWAY_PORT"}
+
+
+@dataclass
+class PrivateServers:
+    """Servers of one fault test module, on their own ports under ``run_dir``."""
+
+    run_dir: Path
+    ports: devstack.Ports = field(default_factory=lambda: devstack.Ports(
+        kafka=free_port(), kafka_controller=free_port(), mongodb=free_port(), s3=free_port(),
+        smtp=free_port(), gateway=free_port()))
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment under which devstack acts on these servers only."""
+        env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+        env["CALLINGEST_RUN_DIR"] = str(self.run_dir)
+        for attr, var in _PORT_VARS.items():
+            env[var] = str(getattr(self.ports, attr))
+        return env
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.run_dir / "mail"
+
+    def _devstack(self, code: str, timeout: float = 120.0) -> None:
+        script = ("import sys\nfrom tools import devstack as d\n"
+                  f"assert str(d.RUN) == {str(self.run_dir)!r}\np = d.Ports()\n{code}\n")
+        done = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", script], cwd=ROOT,
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"devstack {code!r} failed:\n{done.stdout[-2000:]}"
+                               f"{done.stderr[-3000:]}")
+
+    def start(self, component: str) -> float:
+        """Start ``component`` (a no-op if it listens) and wait until ready; returns seconds."""
+        started = time.monotonic()
+        self._devstack(f"d.start_server({component!r}, p)")
+        return time.monotonic() - started
+
+    def stop(self, component: str) -> None:
+        """SIGTERM ``component`` (SIGKILL after 15 s); waits until it is gone."""
+        self._devstack(f"d.stop({component!r})")
+        self._wait_closed(component)
+
+    def kill9(self, component: str) -> None:
+        """SIGKILL ``component`` at once; waits until it is gone."""
+        self._devstack(f"d.kill9({component!r})")
+        self._wait_closed(component)
+
+    def _wait_closed(self, component: str) -> None:
+        port = self.ports.of(component)
+        deadline = time.monotonic() + 20
+        while devstack.port_open(port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not devstack.port_open(port), f"{component} still listens on {port}"
+
+    def up(self) -> None:
+        for component in SERVERS:
+            self.start(component)
+
+    def down(self) -> None:
+        """Stop every private server (whatever state a failed test left them in)."""
+        for component in reversed(SERVERS):
+            try:
+                self.stop(component)
+            except (RuntimeError, AssertionError, subprocess.TimeoutExpired):
+                self._devstack(f"d.kill9({component!r})")

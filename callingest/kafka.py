@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
 
 from callingest import avro, metrics
 
@@ -41,14 +41,18 @@ class Producer:
         self._producer = AIOKafkaProducer(**self._options)
         self._started = False
         self._restart_lock = asyncio.Lock()
+        self._broken = False
 
     async def start(self) -> None:
         await self._producer.start()
         self._started = True
 
     def _sender_dead(self) -> bool:
-        """True once aiokafka's sender task has died (e.g. OutOfOrderSequenceNumber after a
-        broker restart): from then on every send fails, so the producer must be rebuilt."""
+        """True once the producer cannot recover by itself: aiokafka's sender task died, or
+        the broker rejected its idempotence sequence (OutOfOrderSequenceNumber after a
+        broker restart), after which every send fails; the producer must be rebuilt."""
+        if self._broken:
+            return True
         sender = getattr(self._producer, "_sender", None)
         task = getattr(sender, "sender_task", None)
         return task is not None and task.done()
@@ -65,6 +69,7 @@ class Producer:
             except Exception:  # the old producer is broken; nothing to save
                 pass
             await self._producer.start()
+            self._broken = False
 
     async def stop(self) -> None:
         if self._started:
@@ -114,6 +119,8 @@ class Producer:
             else:
                 await asyncio.wait_for(fut, timeout)
         except (TimeoutError, KafkaError) as exc:
+            if isinstance(exc, OutOfOrderSequenceNumber | UnknownProducerId):
+                self._broken = True
             metrics.EVENTS_PRODUCED.labels(self.service, topic, "error").inc()
             raise PublishError(f"Kafka did not acknowledge the event on {topic}: "
                                f"{type(exc).__name__}") from exc

@@ -68,7 +68,9 @@ def session_log_file() -> Iterator[Path]:
     path = TEST_LOGS / "pytest.log"
     handler = logging.FileHandler(path)
     handler.setFormatter(JsonFormatter("pytest"))
-    handler.setLevel(logging.DEBUG)
+    # INFO and up: a test that lowers the root level (caplog at DEBUG) must not let the
+    # drivers' debug dumps of stored documents (pymongo.command) into the run's log.
+    handler.setLevel(logging.INFO)
     root = logging.getLogger()
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:

@@ -58,6 +58,10 @@ Document = dict[str, Any]
 RECEIPTS = "published_calls"
 CLAIMS = "publish_claims"
 PUBLISH_TIMEOUT_SECONDS = 5.0
+# The producer's own delivery timeout equals PUBLISH_TIMEOUT_SECONDS and the gateway waits a
+# little longer, so that aiokafka (not our wait) decides: a publication answered with 503 has
+# been expired by aiokafka and is not delivered later behind the gateway's back.
+PUBLISH_WAIT_SECONDS = PUBLISH_TIMEOUT_SECONDS + 2.0
 CLAIM_SECONDS = 15.0
 PRODUCER_RESTART_INTERVAL_SECONDS = 1.0
 FULL_SCAN_SECONDS = 60.0
@@ -126,7 +130,8 @@ class LazyProducer:
                 with contextlib.suppress(Exception):
                     await self._producer.stop()
                 self._producer = None
-            producer = Producer(self._bootstrap_servers, self._service)
+            producer = Producer(self._bootstrap_servers, self._service,
+                                request_timeout_ms=int(PUBLISH_TIMEOUT_SECONDS * 1000))
             try:
                 await asyncio.wait_for(producer.start(), PUBLISH_TIMEOUT_SECONDS)
             except Exception as exc:  # aiokafka raises several types on bootstrap failure
@@ -207,7 +212,7 @@ class CallPublisher:
                 "CallSubmitted",
                 events.call_submitted(call, int(call.get("attempt", 1))),
                 key=cuid,
-                timeout=PUBLISH_TIMEOUT_SECONDS,
+                timeout=PUBLISH_WAIT_SECONDS,
             )
         except (PublishError, KafkaUnavailable) as exc:
             self._failed.add(cuid)

@@ -24,8 +24,6 @@ from pydantic import (
 )
 from pymongo.asynchronous.database import AsyncDatabase
 
-LANGUAGE_CODES = ("en-US", "en-GB", "es-ES", "fr-FR")
-
 
 def _to_str(value: Any) -> Any:
     if isinstance(value, bool):

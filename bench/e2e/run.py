@@ -57,8 +57,9 @@ from aiohttp import web  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 from callingest import config_file, mongo, s3  # noqa: E402
+from callingest.service import prepare_infrastructure  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
-from callingest.topics import Topics, ensure_topics  # noqa: E402
+from callingest.topics import Topics  # noqa: E402
 from tests.conftest import Services, delete_topics  # noqa: E402
 from tests.normalizer.audiogen import write_encoded, write_wav  # noqa: E402
 from tools import devstack  # noqa: E402
@@ -365,18 +366,14 @@ def bench_settings(ports: devstack.Ports, tag: str) -> Settings:
     )
 
 
-async def prepare(settings: Settings, topics: Topics) -> None:
-    await ensure_topics(settings.kafka_bootstrap_servers, topics.all(),
-                        settings.topic_partitions, 1)
+async def prepare(settings: Settings) -> None:
+    """Topics, indexes and bucket (as every service creates them), then the demo config."""
+    await prepare_infrastructure(settings)
     client = mongo.open_client(settings)
     try:
-        db = mongo.database(client, settings)
-        await mongo.ensure_indexes(db)
-        await config_file.apply(db, config_file.load(DEMO_CONFIG))
+        await config_file.apply(mongo.database(client, settings), config_file.load(DEMO_CONFIG))
     finally:
         await client.close()
-    async with s3.s3_client(settings) as client:
-        await s3.ensure_bucket(client, settings.s3_bucket)
 
 
 async def cleanup(settings: Settings, topics: Topics, cuids: list[str]) -> dict[str, int]:
@@ -585,7 +582,7 @@ def main() -> int:
     result: dict[str, Any] | None = None
     cuids: list[str] = []
     try:
-        asyncio.run(prepare(settings, topics))
+        asyncio.run(prepare(settings))
         for name in SERVICE_NAMES:
             services.start(name)
         print("services up: " + ", ".join(f"{n}={s.port}" for n, s in services.running.items()),

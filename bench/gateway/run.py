@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from callingest import config_file, mongo  # noqa: E402
+from callingest.service import prepare_infrastructure  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
-from callingest.topics import Topics, ensure_topics  # noqa: E402
+from callingest.topics import Topics  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = ROOT / "bench" / "results"
@@ -125,17 +126,11 @@ def measure(name: str, port: int, duration: int, log: Path) -> dict[str, Any]:
 
 
 async def prepare(settings: Settings) -> None:
-    await ensure_topics(
-        settings.kafka_bootstrap_servers,
-        Topics(settings.topic_prefix).all(),
-        settings.topic_partitions,
-        1,
-    )
+    """Topics, indexes and bucket (as every service creates them), then the demo config."""
+    await prepare_infrastructure(settings)
     client = mongo.open_client(settings)
     try:
-        db = mongo.database(client, settings)
-        await mongo.ensure_indexes(db)
-        await config_file.apply(db, config_file.load(DEMO_CONFIG))
+        await config_file.apply(mongo.database(client, settings), config_file.load(DEMO_CONFIG))
     finally:
         await client.close()
 

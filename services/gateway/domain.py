@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-SUPPORTED_LANGUAGE_CODES = ("en-US", "en-GB", "es-ES", "fr-FR")
 DEFAULT_LANGUAGE_CODE = "en-US"
 
 

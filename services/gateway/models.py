@@ -27,7 +27,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from services.gateway.domain import SUPPORTED_LANGUAGE_CODES, Network
+from callingest.rules import LANGUAGE_CODES
+from services.gateway.domain import Network
 from services.gateway.errors import RecordInvalid
 from services.gateway.parsing import (
     FieldError,
@@ -128,9 +129,9 @@ def _language_code(value: Any, info: ValidationInfo) -> str | None:
     network = _context(info).network
     if not isinstance(value, str):
         raise _problem("must be a string")
-    canonical = {code.casefold(): code for code in SUPPORTED_LANGUAGE_CODES}.get(value.strip().casefold())
+    canonical = {code.casefold(): code for code in LANGUAGE_CODES}.get(value.strip().casefold())
     if canonical is None:
-        raise _problem("must be one of " + " ".join(SUPPORTED_LANGUAGE_CODES))
+        raise _problem("must be one of " + " ".join(LANGUAGE_CODES))
     if not network.multi_language_enabled and canonical != network.default_language_code:
         raise _problem(
             f"must be {network.default_language_code}: "

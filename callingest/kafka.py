@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from datetime import datetime
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
+from aiokafka.partitioner import DefaultPartitioner
 
 from callingest import avro, metrics
 
@@ -21,7 +24,22 @@ def event_id(cuid: str, stage: str, attempt: int) -> str:
 
 
 class PublishError(Exception):
-    """Kafka did not acknowledge the event (broker unavailable or timed out)."""
+    """Kafka did not acknowledge the event (broker unavailable or timed out).
+
+    ``pending`` is the delivery future of a send that was handed to the producer
+    but not answered within the caller's timeout: the producer may still deliver
+    it, and only once it is done is the outcome known (it is never cancelled).
+    """
+
+    def __init__(self, message: str, pending: asyncio.Future[Any] | None = None) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    """Mark a delivery future's outcome as seen (nobody may be waiting for it any more)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Producer:
@@ -112,16 +130,99 @@ class Producer:
             except KafkaError as exc:
                 metrics.EVENTS_PRODUCED.labels(self.service, topic, "error").inc()
                 raise PublishError(f"Kafka producer restart failed: {type(exc).__name__}") from exc
+        fut: asyncio.Future[Any] | None = None
         try:
             fut = await self._producer.send(topic, value=value, key=key.encode(), headers=list(headers))
-            if timeout is None:
-                await fut
-            else:
-                await asyncio.wait_for(fut, timeout)
+            # Shielded: a timeout must not cancel the delivery future, since cancelling it does
+            # not take the message back; the caller gets it as ``PublishError.pending``.
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
         except (TimeoutError, KafkaError) as exc:
             if isinstance(exc, OutOfOrderSequenceNumber | UnknownProducerId):
                 self._broken = True
             metrics.EVENTS_PRODUCED.labels(self.service, topic, "error").inc()
+            pending = fut if fut is not None and not fut.done() else None
+            if pending is not None:
+                pending.add_done_callback(_retrieve)
             raise PublishError(f"Kafka did not acknowledge the event on {topic}: "
-                               f"{type(exc).__name__}") from exc
+                               f"{type(exc).__name__}", pending=pending) from exc
         metrics.EVENTS_PRODUCED.labels(self.service, topic, "ok").inc()
+
+
+class TopicScanner:
+    """Reads the records of some keys on a topic, from a point in time to its current end.
+
+    Whether a send whose outcome is unknown (timed out, or its sender crashed after the
+    broker's acknowledgement) reached the topic is answered by the topic itself: before
+    such an event is published again, the partitions of its keys are read from the time
+    of the first attempt. One consumer outside any group, started on first use, used by
+    one scan at a time and rebuilt after an error.
+    """
+
+    def __init__(self, bootstrap_servers: str, service: str, timeout: float = 10.0) -> None:
+        self._bootstrap_servers = bootstrap_servers
+        self._client_id = f"callingest-{service}-scanner"
+        self._timeout = timeout
+        self._consumer: AIOKafkaConsumer | None = None
+        self._lock = asyncio.Lock()
+
+    async def find(self, topic: str, keys: Collection[str], since: datetime) -> list[tuple[str, bytes]]:
+        """``(key, value)`` of every record of ``topic`` with one of ``keys`` and a timestamp
+        at or after ``since``, up to the end of the topic when the scan started.
+
+        Raises :class:`PublishError` if Kafka cannot be read within the scanner's timeout.
+        """
+        if not keys:
+            return []
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(self._scan(topic, set(keys), since), self._timeout)
+            except (TimeoutError, KafkaError) as exc:
+                await self.close()
+                raise PublishError(f"cannot read {topic}: {type(exc).__name__}") from exc
+
+    async def _scan(self, topic: str, keys: set[str], since: datetime) -> list[tuple[str, bytes]]:
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap_servers, group_id=None,
+                                        enable_auto_commit=False, client_id=self._client_id,
+                                        auto_offset_reset="earliest", fetch_max_wait_ms=100)
+            await consumer.start()
+            self._consumer = consumer
+        consumer = self._consumer
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:  # consumer.topics() does not keep what it fetched; the client's does
+            cluster = await consumer._client.fetch_all_metadata()
+            partitions = cluster.partitions_for_topic(topic)
+        if not partitions:
+            raise KafkaError(f"unknown topic {topic}")
+        ordered = sorted(partitions)
+        wanted = {TopicPartition(topic, DefaultPartitioner()(k.encode(), ordered, ordered)) for k in keys}
+        consumer.assign(list(wanted))
+        since_ms = int(since.timestamp() * 1000)
+        starts = await consumer.offsets_for_times({tp: since_ms for tp in wanted})
+        ends = await consumer.end_offsets(list(wanted))
+        remaining: dict[TopicPartition, int] = {}
+        for tp in wanted:
+            start = starts.get(tp)
+            if start is not None and start.offset < ends[tp]:
+                consumer.seek(tp, start.offset)
+                remaining[tp] = ends[tp]
+        found: list[tuple[str, bytes]] = []
+        while remaining:
+            batches = await consumer.getmany(*remaining, timeout_ms=200)
+            for tp, records in batches.items():
+                for record in records:
+                    if record.offset >= remaining.get(tp, -1):
+                        continue
+                    key = record.key.decode() if record.key is not None else None
+                    if key in keys and record.value is not None:
+                        found.append((key, record.value))
+            for tp in list(remaining):
+                if await consumer.position(tp) >= remaining[tp]:
+                    del remaining[tp]
+        return found
+
+    async def close(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            with contextlib.suppress(Exception):
+                await consumer.stop()

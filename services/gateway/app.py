@@ -17,6 +17,7 @@ from pymongo.errors import PyMongoError
 
 from callingest import mongo, s3
 from callingest.http import add_ops_routes
+from callingest.kafka import TopicScanner
 from callingest.logging import get_logger
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -58,7 +59,8 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     producer = LazyProducer(settings.kafka_bootstrap_servers)
     with contextlib.suppress(Exception):
         await producer.get()
-    publisher = CallPublisher(app[keys.DB], app[keys.WRITER], producer, Topics(settings.topic_prefix))
+    publisher = CallPublisher(app[keys.DB], app[keys.WRITER], producer, Topics(settings.topic_prefix),
+                              TopicScanner(settings.kafka_bootstrap_servers, "gateway"))
     app[keys.PRODUCER] = producer
     app[keys.PUBLISHER] = publisher
     app[keys.CALL_SERVICE] = CallService(
@@ -70,6 +72,7 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await producer.close()
+    await publisher.close()
 
 
 async def s3_ctx(app: web.Application) -> AsyncIterator[None]:

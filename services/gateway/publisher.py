@@ -26,9 +26,16 @@ Who may publish (so that a call is published once while its publishers live):
   skipped. After taking a claim the taker checks for a receipt again, so a
   publication that finished meanwhile is not repeated.
 
-A holder that dies mid-send can leave an event that is republished after its
-claim expires: same event id (derived from cuid and attempt), consumers
-dedupe.
+A send that Kafka did not acknowledge in time is not over: aiokafka keeps the
+message and may still deliver it (a broker that comes back). The request
+answers 503 at once, but its claim is kept, renewed, until aiokafka settles
+the send; delivered, the receipt is written; failed, the claim is released.
+
+Publishing a call again (anyone but the inserting request) first reads the
+topic: the partition of the call's key, from the call's creation on. An
+event of the same id found there (a holder that died between Kafka's
+acknowledgement and the receipt) is not published again, only its receipt
+is written. So a call is published once also across a crash of the gateway.
 """
 
 from __future__ import annotations
@@ -45,8 +52,8 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from callingest import events, metrics
-from callingest.kafka import Producer, PublishError
+from callingest import avro, events, metrics
+from callingest.kafka import Producer, PublishError, TopicScanner, event_id
 from callingest.logging import get_logger
 from callingest.topics import Topics
 from services.gateway.writer import CallWriter, WriterStopped, retry_busy
@@ -67,6 +74,9 @@ PRODUCER_RESTART_INTERVAL_SECONDS = 1.0
 FULL_SCAN_SECONDS = 60.0
 MAX_CLAIM_GENERATIONS = 10_000
 RECENT_MAX = 50_000  # cuids whose event this process saw acknowledged
+# The topic is read for an earlier copy of an event from this long before its call's
+# creation (clock differences between gateway hosts).
+SCAN_MARGIN = timedelta(seconds=10)
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
@@ -77,13 +87,13 @@ class KafkaUnavailable(Exception):
 async def unpublished_cuids(
     db: AsyncDatabase[Document], older_than: datetime | None = None
 ) -> list[Document]:
-    """``{_id, created_at}`` of every stored call that is not published yet.
+    """``{_id, created_at, attempt}`` of every stored call that is not published yet.
 
     Reads ``calls`` and ``published_calls`` whole: call it rarely on the dev store.
     """
     receipts = {doc["_id"] async for doc in db[RECEIPTS].find({}, {"_id": 1})}
     pending = []
-    async for doc in db.calls.find({"published": False}, {"_id": 1, "created_at": 1}):
+    async for doc in db.calls.find({"published": False}, {"_id": 1, "created_at": 1, "attempt": 1}):
         if doc["_id"] in receipts:
             continue
         if older_than is not None and _aware(doc.get("created_at")) >= older_than:
@@ -157,6 +167,7 @@ class CallPublisher:
         writer: CallWriter,
         producer: LazyProducer,
         topics: Topics,
+        scanner: TopicScanner,
     ) -> None:
         self._db = db
         self._calls = db.calls
@@ -170,6 +181,10 @@ class CallPublisher:
         self._failed: set[str] = set()
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._unwritten_receipts: dict[str, Document] = {}
+        self._scanner = scanner
+        # Sends that timed out and that aiokafka has not settled yet: cuid -> the task that
+        # holds the call's claim until then; its result says whether the event was delivered.
+        self._unsettled: dict[str, asyncio.Task[bool]] = {}
 
     async def publish_new(self, call: Document) -> None:
         """Publish a call this process just inserted (its implicit claim).
@@ -216,8 +231,12 @@ class CallPublisher:
             )
         except (PublishError, KafkaUnavailable) as exc:
             self._failed.add(cuid)
-            with contextlib.suppress(PyMongoError):
-                await self._release(cuid, claim_id)
+            pending = exc.pending if isinstance(exc, PublishError) else None
+            if pending is not None:  # aiokafka may still deliver it: keep the claim until it knows
+                self._unsettled[cuid] = asyncio.create_task(self._hold_until_settled(cuid, claim_id, pending))
+            else:
+                with contextlib.suppress(PyMongoError):
+                    await self._release(cuid, claim_id)
             raise KafkaUnavailable(str(exc)) from None
         receipt = {"_id": cuid, "at": datetime.now(UTC)}
         self._remember(cuid)
@@ -230,6 +249,70 @@ class CallPublisher:
         self._failed.discard(cuid)
         with contextlib.suppress(PyMongoError):  # after the receipt, claims are moot
             await retry_busy(lambda: self._claims.delete_many({"cuid": cuid}))
+
+    async def _hold_until_settled(self, cuid: str, claim_id: str | None,
+                                  delivery: asyncio.Future[Any]) -> bool:
+        """Keep the claim of ``cuid`` (renewed) until aiokafka settles ``delivery``; then
+        write the receipt (delivered) or release the claim (not delivered). True if delivered.
+        """
+        held = claim_id or f"{cuid}:0"
+        try:
+            while not delivery.done():
+                with contextlib.suppress(PyMongoError):
+                    renewal = {"cuid": cuid, "owner": self.owner,
+                               "until": datetime.now(UTC) + timedelta(seconds=CLAIM_SECONDS)}
+                    await retry_busy(functools.partial(
+                        self._claims.update_one, {"_id": held}, {"$set": renewal}, upsert=True))
+                await asyncio.wait([delivery], timeout=CLAIM_SECONDS / 3)
+            delivered = not delivery.cancelled() and delivery.exception() is None
+            if delivered:
+                log.info("a timed-out publication was delivered after all", extra={"cuid": cuid})
+                self._remember(cuid)
+                await self._record_receipt(cuid)
+            else:
+                with contextlib.suppress(PyMongoError):
+                    await self._release(cuid, held)
+            return delivered
+        finally:
+            if self._unsettled.get(cuid) is asyncio.current_task():
+                del self._unsettled[cuid]
+
+    async def _record_receipt(self, cuid: str) -> None:
+        """Insert the receipt of ``cuid`` (kept for the republisher loop if that fails); drop
+        its claims."""
+        receipt = {"_id": cuid, "at": datetime.now(UTC)}
+        try:
+            await self._writer.insert(RECEIPTS, receipt)
+        except (PyMongoError, WriterStopped):
+            self._unwritten_receipts[cuid] = receipt
+            return
+        self._failed.discard(cuid)
+        with contextlib.suppress(PyMongoError):
+            await retry_busy(lambda: self._claims.delete_many({"cuid": cuid}))
+
+    async def _delivered_before(self, calls: list[Document]) -> set[str]:
+        """The cuids among ``calls`` whose CallSubmitted (same event id) is on the topic already.
+
+        Raises :class:`KafkaUnavailable` if the topic cannot be read.
+        """
+        if not calls:
+            return set()
+        expected = {call["_id"]: event_id(call["_id"], "gateway", int(call.get("attempt", 1)))
+                    for call in calls}
+        since = min(_aware(call.get("created_at")) for call in calls) - SCAN_MARGIN
+        try:
+            records = await self._scanner.find(self._topics.submitted, expected, since)
+        except PublishError as exc:
+            raise KafkaUnavailable(str(exc)) from None
+        found = set()
+        for cuid, value in records:
+            try:
+                _, record = avro.decode(value)
+            except avro.UndecodableMessage:
+                continue
+            if str(record.get("event_id")) == expected[cuid]:  # decoded as a uuid.UUID
+                found.add(cuid)
+        return found
 
     def _remember(self, cuid: str) -> None:
         """Note that this process saw the event of ``cuid`` acknowledged (bounded memory)."""
@@ -259,6 +342,13 @@ class CallPublisher:
                 )
         else:
             await retry_busy(lambda: self._claims.update_one({"_id": claim_id}, {"$set": {"until": EPOCH}}))
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Wait (up to ``timeout``) for unsettled sends (their producer was stopped first, so
+        they are settled now or soon) and close the topic scanner."""
+        if self._unsettled:
+            await asyncio.wait(list(self._unsettled.values()), timeout=timeout)
+        await self._scanner.close()
 
     async def is_published(self, call: Document) -> bool:
         """True if the call has a receipt (or its document says it is published)."""
@@ -293,7 +383,9 @@ class CallPublisher:
         return None
 
     async def _publish_if_unpublished(self, call: Document) -> bool:
-        """Claim and publish ``call`` unless published or claimed; True if we published it."""
+        """Claim and publish ``call`` unless published or claimed; True if we published it
+        (or found it published on the topic)."""
+        await self._producer.get()  # Kafka known to be down: no claim, no scan
         claim_id = await self.claim(call)
         if claim_id is None:
             return False
@@ -306,6 +398,17 @@ class CallPublisher:
             if full is None:
                 return False
             call = full
+        try:
+            delivered = call["_id"] in await self._delivered_before([call])
+        except KafkaUnavailable:
+            with contextlib.suppress(PyMongoError):
+                await self._release(call["_id"], claim_id)
+            raise
+        if delivered:  # an earlier send reached Kafka after all: only its receipt is missing
+            log.info("event found on the topic; not published again", extra={"cuid": call["_id"]})
+            self._remember(call["_id"])
+            await self._record_receipt(call["_id"])
+            return True
         await self._publish(call, claim_id)
         return True
 
@@ -325,6 +428,16 @@ class CallPublisher:
                 except TimeoutError:
                     raise KafkaUnavailable("the call is being published by another request") from None
                 return
+            unsettled = self._unsettled.get(cuid)
+            if unsettled is not None:  # an earlier send of ours may still be delivered
+                try:
+                    delivered = await asyncio.wait_for(asyncio.shield(unsettled),
+                                                       max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise KafkaUnavailable("an earlier publication is not settled yet") from None
+                if delivered:
+                    return
+                continue
             if await self.is_published(call):
                 return
             if await self._publish_if_unpublished(call):
@@ -342,10 +455,14 @@ class CallPublisher:
         await self._producer.get()  # no claims are taken while Kafka is known to be down
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
         candidates = await unpublished_cuids(self._db, older_than=cutoff)
-        published = 0
-        candidates = [c for c in candidates if c["_id"] not in self._recent]
+        candidates = [c for c in candidates
+                      if c["_id"] not in self._recent and c["_id"] not in self._unsettled]
+        delivered = await self._delivered_before(candidates[:limit])
+        for cuid in delivered:  # sent by a gateway that stopped before writing the receipt
+            await self._record_receipt(cuid)
+        published = len(delivered)
         for call in candidates[:limit]:
-            if call["_id"] in self._in_flight:
+            if call["_id"] in self._in_flight or call["_id"] in delivered:
                 continue
             if await self._publish_if_unpublished(call):
                 published += 1
@@ -364,6 +481,8 @@ class CallPublisher:
         await self._producer.get()  # no claims are taken while Kafka is known to be down
         published = 0
         for cuid in list(self._failed):
+            if cuid in self._unsettled:  # its claim is held until aiokafka settles the send
+                continue
             call = await self._calls.find_one({"_id": cuid})
             if call is None or await self.is_published(call):
                 self._failed.discard(cuid)

@@ -214,19 +214,12 @@ class Pipeline:
         return counts
 
     async def account(self, report: Report, accepted: set[str], timeout: float,
-                      expect_status: str | None = "normalized",
-                      republish_after_crash: bool = False) -> dict[str, dict[str, Any]]:
+                      expect_status: str | None = "normalized") -> dict[str, dict[str, Any]]:
         """Wait for ``accepted`` calls, then fill ``report`` and assert the guarantees.
 
         Every accepted call reaches exactly one terminal state (one terminal history
         entry), exactly one CallSubmitted event, at most one notification email and at
         most one S3 object per stage; with ``expect_status`` every call ends in it.
-
-        ``republish_after_crash``: the gateway was killed between Kafka's acknowledgement
-        and its publication receipt, so a call may carry a second CallSubmitted (same
-        event id) after its resubmission: publication is at-least-once across a crash.
-        That count is reported (``published_twice_after_crash``) instead of asserted;
-        processing must still happen once (terminal state, email, S3 objects).
         """
         calls = await self.wait_terminal(accepted, timeout)
         terminal = {c for c in accepted if calls.get(c, {}).get("status") in TERMINAL}
@@ -255,9 +248,7 @@ class Pipeline:
         report.terminal = len(terminal)
         report.lost = len(problems["never_terminal"]) + len(
             set(problems["not_published"]) - set(problems["never_terminal"]))
-        if republish_after_crash:
-            report.extra["published_twice_after_crash"] = len(problems.pop("published_twice"))
-        duplicated = set(problems.get("published_twice", [])) | set(problems["two_terminal_states"])
+        duplicated = set(problems["published_twice"]) | set(problems["two_terminal_states"])
         duplicated |= set(problems["duplicate_email"])
         duplicated |= {s.split("/")[0] for s in problems["second_object"]}
         report.duplicated = len(duplicated)

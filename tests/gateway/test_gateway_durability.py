@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import fastavro
@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from callingest import avro, events
 from callingest.settings import Settings
+from services.gateway import publisher as publisher_module
 from services.gateway.publisher import unpublished_cuids
 from tests.conftest import free_port
 from tests.gateway.conftest import EventReader, poll, start_client
@@ -93,6 +94,84 @@ async def test_republisher_publishes_unpublished_calls_once(
         await second.close()
     published = await read_events(expected=3, settle=3.0)
     assert sorted(e["cuid"] for e in published) == sorted(s["_id"] for s in stored)
+
+
+async def crash_after_kafka_ack(settings: Settings, db: Any, body: dict[str, Any]) -> str:
+    """Submit ``body`` (201), then leave the state a gateway killed between Kafka's
+    acknowledgement and the publication receipt leaves: the event on the topic, no receipt.
+    The call is back-dated so that the inserting request's implicit claim has expired."""
+    first = await start_client(settings.model_copy(update={"republish_after_seconds": 3600.0}))
+    try:
+        status, answer = await post(first, body)
+        assert status == 201
+    finally:
+        await first.close()
+    cuid: str = answer["cuid"]
+    assert (await db.published_calls.delete_one({"_id": cuid})).deleted_count == 1
+    await db.calls.update_one({"_id": cuid},
+                              {"$set": {"created_at": datetime.now(UTC) - timedelta(seconds=60)}})
+    assert cuid in {c["_id"] for c in await unpublished_cuids(db)}
+    return cuid
+
+
+@pytest.mark.slow
+async def test_an_event_already_on_kafka_is_not_published_again_after_a_crash(
+    settings: Settings, configured_db: Any, topics: Any, read_events: EventReader
+) -> None:
+    body = call_body("crash-resubmitted")
+    resubmitted = await crash_after_kafka_ack(settings, configured_db, body)
+    scanned = await crash_after_kafka_ack(settings, configured_db, call_body("crash-republished"))
+
+    # A new gateway process: the client's resubmission finds the event on the topic.
+    up = await start_client(settings.model_copy(update={"republish_after_seconds": 3600.0}))
+    try:
+        assert await post(up, body) == (202, {"cuid": resubmitted})
+    finally:
+        await up.close()
+    assert await configured_db.published_calls.find_one({"_id": resubmitted}) is not None
+
+    # Another one: its republisher's scan finds the other call's event on the topic.
+    republisher = await start_client(settings.model_copy(update={"republish_after_seconds": 1.0}))
+    try:
+
+        async def all_published() -> bool:
+            return await unpublished_cuids(configured_db) == []
+
+        await poll(all_published, patience=20.0)
+    finally:
+        await republisher.close()
+    published = await read_events(expected=2, settle=3.0)
+    assert sorted(e["cuid"] for e in published) == sorted([resubmitted, scanned])
+
+
+@pytest.mark.slow
+async def test_a_send_that_times_out_but_is_delivered_later_is_published_once(
+    settings: Settings, configured_db: Any, topics: Any, read_events: EventReader,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = call_body("late-delivery")
+    up = await start_client(settings.model_copy(update={"republish_after_seconds": 3600.0}))
+    try:
+        # Kafka cannot acknowledge within 1 ms: the gateway answers 503, while aiokafka
+        # still delivers the event (a broker that was slow, or came back).
+        monkeypatch.setattr(publisher_module, "PUBLISH_WAIT_SECONDS", 0.001)
+        status, answer = await post(up, body)
+        assert status == 503 and answer["errors"]["class"] == "ServiceUnavailable"
+        monkeypatch.undo()
+        # The client's retry: answered from the late delivery, not by publishing again.
+        status, answer = await post(up, body)
+        assert status == 202
+        cuid = answer["cuid"]
+
+        async def receipt() -> Any:
+            return await configured_db.published_calls.find_one({"_id": cuid})
+
+        await poll(receipt, patience=10.0)
+        assert await unpublished_cuids(configured_db) == []
+    finally:
+        await up.close()
+    published = await read_events(expected=1, settle=3.0)
+    assert [e["cuid"] for e in published] == [cuid]
 
 
 async def test_recording_is_served_once_normalized(

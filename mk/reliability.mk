@@ -1,4 +1,4 @@
-# Reliability targets (issue 6). `make test` already runs tests/fault, tests/security and a
+# Reliability targets (issue 6; about 5 min). `make test` already runs tests/fault, tests/security and a
 # 60-second tests/soak; these run the long ones.
 #   make reliability          tests_reliability/: Kafka, MongoDB and S3 outages, kill -9 of each
 #                             consumer with 200 calls in flight, schemathesis (>= 2,000 cases)

@@ -40,7 +40,8 @@ async def ensure_indexes(db: AsyncDatabase[Document]) -> None:
         name="network_external_call_unique_id",
     )
     await db.calls.create_index([("status", ASCENDING)], name="status")
-    await db.calls.create_index([("published", ASCENDING)], name="published")
+    # The gateway's republisher reads the calls created since its last scan.
+    await db.calls.create_index([("created_at", ASCENDING)], name="created_at")
     await db.campaigns.create_index(
         [("network_id", ASCENDING), ("id_from_network", ASCENDING)],
         unique=True,

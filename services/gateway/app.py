@@ -85,19 +85,26 @@ async def s3_ctx(app: web.Application) -> AsyncIterator[None]:
 async def republisher_ctx(app: web.Application) -> AsyncIterator[None]:
     """Background task publishing calls left unpublished (Kafka was down when they came)."""
     after = app[keys.SETTINGS].republish_after_seconds
-    task = asyncio.create_task(app[keys.PUBLISHER].run_republisher(max(after / 2, 0.5), after))
+    task = asyncio.create_task(app[keys.PUBLISHER].run_republisher(
+        max(after / 2, 0.5), after, scans=app[keys.SCANS_UNPUBLISHED]))
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
 
 
-def init_app(settings: Settings, *, with_metrics: bool = True) -> web.Application:
-    """The gateway application for ``settings`` (``with_metrics=False`` only for benchmarks)."""
+def init_app(settings: Settings, *, with_metrics: bool = True,
+             scans_unpublished: bool = True) -> web.Application:
+    """The gateway application for ``settings`` (``with_metrics=False`` only for benchmarks).
+
+    ``scans_unpublished=False``: this process only retries its own failed publications and
+    leaves the scans for calls of stopped gateways to another (one worker of several).
+    """
     middlewares: list[Any] = [metrics_middleware] if with_metrics else []
     middlewares.append(error_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[keys.SETTINGS] = settings
+    app[keys.SCANS_UNPUBLISHED] = scans_unpublished
     app[keys.OPENAPI] = build_openapi(settings.public_base_url)
     app.cleanup_ctx.extend([mongo_ctx, kafka_ctx, s3_ctx, republisher_ctx])
     setup_routes(app)

@@ -25,3 +25,4 @@ AUTH_THROTTLE = web.AppKey("auth_throttle", FailureThrottle)
 CALL_SERVICE = web.AppKey("call_service", CallService)
 S3_CLIENT: web.AppKey[Any] = web.AppKey("s3_client")  # aiobotocore generates its class
 OPENAPI = web.AppKey("openapi", dict)
+SCANS_UNPUBLISHED = web.AppKey("scans_unpublished", bool)  # this process runs the republisher's scans

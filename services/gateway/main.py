@@ -32,9 +32,11 @@ async def serve(settings: Settings, *, with_metrics: bool = True) -> None:
         await serve_one(settings, with_metrics=with_metrics)
 
 
-async def serve_one(settings: Settings, *, with_metrics: bool = True, reuse_port: bool = False) -> None:
+async def serve_one(settings: Settings, *, with_metrics: bool = True, reuse_port: bool = False,
+                    scans_unpublished: bool = True) -> None:
     """One gateway process on ``http_host:port``; returns after a graceful shutdown."""
-    runner = web.AppRunner(init_app(settings, with_metrics=with_metrics), access_log=None)
+    app = init_app(settings, with_metrics=with_metrics, scans_unpublished=scans_unpublished)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     port = port_of("gateway", settings)
     site = web.TCPSite(runner, settings.http_host, port, reuse_port=reuse_port or None)
@@ -49,9 +51,10 @@ async def serve_one(settings: Settings, *, with_metrics: bool = True, reuse_port
         log.info("gateway stopped", extra={"pid": os.getpid()})
 
 
-def _worker(settings: Settings, with_metrics: bool) -> None:
+def _worker(settings: Settings, with_metrics: bool, scans_unpublished: bool) -> None:
     configure("gateway", settings.log_level)
-    asyncio.run(serve_one(settings, with_metrics=with_metrics, reuse_port=True))
+    asyncio.run(serve_one(settings, with_metrics=with_metrics, reuse_port=True,
+                          scans_unpublished=scans_unpublished))
 
 
 async def _supervise(settings: Settings, with_metrics: bool) -> None:
@@ -59,7 +62,8 @@ async def _supervise(settings: Settings, with_metrics: bool) -> None:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="callingest-gateway-metrics-")
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(settings, with_metrics), name=f"gateway-{i}")
+        # One worker scans for calls other gateways left unpublished; every worker retries its own.
+        context.Process(target=_worker, args=(settings, with_metrics, i == 0), name=f"gateway-{i}")
         for i in range(settings.gateway_workers)
     ]
     for worker in workers:

@@ -85,15 +85,24 @@ class KafkaUnavailable(Exception):
 
 
 async def unpublished_cuids(
-    db: AsyncDatabase[Document], older_than: datetime | None = None
+    db: AsyncDatabase[Document], older_than: datetime | None = None,
+    created_since: datetime | None = None,
 ) -> list[Document]:
-    """``{_id, created_at, attempt}`` of every stored call that is not published yet.
+    """``{_id, created_at, attempt}`` of every stored call that is not published yet
+    (created at or after ``created_since`` and before ``older_than`` when given).
 
-    Reads ``calls`` and ``published_calls`` whole: call it rarely on the dev store.
+    Without ``created_since`` it reads ``calls`` and ``published_calls`` whole: call it
+    rarely. With it, the calls created since then and the receipts written since then
+    (a receipt is written after its call's creation; :data:`SCAN_MARGIN` covers clocks).
     """
-    receipts = {doc["_id"] async for doc in db[RECEIPTS].find({}, {"_id": 1})}
+    calls_query: Document = {"published": False}
+    receipts_query: Document = {}
+    if created_since is not None:
+        calls_query["created_at"] = {"$gte": created_since}
+        receipts_query["at"] = {"$gte": created_since - SCAN_MARGIN}
+    receipts = {doc["_id"] async for doc in db[RECEIPTS].find(receipts_query, {"_id": 1})}
     pending = []
-    async for doc in db.calls.find({"published": False}, {"_id": 1, "created_at": 1, "attempt": 1}):
+    async for doc in db.calls.find(calls_query, {"_id": 1, "created_at": 1, "attempt": 1}):
         if doc["_id"] in receipts:
             continue
         if older_than is not None and _aware(doc.get("created_at")) >= older_than:
@@ -182,6 +191,7 @@ class CallPublisher:
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._unwritten_receipts: dict[str, Document] = {}
         self._scanner = scanner
+        self._scan_from: datetime | None = None  # None: the next scan reads everything
         # Sends that timed out and that aiokafka has not settled yet: cuid -> the task that
         # holds the call's claim until then; its result says whether the event was delivered.
         self._unsettled: dict[str, asyncio.Task[bool]] = {}
@@ -449,26 +459,31 @@ class CallPublisher:
     async def republish_pending(self, older_than_seconds: float, limit: int = 1000) -> int:
         """Publish calls left unpublished for ``older_than_seconds``; returns how many.
 
-        Reads ``calls`` and the receipts whole (see :func:`unpublished_cuids`).
-        Sets the unpublished-calls gauge to what is left.
+        The first scan of a process reads ``calls`` and the receipts whole (the calls of a
+        gateway that stopped before us); later ones only what was created since the oldest
+        call the previous scan left unpublished, or since its cut-off (see
+        :func:`unpublished_cuids`). Sets the unpublished-calls gauge to what is left.
         """
         await self._producer.get()  # no claims are taken while Kafka is known to be down
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
-        candidates = await unpublished_cuids(self._db, older_than=cutoff)
-        candidates = [c for c in candidates
-                      if c["_id"] not in self._recent and c["_id"] not in self._unsettled]
-        delivered = await self._delivered_before(candidates[:limit])
-        for cuid in delivered:  # sent by a gateway that stopped before writing the receipt
+        candidates = await unpublished_cuids(self._db, older_than=cutoff, created_since=self._scan_from)
+        candidates = [c for c in candidates if c["_id"] not in self._recent]
+        batch = [c for c in candidates[:limit] if c["_id"] not in self._unsettled]
+        done = await self._delivered_before(batch)
+        for cuid in done:  # sent by a gateway that stopped before writing the receipt
             await self._record_receipt(cuid)
-        published = len(delivered)
-        for call in candidates[:limit]:
-            if call["_id"] in self._in_flight or call["_id"] in delivered:
+        for call in batch:
+            if call["_id"] in self._in_flight or call["_id"] in done:
                 continue
             if await self._publish_if_unpublished(call):
-                published += 1
+                done.add(call["_id"])
                 log.info("republished unpublished call", extra={"cuid": call["_id"]})
-        metrics.UNPUBLISHED_CALLS.set(len(candidates) - published)
-        return published
+        left = [c for c in candidates if c["_id"] not in done]
+        # The next scan starts at the oldest call still unpublished (claimed by another
+        # publisher, over the limit), or at this cut-off (less a margin for slow inserts).
+        self._scan_from = min([cutoff - SCAN_MARGIN, *(_aware(c.get("created_at")) for c in left)])
+        metrics.UNPUBLISHED_CALLS.set(len(left))
+        return len(done)
 
     async def retry_failed(self) -> int:
         """Publish the calls whose publication failed in this process (and write the
@@ -492,18 +507,21 @@ class CallPublisher:
                 log.info("republished unpublished call", extra={"cuid": cuid})
         return published
 
-    async def run_republisher(self, interval_seconds: float, older_than_seconds: float) -> None:
+    async def run_republisher(self, interval_seconds: float, older_than_seconds: float,
+                              scans: bool = True) -> None:
         """Forever (never raises): every ``interval_seconds`` retry this process's failed
-        publications; at start and every ``FULL_SCAN_SECONDS`` scan for any unpublished call
-        (those of a crashed or stopped gateway). Scans are rare because on the dev store
-        (FerretDB on SQLite) every query reads the whole collection.
+        publications; ``older_than_seconds`` after start and then every ``FULL_SCAN_SECONDS``
+        scan for any unpublished call (those of a crashed or stopped gateway): the whole
+        collection once, then what was created since (:meth:`republish_pending`). Scans are
+        rare because on the dev store (FerretDB on SQLite) every query reads the whole
+        collection. ``scans=False``: only the retries (another worker scans).
         """
         next_scan = time.monotonic() + older_than_seconds  # calls of before our start are due
         while True:
             await asyncio.sleep(interval_seconds)
             try:
                 await self.retry_failed()
-                if time.monotonic() >= next_scan:
+                if scans and time.monotonic() >= next_scan:
                     await self.republish_pending(older_than_seconds)
                     next_scan = time.monotonic() + max(FULL_SCAN_SECONDS, older_than_seconds)
             except KafkaUnavailable:

@@ -84,15 +84,23 @@ class CallWriter:
         self._background: list[_Op] = []
         self._background_since = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._getter: asyncio.Task[_Op] | None = None  # kept across waits: a timed-out wait loses nothing
+        self._busy = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
+
+    def _idle(self) -> bool:
+        """Nothing queued, held back, taken off the queue or being written."""
+        getter = self._getter
+        return (self._queue.empty() and not self._background and not self._busy
+                and (getter is None or not getter.done()))
 
     async def stop(self, drain_seconds: float = 5.0) -> None:
         """Apply what is queued (for at most ``drain_seconds``), then stop the task."""
         if self._task is not None:
             deadline = asyncio.get_running_loop().time() + drain_seconds
-            while (not self._queue.empty() or self._background) and not self._task.done():
+            while not self._idle() and not self._task.done():
                 if asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.01)
@@ -124,26 +132,52 @@ class CallWriter:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            if self._queue.empty() and self._background:  # idle: write what was held back
-                await self._write(self._background)
-                self._background = []
-                continue
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            urgent = [op for op in batch if not op.background]
-            held = [op for op in batch if op.background]
-            if held and not self._background:
-                self._background_since = loop.time()
-            self._background.extend(held)
-            await self._write(urgent)
-            if self._background and (
-                len(self._background) >= MAX_BATCH
-                or loop.time() - self._background_since > BACKGROUND_MAX_DELAY_SECONDS
-            ):
-                await self._write(self._background)
-                self._background = []
+        try:
+            while True:
+                if self._getter is None:
+                    self._getter = asyncio.ensure_future(self._queue.get())
+                getter = self._getter
+                if self._background:
+                    # Held-back inserts are written by age or size only, not whenever the queue
+                    # is empty: at low concurrency it nearly always is, and a commit of them
+                    # every time made the next call's insert wait behind it.
+                    timeout = self._background_since + BACKGROUND_MAX_DELAY_SECONDS - loop.time()
+                    if timeout > 0:
+                        await asyncio.wait({getter}, timeout=timeout)
+                    if not getter.done():
+                        self._busy = True
+                        await self._write(self._background)
+                        self._background = []
+                        self._busy = False
+                        continue
+                first = await getter
+                self._busy, self._getter = True, None
+                await self._take(loop, first)
+                self._busy = False
+        finally:
+            taken = self._getter
+            if taken is not None:
+                if taken.done() and not taken.cancelled():  # taken off the queue, never written
+                    _fail(taken.result(), WriterStopped("the call writer stopped"))
+                taken.cancel()
+
+    async def _take(self, loop: asyncio.AbstractEventLoop, first: _Op) -> None:
+        """Write ``first`` and whatever else is queued; hold background inserts back."""
+        batch = [first]
+        while len(batch) < MAX_BATCH and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        urgent = [op for op in batch if not op.background]
+        held = [op for op in batch if op.background]
+        if held and not self._background:
+            self._background_since = loop.time()
+        self._background.extend(held)
+        await self._write(urgent)
+        if self._background and (
+            len(self._background) >= MAX_BATCH
+            or loop.time() - self._background_since > BACKGROUND_MAX_DELAY_SECONDS
+        ):
+            await self._write(self._background)
+            self._background = []
 
     async def _write(self, batch: list[_Op]) -> None:
         groups: dict[str, list[_Op]] = {}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -97,3 +99,47 @@ async def test_store_refusing_writes_is_503_with_retry_after(gateway: TestClient
     assert resp.status == 503
     assert int(resp.headers["Retry-After"]) > 0
     assert (await resp.json())["errors"]["class"] == "ServiceUnavailable"
+
+
+@pytest.mark.mongo
+async def test_writer_holds_background_inserts_back_by_age_not_by_idleness(db: Any) -> None:
+    """Receipts (background inserts) are written BACKGROUND_MAX_DELAY_SECONDS after the first
+    was queued, in one batch, not each time the queue is empty; urgent inserts are not held,
+    and nothing queued is lost, also at stop."""
+    calls = writer.CallWriter(db)
+    calls.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        receipts = [calls.enqueue("published_calls", {"_id": f"r{i}"}, background=True) for i in range(3)]
+        assert await calls.insert("calls", {"_id": "urgent-1"}) is True
+        await asyncio.sleep(0.05)
+        assert await db.published_calls.count_documents({}) == 0  # queue idle, still held back
+        assert await asyncio.gather(*receipts) == [True, True, True]
+        assert asyncio.get_running_loop().time() - started >= writer.BACKGROUND_MAX_DELAY_SECONDS * 0.9
+        assert await db.published_calls.count_documents({}) == 3
+
+        mixed = [calls.enqueue("calls", {"_id": f"c{i}"}, background=i % 2 == 0) for i in range(300)]
+        late = calls.enqueue("published_calls", {"_id": "at-stop"}, background=True)
+    finally:
+        await calls.stop()
+    assert all(await asyncio.gather(*mixed, late))
+    assert await db.calls.count_documents({}) == 301
+    assert await db.published_calls.count_documents({"_id": "at-stop"}) == 1
+
+
+@pytest.mark.mongo
+async def test_scan_since_reads_only_calls_created_since(db: Any) -> None:
+    now = datetime.now(UTC)
+    old, recent, receipted = now - timedelta(hours=2), now - timedelta(minutes=1), now - timedelta(minutes=2)
+    await db.calls.insert_many([
+        {"_id": "old", "published": False, "created_at": old},
+        {"_id": "recent", "published": False, "created_at": recent},
+        {"_id": "receipted", "published": False, "created_at": receipted},
+        {"_id": "too-new", "published": False, "created_at": now},
+    ])
+    await db.published_calls.insert_one({"_id": "receipted", "at": receipted + timedelta(seconds=1)})
+    cutoff = now - timedelta(seconds=5)
+    everything = await unpublished_cuids(db, older_than=cutoff)
+    assert sorted(c["_id"] for c in everything) == ["old", "recent"]
+    window = await unpublished_cuids(db, older_than=cutoff, created_since=now - timedelta(minutes=10))
+    assert [c["_id"] for c in window] == ["recent"]

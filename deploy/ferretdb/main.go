@@ -49,10 +49,13 @@ func main() {
 	}
 
 	f, err := ferretdb.New(&ferretdb.Config{
-		Listener:  ferretdb.ListenerConfig{TCP: *listen},
-		Logger:    logger,
-		Handler:   "sqlite",
-		SQLiteURL: "file:" + dir + "/?_txlock=immediate&_pragma=synchronous(" + *synchronous + ")",
+		Listener: ferretdb.ListenerConfig{TCP: *listen},
+		Logger:   logger,
+		Handler:  "sqlite",
+		// Checkpoints are taken by checkpointWAL in the background, not by whichever commit
+		// crosses SQLite's 1000-page mark (that commit, and the request behind it, waited).
+		SQLiteURL: "file:" + dir + "/?_txlock=immediate&_pragma=synchronous(" + *synchronous + ")" +
+			"&_pragma=wal_autocheckpoint(0)",
 	})
 	if err != nil {
 		logger.Error("cannot configure FerretDB", "error", err)
@@ -87,6 +90,9 @@ func indexIDPaths(ctx context.Context, logger *slog.Logger, dir string) {
 		for _, file := range files {
 			if err := indexFile(ctx, file); err != nil {
 				logger.Debug("cannot index _id paths yet", "file", file, "error", err)
+			}
+			if err := checkpointWAL(ctx, file); err != nil {
+				logger.Debug("cannot checkpoint yet", "file", file, "error", err)
 			}
 		}
 	}
@@ -123,4 +129,17 @@ func indexFile(ctx context.Context, file string) error {
 		}
 	}
 	return nil
+}
+
+// checkpointWAL copies the write-ahead log of one database file back into it without
+// blocking writers or readers (PASSIVE), once a second, since FerretDB's connections run
+// with automatic checkpoints off.
+func checkpointWAL(ctx context.Context, file string) error {
+	db, err := sql.Open("sqlite", "file:"+file+"?_pragma=busy_timeout(5000)")
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	_, err = db.ExecContext(ctx, "PRAGMA wal_checkpoint(PASSIVE)")
+	return err
 }

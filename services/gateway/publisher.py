@@ -70,6 +70,9 @@ PUBLISH_TIMEOUT_SECONDS = 5.0
 # been expired by aiokafka and is not delivered later behind the gateway's back.
 PUBLISH_WAIT_SECONDS = PUBLISH_TIMEOUT_SECONDS + 2.0
 CLAIM_SECONDS = 15.0
+# How long a claim is held (renewed) for a send aiokafka has not settled; aiokafka settles a
+# send within its request timeout once the broker answers, so this only bounds a stuck producer.
+MAX_HOLD_SECONDS = 120.0
 PRODUCER_RESTART_INTERVAL_SECONDS = 1.0
 FULL_SCAN_SECONDS = 60.0
 MAX_CLAIM_GENERATIONS = 10_000
@@ -266,8 +269,15 @@ class CallPublisher:
         write the receipt (delivered) or release the claim (not delivered). True if delivered.
         """
         held = claim_id or f"{cuid}:0"
+        give_up = time.monotonic() + MAX_HOLD_SECONDS
         try:
             while not delivery.done():
+                if time.monotonic() > give_up:  # never keep a call from being published for good
+                    log.warning("a timed-out publication is still not settled; claim released",
+                                extra={"cuid": cuid})
+                    with contextlib.suppress(PyMongoError):
+                        await self._release(cuid, held)
+                    return False
                 with contextlib.suppress(PyMongoError):
                     renewal = {"cuid": cuid, "owner": self.owner,
                                "until": datetime.now(UTC) + timedelta(seconds=CLAIM_SECONDS)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from callingest import avro, events
 from callingest.settings import Settings
+from services.gateway import keys
 from services.gateway import publisher as publisher_module
 from services.gateway.publisher import unpublished_cuids
 from tests.conftest import free_port
@@ -248,3 +250,25 @@ def test_every_callsubmitted_schema_version_still_decodes() -> None:
         name, decoded = avro.decode(out.getvalue())
         assert name == "CallSubmitted"
         assert decoded["cuid"] == "cuid-1" and decoded["signals"] == record["signals"]
+
+
+async def test_a_send_that_never_settles_gives_its_claim_back(
+    settings: Settings, configured_db: Any, topics: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim of a timed-out send is renewed while aiokafka may still deliver it, but not
+    for ever: a producer that never settles it must not keep the call from being published."""
+    monkeypatch.setattr(publisher_module, "CLAIM_SECONDS", 0.6)
+    monkeypatch.setattr(publisher_module, "MAX_HOLD_SECONDS", 1.0)
+    up = await start_client(settings.model_copy(update={"republish_after_seconds": 3600.0}))
+    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    try:
+        hold = asyncio.create_task(up.app[keys.PUBLISHER]._hold_until_settled("never-settled", None, never))
+        await asyncio.sleep(0.3)
+        claim = await configured_db.publish_claims.find_one({"_id": "never-settled:0"})
+        assert claim is not None and claim["until"] > datetime.now(UTC)  # held meanwhile
+        assert await asyncio.wait_for(hold, 10) is False
+        claim = await configured_db.publish_claims.find_one({"_id": "never-settled:0"})
+        assert claim is not None and claim["until"] < datetime.now(UTC)  # given back
+    finally:
+        never.cancel()
+        await up.close()

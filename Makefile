@@ -54,6 +54,7 @@ lint: ## ruff and mypy
 	.venv/bin/mypy callingest services tools
 
 test: setup-check lint ## the full suite against real servers (starts and stops what it needs)
+	cd deploy/ferretdb && go test ./...
 	.venv/bin/pytest -q
 
 test-fast: setup-check ## the suite without slow tests

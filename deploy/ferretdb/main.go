@@ -99,9 +99,11 @@ func indexIDPaths(ctx context.Context, logger *slog.Logger, dir string) {
 }
 
 // indexFile creates the missing _id path indexes of one database file; it only reads the
-// schema when nothing is missing.
+// schema when nothing is missing. Like checkpointWAL it opens the file with mode=rw, never
+// creating it: a database dropped since the directory was listed must stay dropped (FerretDB
+// refuses to start on a database file without its metadata tables).
 func indexFile(ctx context.Context, file string) error {
-	db, err := sql.Open("sqlite", "file:"+file+"?_pragma=busy_timeout(5000)")
+	db, err := sql.Open("sqlite", "file:"+file+"?mode=rw&_pragma=busy_timeout(5000)")
 	if err != nil {
 		return err
 	}
@@ -135,7 +137,7 @@ func indexFile(ctx context.Context, file string) error {
 // blocking writers or readers (PASSIVE), once a second, since FerretDB's connections run
 // with automatic checkpoints off.
 func checkpointWAL(ctx context.Context, file string) error {
-	db, err := sql.Open("sqlite", "file:"+file+"?_pragma=busy_timeout(5000)")
+	db, err := sql.Open("sqlite", "file:"+file+"?mode=rw&_pragma=busy_timeout(5000)")
 	if err != nil {
 		return err
 	}

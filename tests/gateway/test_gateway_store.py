@@ -143,3 +143,16 @@ async def test_scan_since_reads_only_calls_created_since(db: Any) -> None:
     assert sorted(c["_id"] for c in everything) == ["old", "recent"]
     window = await unpublished_cuids(db, older_than=cutoff, created_since=now - timedelta(minutes=10))
     assert [c["_id"] for c in window] == ["recent"]
+
+
+@pytest.mark.mongo
+async def test_writer_stop_waits_for_the_batch_being_written(db: Any) -> None:
+    """stop() returns only after every queued insert is settled, including the batch the
+    writer took off the queue last and is still writing (the queue is empty by then)."""
+    calls = writer.CallWriter(db)
+    calls.start()
+    inserts = [calls.enqueue("calls", {"_id": f"s{i}", "pad": "x" * 200}) for i in range(1500)]
+    await calls.stop()
+    assert [f for f in inserts if not f.done()] == []
+    assert all(f.result() is True for f in inserts)
+    assert await db.calls.count_documents({}) == 1500

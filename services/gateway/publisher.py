@@ -5,7 +5,7 @@ Publication is recorded as a *receipt*: a document ``{_id: cuid, at}`` in
 after Kafka acknowledged the event: in the background for a new call (its
 201 waits for the store and Kafka, not for the receipt; a receipt that could
 not be written is retried by the republisher loop, and one lost with the
-process only costs a duplicate event with the same event id), awaited on
+process only costs a read of the topic before the call is published again), awaited on
 the rarer paths (resubmission, republisher). A call is published when it has a
 receipt, or when its ``calls`` document says ``published: true`` (calls
 recorded by other services, and calls of before receipts). The gateway
@@ -251,17 +251,14 @@ class CallPublisher:
                 with contextlib.suppress(PyMongoError):
                     await self._release(cuid, claim_id)
             raise KafkaUnavailable(str(exc)) from None
-        receipt = {"_id": cuid, "at": datetime.now(UTC)}
         self._remember(cuid)
         if claim_id is None and cuid not in self._failed:
-            # A new call: its receipt is written in the background, batched with others
-            # (the event is acknowledged; a lost receipt only means a duplicate event later).
-            self._write_receipt_later(receipt)
+            # A new call: its receipt is written in the background, batched with others (the
+            # event is acknowledged; a lost receipt only means a read of the topic before the
+            # call would be published again).
+            self._write_receipt_later({"_id": cuid, "at": datetime.now(UTC)})
             return
-        await self._writer.insert(RECEIPTS, receipt)
-        self._failed.discard(cuid)
-        with contextlib.suppress(PyMongoError):  # after the receipt, claims are moot
-            await retry_busy(lambda: self._claims.delete_many({"cuid": cuid}))
+        await self._record_receipt(cuid)
 
     async def _hold_until_settled(self, cuid: str, claim_id: str | None,
                                   delivery: asyncio.Future[Any]) -> bool:
@@ -288,7 +285,7 @@ class CallPublisher:
             if delivered:
                 log.info("a timed-out publication was delivered after all", extra={"cuid": cuid})
                 self._remember(cuid)
-                await self._record_receipt(cuid)
+                await self._record_receipt_or_keep(cuid)
             else:
                 with contextlib.suppress(PyMongoError):
                     await self._release(cuid, held)
@@ -298,17 +295,18 @@ class CallPublisher:
                 del self._unsettled[cuid]
 
     async def _record_receipt(self, cuid: str) -> None:
-        """Insert the receipt of ``cuid`` (kept for the republisher loop if that fails); drop
-        its claims."""
-        receipt = {"_id": cuid, "at": datetime.now(UTC)}
-        try:
-            await self._writer.insert(RECEIPTS, receipt)
-        except (PyMongoError, WriterStopped):
-            self._unwritten_receipts[cuid] = receipt
-            return
+        """Insert the receipt of ``cuid`` (store errors propagate) and drop its claims."""
+        await self._writer.insert(RECEIPTS, {"_id": cuid, "at": datetime.now(UTC)})
         self._failed.discard(cuid)
-        with contextlib.suppress(PyMongoError):
+        with contextlib.suppress(PyMongoError):  # after the receipt, claims are moot
             await retry_busy(lambda: self._claims.delete_many({"cuid": cuid}))
+
+    async def _record_receipt_or_keep(self, cuid: str) -> None:
+        """:meth:`_record_receipt`; a receipt the store refuses is kept for the republisher loop."""
+        try:
+            await self._record_receipt(cuid)
+        except PyMongoError:  # WriterStopped included
+            self._unwritten_receipts[cuid] = {"_id": cuid, "at": datetime.now(UTC)}
 
     async def _delivered_before(self, calls: list[Document]) -> set[str]:
         """The cuids among ``calls`` whose CallSubmitted (same event id) is on the topic already.
@@ -317,7 +315,8 @@ class CallPublisher:
         """
         if not calls:
             return set()
-        expected = {call["_id"]: event_id(call["_id"], "gateway", int(call.get("attempt", 1)))
+        producer = events.PRODUCER_OF_INPUT["validator"]  # CallSubmitted's event id, as events.py builds it
+        expected = {call["_id"]: event_id(call["_id"], producer, int(call.get("attempt", 1)))
                     for call in calls}
         since = min(_aware(call.get("created_at")) for call in calls) - SCAN_MARGIN
         try:
@@ -427,7 +426,7 @@ class CallPublisher:
         if delivered:  # an earlier send reached Kafka after all: only its receipt is missing
             log.info("event found on the topic; not published again", extra={"cuid": call["_id"]})
             self._remember(call["_id"])
-            await self._record_receipt(call["_id"])
+            await self._record_receipt_or_keep(call["_id"])
             return True
         await self._publish(call, claim_id)
         return True
@@ -481,7 +480,7 @@ class CallPublisher:
         batch = [c for c in candidates[:limit] if c["_id"] not in self._unsettled]
         done = await self._delivered_before(batch)
         for cuid in done:  # sent by a gateway that stopped before writing the receipt
-            await self._record_receipt(cuid)
+            await self._record_receipt_or_keep(cuid)
         for call in batch:
             if call["_id"] in self._in_flight or call["_id"] in done:
                 continue

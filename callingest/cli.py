@@ -143,12 +143,9 @@ def _json_default(value: Any) -> Any:
 
 
 async def _admin_init(settings: Any) -> int:
-    from callingest import s3
     from callingest.service import prepare_infrastructure
 
     await prepare_infrastructure(settings)
-    async with s3.s3_client(settings) as client:
-        await s3.ensure_bucket(client, settings.s3_bucket)
     print("topics, indexes and bucket ready")
     return 0
 

@@ -56,8 +56,8 @@ import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
-from callingest import config_file, mongo, s3  # noqa: E402
-from callingest.service import prepare_infrastructure  # noqa: E402
+from bench.stack import prepare  # noqa: E402
+from callingest import mongo, s3  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
 from tests.conftest import Services, delete_topics  # noqa: E402
@@ -65,7 +65,6 @@ from tests.normalizer.audiogen import write_encoded, write_wav  # noqa: E402
 from tools import devstack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "e2e"
-DEMO_CONFIG = ROOT / "deploy" / "examples" / "demo-config.yaml"
 TOKEN = "demo-network-token"
 SUBMIT_PATH = "/api/2022-03-01/calls.json"
 SERVICE_NAMES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
@@ -364,16 +363,6 @@ def bench_settings(ports: devstack.Ports, tag: str) -> Settings:
         smtp_port=ports.smtp,
         allow_loopback_recordings=True,
     )
-
-
-async def prepare(settings: Settings) -> None:
-    """Topics, indexes and bucket (as every service creates them), then the demo config."""
-    await prepare_infrastructure(settings)
-    client = mongo.open_client(settings)
-    try:
-        await config_file.apply(mongo.database(client, settings), config_file.load(DEMO_CONFIG))
-    finally:
-        await client.close()
 
 
 async def cleanup(settings: Settings, topics: Topics, cuids: list[str]) -> dict[str, int]:

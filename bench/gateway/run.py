@@ -33,15 +33,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from callingest import config_file, mongo  # noqa: E402
-from callingest.service import prepare_infrastructure  # noqa: E402
+from bench.stack import prepare  # noqa: E402
+from callingest import mongo  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = ROOT / "bench" / "results"
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
-DEMO_CONFIG = ROOT / "deploy" / "examples" / "demo-config.yaml"
 TOKEN = "demo-network-token"
 URL_PATH = "/api/2022-03-01/calls.json"
 
@@ -123,16 +122,6 @@ def measure(name: str, port: int, duration: int, log: Path) -> dict[str, Any]:
         "c64": wrk(port, 64, duration, f"c64{run_id}", log),
         "c4": wrk(port, 4, duration, f"c4{run_id}", log),
     }
-
-
-async def prepare(settings: Settings) -> None:
-    """Topics, indexes and bucket (as every service creates them), then the demo config."""
-    await prepare_infrastructure(settings)
-    client = mongo.open_client(settings)
-    try:
-        await config_file.apply(mongo.database(client, settings), config_file.load(DEMO_CONFIG))
-    finally:
-        await client.close()
 
 
 async def cleanup(settings: Settings) -> int:

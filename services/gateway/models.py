@@ -149,14 +149,19 @@ def _recording_auth_config_id(value: Any, info: ValidationInfo) -> str | None:
     return config_id
 
 
-def _signal_name(value: Any, info: ValidationInfo) -> str:
+def _configured_name(value: Any, configured: dict[str, str], what: str) -> str:
+    """The configured spelling of the name ``value`` (matched case-insensitively)."""
     value = _required(value)
     if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
         raise _problem("must be a string")
-    configured = _context(info).network.signals.get(value.strip().casefold())
-    if configured is None:
-        raise _problem("is not a signal configured for the network")
-    return configured
+    name = configured.get(value.strip().casefold())
+    if name is None:
+        raise _problem(f"is not a {what} configured for the network")
+    return name
+
+
+def _signal_name(value: Any, info: ValidationInfo) -> str:
+    return _configured_name(value, _context(info).network.signals, "signal")
 
 
 def _signal_value(value: Any) -> bool:
@@ -167,13 +172,7 @@ def _signal_value(value: Any) -> bool:
 
 
 def _custom_data_name(value: Any, info: ValidationInfo) -> str:
-    value = _required(value)
-    if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
-        raise _problem("must be a string")
-    configured = _context(info).network.custom_data_fields.get(value.strip().casefold())
-    if configured is None:
-        raise _problem("is not a custom data field configured for the network")
-    return configured
+    return _configured_name(value, _context(info).network.custom_data_fields, "custom data field")
 
 
 def _custom_data_value(value: Any) -> str:

@@ -26,8 +26,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from callingest import avro, mongo, s3
+from callingest.service import prepare_infrastructure
 from callingest.settings import Settings
-from callingest.topics import Topics, ensure_topics
+from callingest.topics import Topics
 from tests.conftest import ROOT, TEST_LOGS, Services, delete_topics, wait_until
 from tests.helpers import apply_config
 from tests.normalizer.audiogen import write_wav
@@ -298,12 +299,9 @@ async def open_pipeline(settings: Settings, mail_dir: Path, wav: bytes, name: st
     Everything is torn down afterwards (services stopped, topics and database dropped).
     """
     topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
-    await ensure_topics(settings.kafka_bootstrap_servers, topics.all(), 3, 1)
+    await prepare_infrastructure(settings)  # what `callingest admin init` does
     client = mongo.open_client(settings)
     db = mongo.database(client, settings)
-    await mongo.ensure_indexes(db)
-    async with s3.s3_client(settings) as s3c:  # what `callingest admin init` does
-        await s3.ensure_bucket(s3c, settings.s3_bucket)
     apply_config(settings)
     recordings = Recordings(wav)
     app = web.Application()

@@ -23,6 +23,20 @@ from tests.gateway.test_gateway_api import call_body, get_call, post
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
 
+def without_republisher(settings: Settings) -> Settings:
+    """The same settings with the background republisher's first scan an hour away."""
+    return settings.model_copy(update={"republish_after_seconds": 3600.0})
+
+
+async def wait_all_published(db: Any) -> None:
+    """Wait (at most 20 s) until no stored call is left unpublished."""
+
+    async def all_published() -> bool:
+        return await unpublished_cuids(db) == []
+
+    await poll(all_published, patience=20.0)
+
+
 def kafka_down(settings: Settings) -> Settings:
     """The same settings with Kafka at a loopback port nothing listens on."""
     return settings.model_copy(update={"kafka_bootstrap_servers": f"127.0.0.1:{free_port()}"})
@@ -58,8 +72,7 @@ async def test_resubmission_publishes_a_call_accepted_while_kafka_was_down(
     body = call_body("down-1")
     stored = await submit_while_kafka_is_down(settings, configured_db, body)
 
-    no_republisher = settings.model_copy(update={"republish_after_seconds": 3600.0})
-    up = await start_client(no_republisher)
+    up = await start_client(without_republisher(settings))
     try:
         status, answer = await post(up, body)
         assert (status, answer) == (202, {"cuid": stored["_id"]})
@@ -86,11 +99,7 @@ async def test_republisher_publishes_unpublished_calls_once(
     first = await start_client(settings)
     second = await start_client(settings)
     try:
-
-        async def all_published() -> bool:
-            return await unpublished_cuids(configured_db) == []
-
-        await poll(all_published, patience=20.0)
+        await wait_all_published(configured_db)
     finally:
         await first.close()
         await second.close()
@@ -102,7 +111,7 @@ async def crash_after_kafka_ack(settings: Settings, db: Any, body: dict[str, Any
     """Submit ``body`` (201), then leave the state a gateway killed between Kafka's
     acknowledgement and the publication receipt leaves: the event on the topic, no receipt.
     The call is back-dated so that the inserting request's implicit claim has expired."""
-    first = await start_client(settings.model_copy(update={"republish_after_seconds": 3600.0}))
+    first = await start_client(without_republisher(settings))
     try:
         status, answer = await post(first, body)
         assert status == 201
@@ -125,7 +134,7 @@ async def test_an_event_already_on_kafka_is_not_published_again_after_a_crash(
     scanned = await crash_after_kafka_ack(settings, configured_db, call_body("crash-republished"))
 
     # A new gateway process: the client's resubmission finds the event on the topic.
-    up = await start_client(settings.model_copy(update={"republish_after_seconds": 3600.0}))
+    up = await start_client(without_republisher(settings))
     try:
         assert await post(up, body) == (202, {"cuid": resubmitted})
     finally:
@@ -135,11 +144,7 @@ async def test_an_event_already_on_kafka_is_not_published_again_after_a_crash(
     # Another one: its republisher's scan finds the other call's event on the topic.
     republisher = await start_client(settings.model_copy(update={"republish_after_seconds": 1.0}))
     try:
-
-        async def all_published() -> bool:
-            return await unpublished_cuids(configured_db) == []
-
-        await poll(all_published, patience=20.0)
+        await wait_all_published(configured_db)
     finally:
         await republisher.close()
     published = await read_events(expected=2, settle=3.0)
@@ -152,7 +157,7 @@ async def test_a_send_that_times_out_but_is_delivered_later_is_published_once(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
     body = call_body("late-delivery")
-    up = await start_client(settings.model_copy(update={"republish_after_seconds": 3600.0}))
+    up = await start_client(without_republisher(settings))
     try:
         # Kafka cannot acknowledge within 1 ms: the gateway answers 503, while aiokafka
         # still delivers the event (a broker that was slow, or came back).
@@ -259,7 +264,7 @@ async def test_a_send_that_never_settles_gives_its_claim_back(
     for ever: a producer that never settles it must not keep the call from being published."""
     monkeypatch.setattr(publisher_module, "CLAIM_SECONDS", 0.6)
     monkeypatch.setattr(publisher_module, "MAX_HOLD_SECONDS", 1.0)
-    up = await start_client(settings.model_copy(update={"republish_after_seconds": 3600.0}))
+    up = await start_client(without_republisher(settings))
     never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     try:
         hold = asyncio.create_task(up.app[keys.PUBLISHER]._hold_until_settled("never-settled", None, never))

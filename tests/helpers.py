@@ -12,6 +12,7 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer
 
 from callingest import avro, events
@@ -104,3 +105,16 @@ def apply_config(settings: Settings, path: Path | None = None) -> None:
     subprocess.run([str(ROOT / ".venv/bin/callingest"), "config", "apply", str(path)],
                    env={**os.environ, **settings_env(settings)}, check=True,
                    capture_output=True, timeout=60)
+
+
+async def serve_recordings(handler: Any, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
+    """A loopback HTTP server answering ``GET /rec/{name}`` with ``handler``: its runner
+    (clean it up) and the base URL of the recordings."""
+    app = web.Application()
+    app.router.add_get("/rec/{name}", handler)
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}/rec"

@@ -61,6 +61,7 @@ from callingest import mongo, s3  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
 from tests.conftest import Services, delete_topics  # noqa: E402
+from tests.helpers import serve_recordings  # noqa: E402
 from tests.normalizer.audiogen import write_encoded, write_wav  # noqa: E402
 from tools import devstack  # noqa: E402
 
@@ -90,18 +91,6 @@ class RecordingServer:
         body = self.mp3 if name.endswith(".mp3") and self.mp3 is not None else self.wav
         self.bytes_sent += len(body)
         return web.Response(body=body, content_type="application/octet-stream")
-
-
-async def start_recording_server(rec: RecordingServer) -> web.AppRunner:
-    app = web.Application()
-    app.router.add_get("/rec/{name}", rec.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    rec.base = f"http://127.0.0.1:{port}/rec"
-    return runner
 
 
 def make_recordings(seconds: float, rate: int, with_mp3: bool) -> tuple[bytes, bytes | None]:
@@ -398,7 +387,7 @@ async def run(args: argparse.Namespace, settings: Settings, services: Services,
     print(f"recordings: WAV {len(wav) / 1e6:.2f} MB"
           + (f", MP3 {len(mp3) / 1e6:.2f} MB" if mp3 else "") + f" ({gen_s:.1f} s)", flush=True)
     rec = RecordingServer(wav, mp3)
-    runner = await start_recording_server(rec)
+    runner, rec.base = await serve_recordings(rec.handle)
     client = mongo.open_client(settings, timeout_ms=30000)
     db = mongo.database(client, settings)
     try:

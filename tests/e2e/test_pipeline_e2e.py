@@ -22,7 +22,7 @@ from callingest import mongo
 from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
 from tests.conftest import ROOT, Services, delete_topics, make_settings, settings_env, wait_until
-from tests.helpers import apply_config, mails_about
+from tests.helpers import apply_config, mails_about, serve_recordings
 from tests.normalizer.audiogen import (
     LEFT_HZ,
     RIGHT_HZ,
@@ -136,14 +136,7 @@ async def stack(servers: Any, tmp_path_factory: pytest.TempPathFactory) -> Async
     await mongo.ensure_indexes(db)
     apply_config(settings)
     recordings = RecordingServer()
-    app = web.Application()
-    app.router.add_get("/rec/{name}", recordings.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    recordings.base = f"http://127.0.0.1:{port}/rec"
+    runner, recordings.base = await serve_recordings(recordings.handle)
     from tests.conftest import TEST_LOGS
 
     log_dir = TEST_LOGS / "e2e"

@@ -30,7 +30,7 @@ from callingest.service import prepare_infrastructure
 from callingest.settings import Settings
 from callingest.topics import Topics
 from tests.conftest import ROOT, TEST_LOGS, Services, delete_topics, wait_until
-from tests.helpers import apply_config
+from tests.helpers import apply_config, serve_recordings
 from tests.normalizer.audiogen import write_wav
 
 TOKEN = "demo-network-token"  # the demo configuration's network-wide token
@@ -304,14 +304,7 @@ async def open_pipeline(settings: Settings, mail_dir: Path, wav: bytes, name: st
     db = mongo.database(client, settings)
     apply_config(settings)
     recordings = Recordings(wav)
-    app = web.Application()
-    app.router.add_get("/rec/{name}", recordings.handle)
-    runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    recordings.base = f"http://127.0.0.1:{port}/rec"
+    runner, recordings.base = await serve_recordings(recordings.handle, shutdown_timeout=1.0)
     log_dir = TEST_LOGS / f"{name}-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir(parents=True, exist_ok=True)
     svc = Services(settings, log_dir)

@@ -13,6 +13,9 @@ from typing import Any
 
 SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
 STAGES = ("validator", "fetcher", "normalizer")
+COMMANDS = {"config": "config-apply", "calls": "calls-show", "replay": "replay",
+            "admin": "admin-init"}
+"""Command -> its entry in :data:`callingest.settings_usage.ENTRY_POINTS`."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,8 +76,12 @@ def _iso(value: str) -> datetime:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from callingest.settings import load_settings
+    from callingest.settings_usage import reads
 
-    settings = load_settings()
+    # Only what the command reads is required (the gateway needs no SMTP_HOST); checked
+    # before anything connects.
+    command = args.service if args.command == "serve" else COMMANDS[args.command]
+    settings = load_settings(reads(command))
     if args.command == "serve":
         module = importlib.import_module(f"services.{args.service}.main")
         try:
@@ -108,7 +115,6 @@ async def _config_apply(settings: Any, path: Path) -> int:
     client = mongo.open_client(settings)
     try:
         db = mongo.database(client, settings)
-        await mongo.ensure_indexes(db)
         changes = await config_file.apply(db, config)
     finally:
         await client.close()
@@ -143,7 +149,7 @@ def _json_default(value: Any) -> Any:
 
 
 async def _admin_init(settings: Any) -> int:
-    from callingest.service import prepare_infrastructure
+    from callingest.infra import prepare_infrastructure
 
     await prepare_infrastructure(settings)
     print("topics, indexes and bucket ready")

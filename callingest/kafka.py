@@ -11,9 +11,11 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
+from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import DefaultPartitioner
 
 from callingest import avro, metrics
+from callingest.settings import Settings
 
 EVENT_NAMESPACE = uuid.UUID("6f1c8e0a-6a43-4d7e-9b0e-2f7a3c1d5e01")
 
@@ -21,6 +23,22 @@ EVENT_NAMESPACE = uuid.UUID("6f1c8e0a-6a43-4d7e-9b0e-2f7a3c1d5e01")
 def event_id(cuid: str, stage: str, attempt: int) -> str:
     """Deterministic event id: a redelivered step republishes the same id."""
     return str(uuid.uuid5(EVENT_NAMESPACE, f"{cuid}/{stage}/{attempt}"))
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Security options for every Kafka client (producer, consumer, admin) of ``settings``:
+    ``KAFKA_SECURITY_PROTOCOL`` PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; SASL PLAIN or
+    SCRAM-SHA-256/512 with ``KAFKA_SASL_USERNAME``/``KAFKA_SASL_PASSWORD``; TLS verified
+    against ``KAFKA_SSL_CAFILE`` or the system's CAs."""
+    protocol = settings.kafka_security_protocol
+    options: dict[str, Any] = {"security_protocol": protocol}
+    if protocol in ("SSL", "SASL_SSL"):
+        options["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_cafile)
+    if protocol.startswith("SASL_"):
+        options.update(sasl_mechanism=settings.kafka_sasl_mechanism,
+                       sasl_plain_username=settings.kafka_sasl_username,
+                       sasl_plain_password=settings.kafka_sasl_password.get_secret_value())
+    return options
 
 
 class PublishError(Exception):
@@ -45,9 +63,11 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 class Producer:
     """Publishes events and returns only once Kafka acknowledged them (acks=all)."""
 
-    def __init__(self, bootstrap_servers: str, service: str, request_timeout_ms: int = 10000) -> None:
+    def __init__(self, bootstrap_servers: str, service: str, request_timeout_ms: int = 10000,
+                 options: dict[str, Any] | None = None) -> None:
         self.service = service
         self._options = {
+            **(options or {}),
             "bootstrap_servers": bootstrap_servers,
             "acks": "all",
             "enable_idempotence": True,
@@ -160,8 +180,10 @@ class TopicScanner:
     one scan at a time and rebuilt after an error.
     """
 
-    def __init__(self, bootstrap_servers: str, service: str, timeout: float = 10.0) -> None:
+    def __init__(self, bootstrap_servers: str, service: str, timeout: float = 10.0,
+                 options: dict[str, Any] | None = None) -> None:
         self._bootstrap_servers = bootstrap_servers
+        self._security = options or {}
         self._client_id = f"callingest-{service}-scanner"
         self._timeout = timeout
         self._consumer: AIOKafkaConsumer | None = None
@@ -185,6 +207,7 @@ class TopicScanner:
     async def _scan(self, topic: str, keys: set[str], since: datetime) -> list[tuple[str, bytes]]:
         if self._consumer is None:
             consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap_servers, group_id=None,
+                                        **self._security,
                                         enable_auto_commit=False, client_id=self._client_id,
                                         auto_offset_reset="earliest", fetch_max_wait_ms=100)
             await consumer.start()

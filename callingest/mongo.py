@@ -32,19 +32,29 @@ def database(client: AsyncMongoClient[Document], settings: Settings) -> AsyncDat
     return client[settings.mongodb_database]
 
 
-async def ensure_indexes(db: AsyncDatabase[Document]) -> None:
-    """Create every index the platform relies on; idempotent."""
-    await db.calls.create_index(
-        [("network_id", ASCENDING), ("external_call_unique_id", ASCENDING)],
-        unique=True,
-        name="network_external_call_unique_id",
-    )
-    await db.calls.create_index([("status", ASCENDING)], name="status")
+INDEXES: tuple[tuple[str, list[tuple[str, int]], str, bool], ...] = (
+    # (collection, keys, name, unique)
+    ("calls", [("network_id", ASCENDING), ("external_call_unique_id", ASCENDING)],
+     "network_external_call_unique_id", True),
+    ("calls", [("status", ASCENDING)], "status", False),
     # The gateway's republisher reads the calls created since its last scan.
-    await db.calls.create_index([("created_at", ASCENDING)], name="created_at")
-    await db.campaigns.create_index(
-        [("network_id", ASCENDING), ("id_from_network", ASCENDING)],
-        unique=True,
-        name="network_campaign",
-    )
-    await db.api_tokens.create_index([("network_id", ASCENDING)], name="network")
+    ("calls", [("created_at", ASCENDING)], "created_at", False),
+    ("campaigns", [("network_id", ASCENDING), ("id_from_network", ASCENDING)],
+     "network_campaign", True),
+    ("api_tokens", [("network_id", ASCENDING)], "network", False),
+)
+"""Every index the platform relies on (created by ``callingest admin init`` only)."""
+
+
+async def ensure_indexes(db: AsyncDatabase[Document]) -> None:
+    """Create every index of :data:`INDEXES`; idempotent."""
+    for collection, keys, name, unique in INDEXES:
+        await db[collection].create_index(keys, unique=unique, name=name)
+
+
+async def missing_indexes(db: AsyncDatabase[Document]) -> list[str]:
+    """The indexes of :data:`INDEXES` that do not exist, as ``collection.name``."""
+    present: dict[str, set[str]] = {}
+    for collection in {c for c, *_ in INDEXES}:
+        present[collection] = {doc["name"] async for doc in await db[collection].list_indexes()}
+    return [f"{c}.{name}" for c, _keys, name, _unique in INDEXES if name not in present[c]]

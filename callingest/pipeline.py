@@ -18,9 +18,15 @@ CommitOffsets):
 * :class:`~callingest.errors.PermanentError` -> call marked failed and
   CallFailed published to ``calls.failed``;
 * undecodable bytes -> dead-letter topic with their origin in headers; too many
-  in a row stops the consumer (bad code should not flood the DLQ);
+  in a row is fatal (bad code should not flood the DLQ);
 * infrastructure trouble (MongoDB or Kafka unavailable) -> the message is
-  retried in place with backoff and nothing is committed past it;
+  retried in place with backoff and nothing is committed past it, for at most
+  ``INFRA_RETRY_SECONDS``; then fatal;
+* crash-only: anything fatal (an exception outside the step, the dead-letter
+  limit, the infrastructure retry bound) is logged with the call and event id,
+  readiness goes false, finished work is committed and :meth:`StageRunner.run`
+  raises :class:`ConsumerFailed`, so the process exits non-zero and Kubernetes
+  restarts it; the event that failed was not committed and is consumed again;
 * SIGTERM: stop taking messages, let in-flight work finish within the grace
   period, commit what is done, close.
 """
@@ -45,7 +51,7 @@ from pymongo.errors import PyMongoError
 
 from callingest import avro, metrics
 from callingest.errors import PermanentError, TransientError
-from callingest.kafka import Producer, PublishError, event_id
+from callingest.kafka import Producer, PublishError, client_options, event_id
 from callingest.logging import get_logger
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -55,6 +61,10 @@ log = get_logger(__name__)
 RETRY_ATTEMPT_HEADER = "callingest-retry"
 NOT_BEFORE_HEADER = "callingest-not-before"
 MAX_CONSECUTIVE_DEAD_LETTERS = 100
+
+
+class ConsumerFailed(Exception):
+    """The consumer hit something it must not carry on past (already logged); exit non-zero."""
 
 
 @dataclass
@@ -94,6 +104,8 @@ class Stage:
     resources: dict[str, Any] = field(default_factory=dict)
     retry_forever: bool = False
     """Transient failures never exhaust (the notifier: a notification is never dropped)."""
+    checks: list[Callable[[], Awaitable[list[str]]]] = field(default_factory=list)
+    """Infrastructure of this stage's own to verify before it starts (see callingest.infra)."""
 
 
 def now() -> datetime:
@@ -145,6 +157,8 @@ class StageRunner:
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._paused_until: dict[TopicPartition, float] = {}
         self._consecutive_dead_letters = 0
+        self._fetch_failing_since: float | None = None
+        self.failure: str | None = None
         self.ready = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -152,6 +166,13 @@ class StageRunner:
     def stop(self) -> None:
         """Ask the loop to stop taking messages; :meth:`run` then drains and returns."""
         self._stopping.set()
+
+    def _fatal(self, reason: str) -> None:
+        """Stop taking messages and make :meth:`run` raise :class:`ConsumerFailed`."""
+        if self.failure is None:
+            self.failure = reason
+        self.ready = False
+        self.stop()
 
     async def run(self) -> None:
         """Consume until stopped; commits everything finished before returning."""
@@ -171,6 +192,7 @@ class StageRunner:
 
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap_servers,
+            **client_options(self.settings),
             group_id=f"{self.settings.topic_prefix}callingest-{self.stage.name}",
             enable_auto_commit=False,
             auto_offset_reset="earliest",
@@ -195,6 +217,8 @@ class StageRunner:
             with contextlib.suppress(Exception):
                 await self._commit()
             await consumer.stop()
+        if self.failure is not None:
+            raise ConsumerFailed(self.failure)
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
@@ -206,7 +230,15 @@ class StageRunner:
                 continue
             try:
                 batches = await consumer.getmany(timeout_ms=200, max_records=free)
+                self._fetch_failing_since = None
             except KafkaError as exc:
+                failing = self._fetch_failing_since = self._fetch_failing_since or time.monotonic()
+                if time.monotonic() - failing > self.settings.infra_retry_seconds:
+                    log.error("Kafka fetch failing for longer than INFRA_RETRY_SECONDS; exiting",
+                              extra={"error": type(exc).__name__,
+                                     "limit_seconds": self.settings.infra_retry_seconds})
+                    self._fatal("Kafka fetch failing")
+                    break
                 log.warning("fetch failed, retrying", extra={"error": type(exc).__name__})
                 await asyncio.sleep(1.0)
                 continue
@@ -271,7 +303,10 @@ class StageRunner:
         if previous is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(previous)
+        if self.failure is not None:  # not after an event of this call that failed
+            raise ConsumerFailed(self.failure)
         delay = 0.5
+        failing_since: float | None = None
         while True:
             try:
                 await self._handle(tp, record)
@@ -279,13 +314,27 @@ class StageRunner:
             except (PyMongoError, KafkaError, PublishError) as exc:
                 if self._stopping.is_set():
                     raise
-                log.warning(
-                    "infrastructure unavailable, retrying in place",
-                    extra={"topic": tp.topic, "offset": record.offset,
-                           "error": f"{type(exc).__name__}: {exc}"[:300]},
-                )
+                failing_since = failing_since or time.monotonic()
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                if time.monotonic() - failing_since > self.settings.infra_retry_seconds:
+                    log.error("infrastructure unavailable for longer than INFRA_RETRY_SECONDS; "
+                              "exiting, the event will be consumed again after the restart",
+                              extra={**_ids(tp, record), "error": error,
+                                     "limit_seconds": self.settings.infra_retry_seconds})
+                    self._fatal("infrastructure unavailable")
+                    raise
+                log.warning("infrastructure unavailable, retrying in place",
+                            extra={**_ids(tp, record), "error": error})
                 await asyncio.sleep(delay + random.uniform(0, delay))
                 delay = min(delay * 2, 10.0)
+            except ConsumerFailed:
+                raise
+            except Exception as exc:
+                log.exception("event processing failed outside the step; exiting, the event "
+                              "will be consumed again after the restart",
+                              extra={**_ids(tp, record), "error": type(exc).__name__})
+                self._fatal(f"{type(exc).__name__} outside the step")
+                raise
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         started = time.perf_counter()
@@ -432,8 +481,11 @@ class StageRunner:
     async def _dead_letter(self, tp: TopicPartition, record: ConsumerRecord, reason: str) -> None:
         self._consecutive_dead_letters += 1
         if self._consecutive_dead_letters > MAX_CONSECUTIVE_DEAD_LETTERS:
-            self.stop()
-            raise RuntimeError("too many undecodable messages in a row; stopping the consumer")
+            log.error("too many undecodable messages in a row; exiting (is a producer writing "
+                      "something else to this topic?)",
+                      extra={**_ids(tp, record), "limit": MAX_CONSECUTIVE_DEAD_LETTERS})
+            self._fatal("dead-letter limit")
+            raise ConsumerFailed("dead-letter limit")
         headers = [
             ("callingest-origin-topic", tp.topic.encode()),
             ("callingest-origin-partition", str(tp.partition).encode()),
@@ -498,6 +550,17 @@ class StageRunner:
                         committed = await consumer.committed(tp)
                 lag = max(0, highwater - (committed or 0))
                 metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(lag)
+
+
+def _ids(tp: TopicPartition, record: ConsumerRecord) -> dict[str, Any]:
+    """Where a record is and, if it decodes, its call id and event id (for log lines)."""
+    ids: dict[str, Any] = {"topic": tp.topic, "partition": tp.partition, "offset": record.offset}
+    try:
+        _name, event = avro.decode(record.value)
+    except Exception:  # undecodable: its place is all there is
+        return ids
+    ids.update(cuid=event.get("cuid"), event_id=str(event.get("event_id")))
+    return ids
 
 
 def _header(record: ConsumerRecord, name: str) -> bytes | None:

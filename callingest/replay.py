@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from callingest import events, mongo
-from callingest.kafka import Producer, PublishError
+from callingest.kafka import Producer, PublishError, client_options
 from callingest.settings import Settings
 from callingest.topics import Topics
 
@@ -70,7 +70,8 @@ async def replay_calls(settings: Settings, flt: ReplayFilter, dry_run: bool = Fa
                 print(f"would replay {call['_id']} at stage {failure.get('stage')} "
                       f"({failure.get('class')}: {failure.get('message')})")
             return summary
-        producer = Producer(settings.kafka_bootstrap_servers, "replay")
+        producer = Producer(settings.kafka_bootstrap_servers, "replay",
+                            options=client_options(settings))
         await producer.start()
         for call in tqdm(calls, desc="replaying", unit="call", disable=not progress,
                          file=sys.stderr):

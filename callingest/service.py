@@ -13,15 +13,21 @@ from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from callingest import mongo
+from callingest import infra, kafka, mongo
 from callingest.http import add_ops_routes
+from callingest.infra import prepare_infrastructure
 from callingest.kafka import Producer
 from callingest.logging import configure, get_logger
-from callingest.pipeline import Stage, StageRunner
+from callingest.pipeline import ConsumerFailed, Stage, StageRunner
 from callingest.settings import DEFAULT_PORTS, Settings
-from callingest.topics import Topics, ensure_topics
+from callingest.topics import Topics
 
 log = get_logger(__name__)
+
+EXIT_FAILED = 1
+"""Exit code of a consumer that failed (crash-only: Kubernetes restarts it)."""
+
+__all__ = ["EXIT_FAILED", "ops_server", "port_of", "prepare_infrastructure", "run_stage_service"]
 
 StageFactory = Callable[[Settings, AsyncDatabase[dict[str, Any]], Topics],
                         AbstractAsyncContextManager[Stage]]
@@ -29,22 +35,6 @@ StageFactory = Callable[[Settings, AsyncDatabase[dict[str, Any]], Topics],
 
 def port_of(service: str, settings: Settings) -> int:
     return settings.http_port if settings.http_port is not None else DEFAULT_PORTS[service]
-
-
-async def prepare_infrastructure(settings: Settings) -> None:
-    """Create every topic, index and the bucket the platform needs; idempotent."""
-    topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
-    await ensure_topics(settings.kafka_bootstrap_servers, topics.all(),
-                        settings.topic_partitions, settings.topic_replication_factor)
-    client = mongo.open_client(settings)
-    try:
-        await mongo.ensure_indexes(mongo.database(client, settings))
-    finally:
-        await client.close()
-    from callingest import s3
-
-    async with s3.s3_client(settings) as s3c:
-        await s3.ensure_bucket(s3c, settings.s3_bucket)
 
 
 @contextlib.asynccontextmanager
@@ -69,37 +59,65 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
 
 
 async def run_stage_service(service: str, factory: StageFactory, settings: Settings) -> None:
-    """Run one pipeline service until SIGTERM/SIGINT; drains in-flight work before returning."""
+    """Run one pipeline service until SIGTERM/SIGINT; drains in-flight work before returning.
+
+    Not ready until the infrastructure ``callingest admin init`` creates exists (the stage's
+    ``checks`` add its own, e.g. the bucket). Crash-only: if the consumer fails
+    (:class:`~callingest.pipeline.ConsumerFailed`, or the infrastructure cannot be reached for
+    ``INFRA_RETRY_SECONDS``), finished work is committed and the process exits with code 1.
+    """
     configure(service, settings.log_level)
-    await prepare_infrastructure(settings)
     topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
     client = mongo.open_client(settings)
     db = mongo.database(client, settings)
-    producer = Producer(settings.kafka_bootstrap_servers, service)
-    await producer.start()
+    producer = Producer(settings.kafka_bootstrap_servers, service,
+                        options=kafka.client_options(settings))
     stop_requested = asyncio.Event()
     install_stop_handlers(stop_requested.set)
+    runner: StageRunner | None = None
+    infrastructure_ok = False
+
+    async def ready() -> dict[str, bool]:
+        if not infrastructure_ok or runner is None:
+            return {"infrastructure": False}
+        mongo_ok = True
+        try:
+            await asyncio.wait_for(client.admin.command("ping"), 2.0)
+        except (TimeoutError, PyMongoError):
+            mongo_ok = False
+        return {"infrastructure": True, "kafka_consumer": runner.ready,
+                "kafka_producer": producer.started, "mongodb": mongo_ok}
+
+    failed = False
     try:
-        async with factory(settings, db, topics) as stage:
+        async with ops_server(service, settings, ready), factory(settings, db, topics) as stage:
+            checks = [infra.topics_check(settings, topics.all()), infra.indexes_check(db),
+                      *stage.checks]
+            waiting = asyncio.create_task(infra.wait_for(checks, service,
+                                                          settings.infra_retry_seconds))
+            stop_task = asyncio.create_task(stop_requested.wait())
+            await asyncio.wait({waiting, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                waiting.cancel()
+                return
+            waiting.result()
+            infrastructure_ok = True
+            await producer.start()
             runner = StageRunner(stage, settings, db, producer, service)
-
-            async def ready() -> dict[str, bool]:
-                mongo_ok = True
-                try:
-                    await asyncio.wait_for(client.admin.command("ping"), 2.0)
-                except (TimeoutError, PyMongoError):
-                    mongo_ok = False
-                return {"kafka_consumer": runner.ready, "kafka_producer": producer.started,
-                        "mongodb": mongo_ok}
-
-            async with ops_server(service, settings, ready):
-                run_task = asyncio.create_task(runner.run())
-                stop_task = asyncio.create_task(stop_requested.wait())
-                await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-                runner.stop()
-                stop_task.cancel()
-                await run_task
-                log.info("stopped cleanly", extra={"service": service})
+            run_task = asyncio.create_task(runner.run())
+            await asyncio.wait({run_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            runner.stop()
+            stop_task.cancel()
+            await run_task
+            log.info("stopped cleanly", extra={"service": service})
+    except (ConsumerFailed, infra.InfrastructureUnavailable) as exc:
+        log.error("service failed; exiting with code 1", extra={"service": service,
+                                                                "reason": str(exc)})
+        failed = True
     finally:
-        await producer.stop()
-        await client.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(producer.stop(), 15.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), 5.0)
+    if failed:
+        raise SystemExit(EXIT_FAILED)

@@ -1,16 +1,80 @@
 """Settings from environment variables, validated once at start-up.
 
-A missing or malformed value stops the process with a message naming the
-variable (see :func:`load_settings`).
+Two profiles. ``CALLINGEST_ENV=dev`` (set by ``make up``, the tests and the benchmarks)
+fills every setting that has a dev default (:func:`required_outside_dev`,
+:func:`dev_default`) with the local dev stack's value. Any other profile (production,
+the default) has no such defaults: a required setting the service reads that is not
+given stops the process with exit code 2 and one line per missing variable, before it
+connects to anything (:func:`load_settings`).
+
+Every setting may also come from a file: ``<NAME>_FILE=/path`` reads the value of
+``<NAME>`` from that file (a Kubernetes Secret volume), trailing newline stripped.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+DEV_PROFILE = "dev"
+_DEV = "callingest_dev_default"
+_REQUIRED = "callingest_required_outside_dev"
+_UNLESS = "callingest_required_unless"
+
+
+def required_outside_dev(dev: Any, unless: str | None = None) -> Any:
+    """A setting that must be given outside the dev profile (dev profile: ``dev``).
+
+    Unset is the empty value (``""``), so the field keeps its plain type. ``unless`` names a
+    boolean setting that, when true, makes this one optional (S3 keys with an IAM role).
+    A new required setting joins by declaring itself with this (see ``kafka_bootstrap_servers``).
+    """
+    empty: Any = SecretStr("") if isinstance(dev, SecretStr) else ""
+    extra: dict[str, Any] = {_DEV: dev, _REQUIRED: True}
+    if unless:
+        extra[_UNLESS] = unless
+    return Field(empty, json_schema_extra=extra)
+
+
+def dev_default(dev: Any, default: Any) -> Any:
+    """An optional setting whose default differs in the dev profile."""
+    return Field(default, json_schema_extra={_DEV: dev})
+
+
+class SettingsFileError(ValueError):
+    """A ``<NAME>_FILE`` that cannot be read, or given together with ``<NAME>``."""
+
+
+class _FileSettingsSource(EnvSettingsSource):
+    """``<NAME>_FILE=/path``: the value of ``<NAME>`` is the file's content."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        fields = {name.upper() for name in self.settings_cls.model_fields}
+        environ = {k.upper(): v for k, v in os.environ.items()}
+        values: dict[str, str | None] = {}
+        for key, path in environ.items():
+            name = key.removesuffix("_FILE")
+            if not key.endswith("_FILE") or name not in fields:
+                continue
+            if environ.get(name):
+                raise SettingsFileError(f"{name} and {key} are both set; give one")
+            try:
+                values[name.lower()] = Path(path).read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise SettingsFileError(f"{key}: cannot read {path}: {exc.strerror}") from None
+        return values
 
 
 class Settings(BaseSettings):
@@ -18,23 +82,36 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    callingest_env: str = Field("production", description="dev: the local dev stack's defaults")
+
+    kafka_bootstrap_servers: str = required_outside_dev("127.0.0.1:9092")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: SecretStr = SecretStr("")
+    kafka_ssl_cafile: str | None = None
+    """CA bundle for the brokers' certificates (SSL, SASL_SSL); unset: the system's CAs."""
     topic_prefix: str = ""
     topic_partitions: int = Field(3, ge=1)
     topic_replication_factor: int = Field(1, ge=1)
 
-    mongodb_uri: SecretStr = SecretStr("mongodb://127.0.0.1:27017/")
+    mongodb_uri: SecretStr = required_outside_dev(SecretStr("mongodb://127.0.0.1:27017/"))
     mongodb_database: str = "callingest"
 
-    s3_endpoint_url: str | None = "http://127.0.0.1:9000"
-    s3_bucket: str = "recordings"
-    s3_region: str = "us-east-1"
-    s3_access_key_id: SecretStr = SecretStr("callingest")
-    s3_secret_access_key: SecretStr = SecretStr("callingest-dev-secret")
+    s3_endpoint_url: str | None = dev_default("http://127.0.0.1:9000", None)
+    """Empty or unset outside dev: the provider's default endpoint (AWS S3 of ``S3_REGION``)."""
+    s3_bucket: str = required_outside_dev("recordings")
+    s3_region: str = required_outside_dev("us-east-1")
+    s3_use_iam_role: bool = False
+    """True: no static keys; botocore's credential chain (IRSA web identity, instance role)."""
+    s3_access_key_id: SecretStr = required_outside_dev(SecretStr("callingest"),
+                                                       unless="s3_use_iam_role")
+    s3_secret_access_key: SecretStr = required_outside_dev(SecretStr("callingest-dev-secret"),
+                                                           unless="s3_use_iam_role")
     s3_allowed_source_buckets: list[str] = Field(default_factory=list)
 
-    smtp_host: str = "127.0.0.1"
-    smtp_port: int = 1025
+    smtp_host: str = required_outside_dev("127.0.0.1")
+    smtp_port: int = dev_default(1025, 25)
     smtp_from: str = "callingest@localhost"
     smtp_timeout_seconds: float = 10.0
 
@@ -63,6 +140,82 @@ class Settings(BaseSettings):
     public_base_url: str = "http://127.0.0.1:8080"
     log_level: str = "INFO"
 
+    infra_retry_seconds: float = Field(60.0, gt=0)
+    """How long a consumer retries MongoDB/Kafka/S3 trouble in place before it exits non-zero."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileSettingsSource(settings_cls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dev_profile(cls, data: Any) -> Any:
+        """Under ``CALLINGEST_ENV=dev``, unset settings take their dev default."""
+        if not isinstance(data, dict) or str(data.get("callingest_env", "")).lower() != DEV_PROFILE:
+            return data
+        filled = dict(data)
+        for name, info in cls.model_fields.items():
+            extra = info.json_schema_extra
+            if not isinstance(extra, dict) or _DEV not in extra or not _unset(filled.get(name)):
+                continue
+            unless = extra.get(_UNLESS)
+            if unless and str(filled.get(str(unless), "")).lower() in ("1", "true", "yes", "on"):
+                continue
+            filled[name] = extra[_DEV]
+        return filled
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _empty_endpoint_is_default(cls, value: str | None) -> str | None:
+        return value or None
+
+    @model_validator(mode="after")
+    def _one_s3_credential_kind(self) -> Settings:
+        if self.s3_use_iam_role and (self.s3_access_key_id.get_secret_value()
+                                     or self.s3_secret_access_key.get_secret_value()):
+            raise ValueError("S3_USE_IAM_ROLE=true and static S3 keys are both set; give one")
+        return self
+
+    @property
+    def dev(self) -> bool:
+        return self.callingest_env.lower() == DEV_PROFILE
+
+    def missing(self, reads: Iterable[str] | None = None) -> list[str]:
+        """The required settings (of ``reads``, else all) not given, as variable names."""
+        wanted = set(reads) if reads is not None else set(type(self).model_fields)
+        out = []
+        for name in sorted(wanted & set(REQUIRED_OUTSIDE_DEV)):
+            unless = REQUIRED_OUTSIDE_DEV[name]
+            if unless and getattr(self, unless):
+                continue
+            if _unset(getattr(self, name)):
+                out.append(name.upper())
+        return out
+
+
+def _unset(value: Any) -> bool:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    return value is None or value == ""
+
+
+def _required_fields() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name, info in Settings.model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get(_REQUIRED):
+            unless = extra.get(_UNLESS)
+            out[name] = str(unless) if unless else None
+    return out
+
+
+REQUIRED_OUTSIDE_DEV: dict[str, str | None] = _required_fields()
+"""Settings that must be given outside the dev profile -> the setting that waives it, if any."""
+
 
 DEFAULT_PORTS = {
     "gateway": 8080,
@@ -73,15 +226,32 @@ DEFAULT_PORTS = {
 }
 
 
-def load_settings() -> Settings:
-    """Read and validate the environment; exit with code 2 naming each bad variable."""
+def load_settings(reads: Iterable[str] | None = None) -> Settings:
+    """Read and validate the environment; exit with code 2 naming each bad or missing variable.
+
+    ``reads``: the settings the command reads (:mod:`callingest.settings_usage`); only those
+    are required. ``None``: every required setting.
+    """
     try:
-        return Settings()
+        settings = Settings()
+    except SettingsFileError as exc:
+        print(f"callingest: bad setting {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except ValidationError as exc:
         for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]).upper()
+            name = ".".join(str(p) for p in err["loc"]).upper() or "(settings)"
             print(f"callingest: bad setting {name}: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
+    missing = settings.missing(reads)
+    if missing:
+        for name in missing:
+            print(f"callingest: missing required setting {name} (or {name}_FILE)",
+                  file=sys.stderr)
+        print(f"callingest: {len(missing)} required setting(s) missing: {', '.join(missing)}; "
+              f"set them, or CALLINGEST_ENV=dev for the local dev stack's defaults",
+              file=sys.stderr)
+        raise SystemExit(2)
+    return settings
 
 
 @lru_cache(maxsize=1)

@@ -8,6 +8,7 @@ auto-creation stays off.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -59,10 +60,21 @@ class Topics:
         return main + [t for stage in RETRYING_STAGES for t in self.retry_topics(stage)]
 
 
+def topic_configs(replication_factor: int) -> dict[str, str]:
+    """Per-topic configuration: min.insync.replicas 2 once there are 3 replicas or more."""
+    return {"min.insync.replicas": "2"} if replication_factor >= 3 else {}
+
+
 async def ensure_topics(bootstrap_servers: str, names: list[str], partitions: int = 3,
-                        replication_factor: int = 1) -> list[str]:
-    """Create the topics that do not exist yet; returns the names created. Idempotent."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=15000)
+                        replication_factor: int = 1, **options: Any) -> list[str]:
+    """Create the topics that do not exist yet; returns the names created. Idempotent.
+
+    With ``replication_factor`` >= 3 the topics get ``min.insync.replicas`` = 2: with the
+    producers' acks=all, an acknowledged event is on at least two brokers.
+    ``options``: the clients' security options (:func:`callingest.kafka.client_options`).
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=15000,
+                                **options)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -71,7 +83,8 @@ async def ensure_topics(bootstrap_servers: str, names: list[str], partitions: in
             return []
         try:
             await admin.create_topics(
-                [NewTopic(n, num_partitions=partitions, replication_factor=replication_factor)
+                [NewTopic(n, num_partitions=partitions, replication_factor=replication_factor,
+                          topic_configs=topic_configs(replication_factor))
                  for n in missing]
             )
         except TopicAlreadyExistsError:

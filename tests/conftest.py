@@ -35,6 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # This session's logs; other sessions (developers running tests side by side) use their own.
 TEST_LOGS = devstack.RUN / "test-logs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
 
+# The tests run on the dev stack: its profile, for this process and every command it starts
+# (a test of the production profile removes it from its subprocess's environment).
+os.environ.setdefault("CALLINGEST_ENV", "dev")
+
 # Secrets the tests hand to the platform; tests/zz_final checks none reached a log.
 USED_SECRETS: set[str] = {
     "demo-network-token", "demo-advertiser-token", "disabled-network-token", "s3cr3t",
@@ -104,6 +108,7 @@ def servers(ports: devstack.Ports) -> Iterator[devstack.Ports]:
 def make_settings(ports: devstack.Ports, **overrides: Any) -> Settings:
     tag = uuid.uuid4().hex[:10]
     values: dict[str, Any] = {
+        "callingest_env": "dev",
         "kafka_bootstrap_servers": f"127.0.0.1:{ports.kafka}",
         "topic_prefix": f"t{tag}.",
         "mongodb_uri": SecretStr(f"mongodb://127.0.0.1:{ports.mongodb}/"),
@@ -218,9 +223,21 @@ class Services:
     settings: Settings
     log_dir: Path
     running: dict[str, ServiceProcess] = field(default_factory=dict)
+    initialized: bool = False
+    """True once `callingest admin init` ran for these settings (the first start runs it;
+    set it beforehand to start services on infrastructure the test prepares itself)."""
+
+    def admin_init(self) -> None:
+        """Create the topics, indexes and bucket of these settings (as the Job does)."""
+        subprocess.run([str(ROOT / ".venv" / "bin" / "callingest"), "admin", "init"],
+                       env={**os.environ, **settings_env(self.settings)}, cwd=ROOT, check=True,
+                       capture_output=True, timeout=120)
+        self.initialized = True
 
     def start(self, name: str, env: dict[str, str] | None = None, timeout: float = 60.0,
               port: int | None = None) -> ServiceProcess:
+        if not self.initialized:
+            self.admin_init()
         port = port or free_port()
         log = self.log_dir / f"{name}.log"
         out = open(log, "ab")

@@ -58,8 +58,9 @@ class Ports:
 
 
 def service_env(ports: Ports) -> dict[str, str]:
-    """Environment for the services so they reach the dev stack's servers."""
+    """Environment for the services so they reach the dev stack's servers (dev profile)."""
     return {
+        "CALLINGEST_ENV": "dev",
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
         "MONGODB_URI": f"mongodb://127.0.0.1:{ports.mongodb}/",
         "S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}",

@@ -342,6 +342,7 @@ def histograms(text: str, family: str) -> dict[str, dict[str, Any]]:
 def bench_settings(ports: devstack.Ports, tag: str) -> Settings:
     """Production defaults (retry delays, timeouts, in-flight bound) on the dev servers."""
     return Settings(
+        callingest_env="dev",
         kafka_bootstrap_servers=f"127.0.0.1:{ports.kafka}",
         topic_prefix=f"bench-e2e-{tag}.",
         mongodb_uri=SecretStr(f"mongodb://127.0.0.1:{ports.mongodb}/"),

@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--steps", action="store_true", help="time the awaited steps instead")
     args = parser.parse_args()
     tag = uuid.uuid4().hex[:8]
-    settings = Settings(mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.",
+    settings = Settings(callingest_env="dev", mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.",
                         http_port=free_port(), http_host="127.0.0.1")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"gateway-profile-{time.strftime('%Y%m%dT%H%M%S')}-c{args.connections}.html"

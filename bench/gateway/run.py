@@ -166,7 +166,7 @@ def measure_bare(label: str, duration: int, log: Path) -> dict[str, Any]:
 def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path) -> dict[str, Any]:
     """One gateway target on a database and topics of its own (so every target starts empty)."""
     tag = uuid.uuid4().hex[:8]
-    settings = Settings(mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.")
+    settings = Settings(callingest_env="dev", mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.")
     asyncio.run(prepare(settings))
     env = {
         "MONGODB_DATABASE": settings.mongodb_database,

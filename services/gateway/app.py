@@ -15,9 +15,9 @@ from typing import Any
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
-from callingest import mongo, s3
+from callingest import infra, mongo, s3
 from callingest.http import add_ops_routes
-from callingest.kafka import TopicScanner
+from callingest.kafka import TopicScanner, client_options
 from callingest.logging import get_logger
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -35,11 +35,10 @@ log = get_logger(__name__)
 
 
 async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
-    """MongoDB client and database; indexes ensured (the unique index idempotency relies on)."""
+    """MongoDB client and database (their indexes: ``callingest admin init``, see infra_ctx)."""
     settings = app[keys.SETTINGS]
     client = mongo.open_client(settings)
     db = mongo.database(client, settings)
-    await mongo.ensure_indexes(db)
     app[keys.MONGO_CLIENT] = client
     app[keys.DB] = db
     app[keys.AUTHENTICATOR] = TokenAuthenticator(db, settings.auth_cache_seconds)
@@ -56,11 +55,12 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
 async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Kafka producer (started lazily: the gateway serves 503s while Kafka is down)."""
     settings = app[keys.SETTINGS]
-    producer = LazyProducer(settings.kafka_bootstrap_servers)
+    producer = LazyProducer(settings.kafka_bootstrap_servers, options=client_options(settings))
     with contextlib.suppress(Exception):
         await producer.get()
     publisher = CallPublisher(app[keys.DB], app[keys.WRITER], producer, Topics(settings.topic_prefix),
-                              TopicScanner(settings.kafka_bootstrap_servers, "gateway"))
+                              TopicScanner(settings.kafka_bootstrap_servers, "gateway",
+                                           options=client_options(settings)))
     app[keys.PRODUCER] = producer
     app[keys.PUBLISHER] = publisher
     app[keys.CALL_SERVICE] = CallService(
@@ -80,6 +80,27 @@ async def s3_ctx(app: web.Application) -> AsyncIterator[None]:
     async with s3.s3_client(app[keys.SETTINGS]) as client:
         app[keys.S3_CLIENT] = client
         yield
+
+
+async def infra_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Verifies in the background that ``callingest admin init`` created the topics, indexes
+    (idempotency relies on the unique one) and bucket; not ready until then."""
+    settings = app[keys.SETTINGS]
+    present = asyncio.Event()
+    app[keys.INFRASTRUCTURE] = present
+    checks = [infra.topics_check(settings, [Topics(settings.topic_prefix).submitted]),
+              infra.indexes_check(app[keys.DB]),
+              infra.bucket_check(app[keys.S3_CLIENT], settings.s3_bucket)]
+
+    async def verify() -> None:
+        await infra.wait_for(checks, "gateway", float("inf"))
+        present.set()
+
+    task = asyncio.create_task(verify())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def republisher_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -106,7 +127,7 @@ def init_app(settings: Settings, *, with_metrics: bool = True,
     app[keys.SETTINGS] = settings
     app[keys.SCANS_UNPUBLISHED] = scans_unpublished
     app[keys.OPENAPI] = build_openapi(settings.public_base_url)
-    app.cleanup_ctx.extend([mongo_ctx, kafka_ctx, s3_ctx, republisher_ctx])
+    app.cleanup_ctx.extend([mongo_ctx, kafka_ctx, s3_ctx, infra_ctx, republisher_ctx])
     setup_routes(app)
 
     async def ready() -> dict[str, bool]:
@@ -120,7 +141,8 @@ def init_app(settings: Settings, *, with_metrics: bool = True,
             with contextlib.suppress(Exception):
                 await app[keys.PRODUCER].get()
                 kafka_ok = True
-        return {"mongodb": mongo_ok, "kafka_producer": kafka_ok}
+        return {"infrastructure": app[keys.INFRASTRUCTURE].is_set(), "mongodb": mongo_ok,
+                "kafka_producer": kafka_ok}
 
     add_ops_routes(app, ready)
     return app

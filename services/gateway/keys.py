@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -25,4 +26,5 @@ AUTH_THROTTLE = web.AppKey("auth_throttle", FailureThrottle)
 CALL_SERVICE = web.AppKey("call_service", CallService)
 S3_CLIENT: web.AppKey[Any] = web.AppKey("s3_client")  # aiobotocore generates its class
 OPENAPI = web.AppKey("openapi", dict)
+INFRASTRUCTURE = web.AppKey("infrastructure", asyncio.Event)  # set once admin init's work is there
 SCANS_UNPUBLISHED = web.AppKey("scans_unpublished", bool)  # this process runs the republisher's scans

@@ -127,8 +127,10 @@ class LazyProducer:
     connection is not a precondition of serving.
     """
 
-    def __init__(self, bootstrap_servers: str, service: str = "gateway") -> None:
+    def __init__(self, bootstrap_servers: str, service: str = "gateway",
+                 options: dict[str, Any] | None = None) -> None:
         self._bootstrap_servers = bootstrap_servers
+        self._options = options
         self._service = service
         self._producer: Producer | None = None
         self._lock = asyncio.Lock()
@@ -153,7 +155,8 @@ class LazyProducer:
                     await self._producer.stop()
                 self._producer = None
             producer = Producer(self._bootstrap_servers, self._service,
-                                request_timeout_ms=int(PUBLISH_TIMEOUT_SECONDS * 1000))
+                                request_timeout_ms=int(PUBLISH_TIMEOUT_SECONDS * 1000),
+                                options=self._options)
             try:
                 await asyncio.wait_for(producer.start(), PUBLISH_TIMEOUT_SECONDS)
             except Exception as exc:  # aiokafka raises several types on bootstrap failure

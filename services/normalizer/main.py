@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from callingest.infra import bucket_check
 from callingest.pipeline import Stage
 from callingest.service import run_stage_service
 from callingest.settings import Settings
@@ -23,6 +24,7 @@ async def stage(settings: Settings, db: Any, topics: Topics) -> AsyncIterator[St
             output_topic=topics.normalized,
             output_event="RecordingNormalized",
             resources=resources,
+            checks=[bucket_check(resources["s3"], settings.s3_bucket)],
         )
 
 

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from callingest import avro, mongo, s3
-from callingest.service import prepare_infrastructure
+from callingest.infra import prepare_infrastructure
 from callingest.settings import Settings
 from callingest.topics import Topics
 from tests.conftest import ROOT, TEST_LOGS, Services, delete_topics, wait_until

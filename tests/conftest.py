@@ -235,7 +235,8 @@ class Services:
         self.initialized = True
 
     def start(self, name: str, env: dict[str, str] | None = None, timeout: float = 60.0,
-              port: int | None = None) -> ServiceProcess:
+              port: int | None = None, wait: bool = True) -> ServiceProcess:
+        """Start ``name`` (after `admin init`, once) and wait until ready, unless ``wait=False``."""
         if not self.initialized:
             self.admin_init()
         port = port or free_port()
@@ -251,6 +252,8 @@ class Services:
         out.close()
         service = ServiceProcess(name, port, proc, log)
         self.running[name] = service
+        if not wait:
+            return service
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:

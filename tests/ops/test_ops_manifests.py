@@ -217,9 +217,13 @@ def test_config_from_configmap_and_secrets_by_reference_only(overlay: str) -> No
     assert not set(config) & SECRET_ENV, "secrets must not be in the ConfigMap"
     for workload in _workloads(resources):
         for container in workload["spec"]["template"]["spec"]["containers"]:
-            assert container["envFrom"] == [{"configMapRef": {"name": config_name}}]
+            # Each setting by reference, only those it reads (tests/ops/test_ops_settings.py).
+            assert "envFrom" not in container
             for env in container["env"]:
-                if env["name"] in SECRET_ENV:
+                config_ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                if config_ref is not None:
+                    assert config_ref == {"name": config_name, "key": env["name"]}
+                elif env["name"] in SECRET_ENV:
                     assert set(env) == {"name", "valueFrom"}
                     ref = env["valueFrom"]["secretKeyRef"]
                     assert ref["name"].startswith("callingest-secrets")
@@ -251,7 +255,7 @@ def test_dev_secret_holds_every_referenced_key() -> None:
     for workload in _workloads(resources):
         for container in workload["spec"]["template"]["spec"]["containers"]:
             for env in container["env"]:
-                if "valueFrom" in env:
+                if "secretKeyRef" in env.get("valueFrom", {}):
                     ref = env["valueFrom"]["secretKeyRef"]
                     assert ref["name"] == secret["metadata"]["name"]
                     assert ref["key"] in secret["data"]

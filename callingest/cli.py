@@ -149,9 +149,18 @@ def _json_default(value: Any) -> Any:
 
 
 async def _admin_init(settings: Any) -> int:
+    from aiokafka.errors import KafkaError
+    from botocore.exceptions import BotoCoreError, ClientError
+    from pymongo.errors import PyMongoError
+
     from callingest.infra import prepare_infrastructure
 
-    await prepare_infrastructure(settings)
+    try:
+        await prepare_infrastructure(settings)
+    except (KafkaError, PyMongoError, BotoCoreError, ClientError, OSError) as exc:
+        # The Job retries (backoffLimit); one clear line says what is wrong.
+        print(f"callingest admin init: {type(exc).__name__}: {exc}"[:500], file=sys.stderr)
+        return 1
     print("topics, indexes and bucket ready")
     return 0
 

@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer
 
 from callingest import avro, config_file
+from callingest.infra import prepare_infrastructure
 from callingest.settings import Settings
 from callingest.topics import Topics
 from services.gateway.app import init_app
@@ -109,7 +110,9 @@ async def start_client(settings: Settings) -> TestClient[Any, Any]:
 async def gateway(
     settings: Settings, configured_db: Any, topics: Topics
 ) -> AsyncIterator[TestClient[Any, Any]]:
-    """A client of the real gateway app served on loopback for this test."""
+    """A client of the real gateway app served on loopback for this test (after what
+    `callingest admin init` creates: the gateway does not create it)."""
+    await prepare_infrastructure(settings)
     client = await start_client(settings)
     yield client
     await client.close()

@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from callingest.kafka import event_id
+from tests.conftest import wait_until
 from tests.gateway.conftest import (
     ADVERTISER_TOKEN,
     DISABLED_TOKEN,
@@ -570,8 +571,11 @@ async def test_openapi_document_is_generated_from_the_models(gateway: Client) ->
 
 async def test_ops_endpoints_and_route_metrics(gateway: Client) -> None:
     assert (await gateway.get("/healthz")).status == 200
-    ready = await gateway.get("/readyz")
-    assert ready.status == 200, await ready.text()
+
+    async def ready() -> bool:  # the infrastructure check runs in the background
+        return (await gateway.get("/readyz")).status == 200
+
+    await wait_until(ready, timeout=20, what="/readyz 200")
     await post(gateway, call_body("metrics-1"))
     text = await (await gateway.get("/metrics")).text()
     assert 'route="/api/2022-03-01/calls.json"' in text

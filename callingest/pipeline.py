@@ -158,8 +158,14 @@ class StageRunner:
         self._paused_until: dict[TopicPartition, float] = {}
         self._consecutive_dead_letters = 0
         self._fetch_failing_since: float | None = None
+        self._retrying_in_place = 0
         self.failure: str | None = None
         self.ready = False
+
+    @property
+    def infrastructure_ok(self) -> bool:
+        """False while an event is retried in place or fetching fails (readiness)."""
+        return self._retrying_in_place == 0 and self._fetch_failing_since is None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -305,36 +311,44 @@ class StageRunner:
                 await asyncio.shield(previous)
         if self.failure is not None:  # not after an event of this call that failed
             raise ConsumerFailed(self.failure)
+        retrying = False
         delay = 0.5
-        failing_since: float | None = None
-        while True:
-            try:
-                await self._handle(tp, record)
-                return
-            except (PyMongoError, KafkaError, PublishError) as exc:
-                if self._stopping.is_set():
+        failing_since = 0.0
+        try:
+            while True:
+                try:
+                    await self._handle(tp, record)
+                    return
+                except (PyMongoError, KafkaError, PublishError) as exc:
+                    if self._stopping.is_set():
+                        raise
+                    if not retrying:  # readiness is false while any event retries in place
+                        retrying, failing_since = True, time.monotonic()
+                        self._retrying_in_place += 1
+                    error = f"{type(exc).__name__}: {exc}"[:300]
+                    if time.monotonic() - failing_since > self.settings.infra_retry_seconds:
+                        log.error("infrastructure unavailable for longer than "
+                                  "INFRA_RETRY_SECONDS; exiting, the event will be consumed "
+                                  "again after the restart",
+                                  extra={**_ids(tp, record), "error": error,
+                                         "limit_seconds": self.settings.infra_retry_seconds})
+                        self._fatal("infrastructure unavailable")
+                        raise
+                    log.warning("infrastructure unavailable, retrying in place",
+                                extra={**_ids(tp, record), "error": error})
+                    await asyncio.sleep(delay + random.uniform(0, delay))
+                    delay = min(delay * 2, 10.0)
+                except ConsumerFailed:
                     raise
-                failing_since = failing_since or time.monotonic()
-                error = f"{type(exc).__name__}: {exc}"[:300]
-                if time.monotonic() - failing_since > self.settings.infra_retry_seconds:
-                    log.error("infrastructure unavailable for longer than INFRA_RETRY_SECONDS; "
-                              "exiting, the event will be consumed again after the restart",
-                              extra={**_ids(tp, record), "error": error,
-                                     "limit_seconds": self.settings.infra_retry_seconds})
-                    self._fatal("infrastructure unavailable")
+                except Exception as exc:
+                    log.exception("event processing failed outside the step; exiting, the event "
+                                  "will be consumed again after the restart",
+                                  extra={**_ids(tp, record), "error": type(exc).__name__})
+                    self._fatal(f"{type(exc).__name__} outside the step")
                     raise
-                log.warning("infrastructure unavailable, retrying in place",
-                            extra={**_ids(tp, record), "error": error})
-                await asyncio.sleep(delay + random.uniform(0, delay))
-                delay = min(delay * 2, 10.0)
-            except ConsumerFailed:
-                raise
-            except Exception as exc:
-                log.exception("event processing failed outside the step; exiting, the event "
-                              "will be consumed again after the restart",
-                              extra={**_ids(tp, record), "error": type(exc).__name__})
-                self._fatal(f"{type(exc).__name__} outside the step")
-                raise
+        finally:
+            if retrying:
+                self._retrying_in_place -= 1
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         started = time.perf_counter()

@@ -85,7 +85,7 @@ async def run_stage_service(service: str, factory: StageFactory, settings: Setti
             await asyncio.wait_for(client.admin.command("ping"), 2.0)
         except (TimeoutError, PyMongoError):
             mongo_ok = False
-        return {"infrastructure": True, "kafka_consumer": runner.ready,
+        return {"infrastructure": runner.infrastructure_ok, "kafka_consumer": runner.ready,
                 "kafka_producer": producer.started, "mongodb": mongo_ok}
 
     failed = False

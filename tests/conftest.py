@@ -235,12 +235,17 @@ class Services:
         self.initialized = True
 
     def start(self, name: str, env: dict[str, str] | None = None, timeout: float = 60.0,
-              port: int | None = None, wait: bool = True) -> ServiceProcess:
-        """Start ``name`` (after `admin init`, once) and wait until ready, unless ``wait=False``."""
+              port: int | None = None, wait: bool = True,
+              instance: str | None = None) -> ServiceProcess:
+        """Start ``name`` (after `admin init`, once) and wait until ready, unless ``wait=False``.
+
+        ``instance``: the key of this process in :attr:`running` (default ``name``), to run
+        several instances of one service.
+        """
         if not self.initialized:
             self.admin_init()
         port = port or free_port()
-        log = self.log_dir / f"{name}.log"
+        log = self.log_dir / f"{instance or name}.log"
         out = open(log, "ab")
         proc = subprocess.Popen(
             [str(ROOT / ".venv" / "bin" / "callingest"), "serve", name],
@@ -251,7 +256,7 @@ class Services:
         )
         out.close()
         service = ServiceProcess(name, port, proc, log)
-        self.running[name] = service
+        self.running[instance or name] = service
         if not wait:
             return service
         deadline = time.monotonic() + timeout

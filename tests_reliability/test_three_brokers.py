@@ -212,11 +212,14 @@ async def test_kill9_the_busiest_leader_broker(cluster: KafkaCluster, servers: d
             node, partitions = led.most_common(1)[0]
             await asyncio.to_thread(cluster.kill9, node)
             killed_at = time.monotonic()
+            at_kill = {"accepted_at_kill": load.submitted,
+                       "terminal_at_kill": await pipeline.db.calls.count_documents(
+                           {"status": {"$in": ["normalized", "failed"]}})}
             await asyncio.sleep(15.0)
             await asyncio.to_thread(cluster.start, node)
             return {"killed_broker": node, "partitions_it_led": partitions,
-                    "leaders_before": dict(led), "down_seconds": round(time.monotonic() - killed_at, 1),
-                    "submitted_at_kill": load.submitted}
+                    "leaders_before": dict(led), **at_kill,
+                    "seconds_until_back_and_ready": round(time.monotonic() - killed_at, 1)}
 
         figures = await during(load, "leader", kill_leader)
         await account(pipeline, load, "three_brokers_leader_kill9", cluster, figures, started)
@@ -239,11 +242,13 @@ async def test_three_instances_per_consumer_kill9_one_add_one(
             await load.reached(0.3)
             for name in CONSUMERS:
                 services.stop(f"{name}-2", sig=signal.SIGKILL)
+            killed_at = load.submitted
             await load.reached(0.6)
             for name in CONSUMERS:
                 await asyncio.to_thread(services.start, name, None, 90.0, None, True,
                                         f"{name}-4")
             return {"instances_per_consumer": 3, "killed": [f"{n}-2" for n in CONSUMERS],
+                    "accepted_at_kill": killed_at, "accepted_at_add": load.submitted,
                     "added": [f"{n}-4" for n in CONSUMERS]}
 
         figures = await during(load, "rebalance", kill_and_add)

@@ -24,7 +24,8 @@ from pathlib import Path
 from tools import devstack
 
 ROOT = Path(__file__).resolve().parent.parent
-LIBS = ROOT / ".tools" / "kafka" / "libs"
+LIBS = Path(os.environ.get("KAFKA_LIBS", ROOT / ".tools" / "kafka" / "libs"))
+"""The broker's jars (`make setup`); KAFKA_LIBS points elsewhere."""
 
 
 @dataclass

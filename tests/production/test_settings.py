@@ -135,8 +135,8 @@ def test_service_without_settings_exits_2_naming_every_missing_variable(
     time.sleep(0.5)
     assert listener.connections == 0, "the service connected before checking its settings"
     # Within a second of work, and no waiting on any network timeout.
-    assert cpu_seconds < 1.0, cpu_seconds
-    assert wall_seconds < 15.0, wall_seconds
+    assert cpu_seconds < 1.0, (cpu_seconds, wall_seconds)
+    assert wall_seconds < 30.0, (wall_seconds, cpu_seconds)
     # With nothing at all, every required setting it reads is named.
     done, _ = run(["serve", service], bare_env())
     assert done.returncode == 2

@@ -20,6 +20,7 @@ from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import object_exists, s3_client
 from callingest.settings import Settings
+from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.download import (
     FetchPolicy,
     RecordingAuthConfig,
@@ -27,7 +28,6 @@ from services.fetcher.download import (
     fetch_recording,
     redact_url,
 )
-from services.fetcher.ssrf import AddressPolicy, guarded_session
 
 log = get_logger(__name__)
 

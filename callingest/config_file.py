@@ -19,10 +19,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pymongo.asynchronous.database import AsyncDatabase
+
+from callingest import webhooks
 
 
 def _to_str(value: Any) -> Any:
@@ -58,6 +61,34 @@ class RecordingAuthConfig(_Strict):
         return self
 
 
+class Webhook(_Strict):
+    """A client's endpoint for call outcomes (Standard Webhooks)."""
+
+    id: IdStr
+    url: str = Field(min_length=1, max_length=2048)
+    secret: str = Field(min_length=1, max_length=512, repr=False)
+    events: list[Literal["call.normalized", "call.failed", "call.retrying"]] = Field(min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _deliverable_url(cls, value: str, info: ValidationInfo) -> str:
+        allow_loopback = bool((info.context or {}).get("allow_loopback_webhooks", False))
+        return webhooks.check_webhook_url(value, allow_loopback=allow_loopback)
+
+    @field_validator("secret")
+    @classmethod
+    def _standard_secret(cls, value: str) -> str:
+        webhooks.secret_key(value)
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique_events(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("an event is listed more than once")
+        return value
+
+
 class Campaign(_Strict):
     id_from_network: IdStr
     type: str = "ExternalOnly"
@@ -84,6 +115,7 @@ class Network(_Strict):
     custom_data_fields: list[str] = Field(default_factory=list)
     recording_auth_configs: list[RecordingAuthConfig] = Field(default_factory=list)
     advertisers: list[Advertiser] = Field(default_factory=list)
+    webhooks: list[Webhook] = Field(default_factory=list)
 
     @field_validator("timezone")
     @classmethod
@@ -102,6 +134,7 @@ class Network(_Strict):
             ("campaigns", [c.id_from_network for a in self.advertisers for c in a.campaigns]),
             ("signals", [s.lower() for s in self.signals]),
             ("custom_data_fields", [c.lower() for c in self.custom_data_fields]),
+            ("webhooks", [w.id for w in self.webhooks]),
         ):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             if dupes:
@@ -138,8 +171,11 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def load(path: Path) -> ConfigFile:
-    """Parse and validate ``path``; raises :class:`ConfigError` listing every problem."""
+def load(path: Path, *, allow_loopback_webhooks: bool = True) -> ConfigFile:
+    """Parse and validate ``path``; raises :class:`ConfigError` listing every problem.
+
+    ``allow_loopback_webhooks`` is the deployment's ``ALLOW_LOOPBACK_WEBHOOKS`` (the CLI
+    passes it): production refuses webhook URLs on loopback as the deliverer does."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -155,7 +191,8 @@ def load(path: Path) -> ConfigFile:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with a 'networks' list")
     try:
-        return ConfigFile.model_validate(data)
+        return ConfigFile.model_validate(
+            data, context={"allow_loopback_webhooks": allow_loopback_webhooks})
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -190,6 +227,8 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
             "custom_data_fields": n.custom_data_fields,
             "recording_auth_configs": [c.model_dump() for c in n.recording_auth_configs],
             "advertisers": [a.id for a in n.advertisers],
+            "webhooks": [{"id": w.id, "url": w.url, "events": w.events,
+                          "secret": webhooks.seal_secret(w.secret)} for w in n.webhooks],
         })
         for t in n.api_tokens:
             tokens.append({"_id": hash_token(t.token), "network_id": n.id,

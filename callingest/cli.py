@@ -101,7 +101,7 @@ async def _config_apply(settings: Any, path: Path) -> int:
     from callingest import config_file, mongo
 
     try:
-        config = config_file.load(path, allow_loopback_webhooks=settings.allow_loopback_webhooks)
+        config = config_file.load(path)
     except config_file.ConfigError as exc:
         print(f"callingest config apply: {exc}", file=sys.stderr)
         return 1
@@ -114,6 +114,8 @@ async def _config_apply(settings: Any, path: Path) -> int:
         await client.close()
     for line in changes:
         print(line)
+    for warning in config_file.webhook_warnings(config, settings.allow_loopback_webhooks):
+        print(warning, file=sys.stderr)
     print(f"{path}: {len(changes)} change(s) applied" if changes else f"{path}: already up to date")
     return 0
 

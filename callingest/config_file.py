@@ -19,7 +19,6 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -71,9 +70,10 @@ class Webhook(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _deliverable_url(cls, value: str, info: ValidationInfo) -> str:
-        allow_loopback = bool((info.context or {}).get("allow_loopback_webhooks", False))
-        return webhooks.check_webhook_url(value, allow_loopback=allow_loopback)
+    def _deliverable_url(cls, value: str) -> str:
+        # Loopback is decided by the deliverer on every attempt (ALLOW_LOOPBACK_WEBHOOKS);
+        # every other refused address is refused here already.
+        return webhooks.check_webhook_url(value, allow_loopback=True)
 
     @field_validator("secret")
     @classmethod
@@ -171,11 +171,8 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def load(path: Path, *, allow_loopback_webhooks: bool = True) -> ConfigFile:
-    """Parse and validate ``path``; raises :class:`ConfigError` listing every problem.
-
-    ``allow_loopback_webhooks`` is the deployment's ``ALLOW_LOOPBACK_WEBHOOKS`` (the CLI
-    passes it): production refuses webhook URLs on loopback as the deliverer does."""
+def load(path: Path) -> ConfigFile:
+    """Parse and validate ``path``; raises :class:`ConfigError` listing every problem."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -191,8 +188,7 @@ def load(path: Path, *, allow_loopback_webhooks: bool = True) -> ConfigFile:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with a 'networks' list")
     try:
-        return ConfigFile.model_validate(
-            data, context={"allow_loopback_webhooks": allow_loopback_webhooks})
+        return ConfigFile.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -261,6 +257,20 @@ async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile) -> list[s
                 await db[collection].replace_one({"_id": doc["_id"]}, doc)
                 changes.append(f"updated {label}")
     return changes
+
+
+def webhook_warnings(config: ConfigFile, allow_loopback: bool) -> list[str]:
+    """Webhooks the deliverer will refuse on this deployment (loopback without
+    ``ALLOW_LOOPBACK_WEBHOOKS``): stored anyway, but said out loud."""
+    warnings = []
+    for n in config.networks:
+        for w in n.webhooks:
+            try:
+                webhooks.check_webhook_url(w.url, allow_loopback=allow_loopback)
+            except ValueError as exc:
+                warnings.append(f"warning: webhook {w.id} of network {n.id}: {exc}; deliveries "
+                                "will be refused (ALLOW_LOOPBACK_WEBHOOKS is false)")
+    return warnings
 
 
 def _label(collection: str, doc: dict[str, Any]) -> str:

@@ -19,7 +19,10 @@ import binascii
 import hashlib
 import hmac
 import random
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
+
+if TYPE_CHECKING:
+    from callingest.settings import Settings
 
 EventType = Literal["call.normalized", "call.failed", "call.retrying"]
 EVENT_TYPES: Final[tuple[str, ...]] = ("call.normalized", "call.failed", "call.retrying")
@@ -73,6 +76,16 @@ def retry_delay(retry: int, first: float, cap: float, rng: random.Random | None 
     ``cap``, with +-25 % jitter so receivers coming back are not hit by every sender at once."""
     base = min(first * 2 ** (retry - 1), cap)
     return base * (rng or random).uniform(0.75, 1.25)
+
+
+def next_retry_in(attempts_made: int, age: float, settings: Settings,
+                  rng: random.Random | None = None) -> float | None:
+    """Seconds until the next attempt after ``attempts_made`` failed ones, of a delivery
+    queued ``age`` seconds ago; None once ``WEBHOOK_RETRY_FOR_SECONDS`` have passed (given up)."""
+    if age >= settings.webhook_retry_for_seconds:
+        return None
+    return retry_delay(attempts_made, settings.webhook_retry_first_seconds,
+                       settings.webhook_retry_max_delay_seconds, rng)
 
 
 def check_webhook_url(url: str, allow_loopback: bool = True) -> str:

@@ -33,7 +33,7 @@ from callingest import metrics
 from callingest.logging import get_logger, register_secret
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, AddressRefused, guarded_session
-from callingest.webhooks import check_webhook_url, open_secret, retry_delay, sign
+from callingest.webhooks import check_webhook_url, next_retry_in, open_secret, sign
 
 log = get_logger(__name__)
 
@@ -200,14 +200,13 @@ class Dispatcher:
             metrics.WEBHOOK_DELIVERY_LAG.observe(
                 max(0.0, (now - delivery["occurred_at"]).total_seconds()))
             log.info("webhook delivered", extra=extra)
-        elif (now - delivery["created_at"]).total_seconds() >= self.settings.webhook_retry_for_seconds:
+        elif (delay := next_retry_in(attempt, (now - delivery["created_at"]).total_seconds(),
+                                     self.settings)) is None:
             update["$set"] = {"status": "failed", "ended_at": now}
             metrics.WEBHOOK_DELIVERIES.labels(delivery["type"], "abandoned").inc()
             log.error("webhook delivery given up after the retry period", extra={**extra,
                       "error": error})
         else:
-            delay = retry_delay(attempt, self.settings.webhook_retry_first_seconds,
-                                self.settings.webhook_retry_max_delay_seconds)
             update["$set"] = {"next_attempt_at": now + timedelta(seconds=delay)}
             log.warning("webhook attempt failed; retry scheduled",
                         extra={**extra, "error": error, "retry_in_seconds": round(delay, 1)})

@@ -464,7 +464,8 @@ def test_keda_lag_scaling_component() -> None:
     resources = render_overlay_with_keda("prod")
     deployments = of_kind(resources, "Deployment")
     scaled = of_kind(resources, "ScaledObject")
-    assert set(scaled) == set(SERVICES) - {"gateway"}
+    # The webhooks deliverer's work is due deliveries in MongoDB, not Kafka lag: fixed replicas.
+    assert set(scaled) == set(SERVICES) - {"gateway", "webhooks"}
     config = _config(resources)
     for name, obj in scaled.items():
         check_scaled_object(obj, deployments)

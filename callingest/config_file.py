@@ -66,6 +66,8 @@ class Webhook(_Strict):
     id: IdStr
     url: str = Field(min_length=1, max_length=2048)
     secret: str = Field(min_length=1, max_length=512, repr=False)
+    previous_secrets: list[str] = Field(default_factory=list, max_length=3, repr=False)
+    """Secrets being rotated out: deliveries carry a signature for each as well."""
     events: list[Literal["call.normalized", "call.failed", "call.retrying"]] = Field(min_length=1)
 
     @field_validator("url")
@@ -79,6 +81,13 @@ class Webhook(_Strict):
     @classmethod
     def _standard_secret(cls, value: str) -> str:
         webhooks.secret_key(value)
+        return value
+
+    @field_validator("previous_secrets")
+    @classmethod
+    def _standard_previous_secrets(cls, value: list[str]) -> list[str]:
+        for secret in value:
+            webhooks.secret_key(secret)
         return value
 
     @field_validator("events")
@@ -224,7 +233,9 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
             "recording_auth_configs": [c.model_dump() for c in n.recording_auth_configs],
             "advertisers": [a.id for a in n.advertisers],
             "webhooks": [{"id": w.id, "url": w.url, "events": w.events,
-                          "secret": webhooks.seal_secret(w.secret)} for w in n.webhooks],
+                          "secret": webhooks.seal_secret(w.secret),
+                          "previous_secrets": [webhooks.seal_secret(p) for p in w.previous_secrets]}
+                         for w in n.webhooks],
         })
         for t in n.api_tokens:
             tokens.append({"_id": hash_token(t.token), "network_id": n.id,

@@ -64,6 +64,12 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(digest).decode()
 
 
+def signature_header(secrets: list[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """One signature per secret, space-separated (the current one first, then those being
+    rotated out), so receivers on either secret verify the delivery."""
+    return " ".join(sign(secret, msg_id, timestamp, body) for secret in secrets)
+
+
 def event_id(event_type: str, cuid: str, attempt: int, detail: str = "") -> str:
     """The event's ``webhook-id``: derived from what happened, so a redelivered Kafka event
     (or a restarted deliverer) yields the same id and receivers can deduplicate on it."""

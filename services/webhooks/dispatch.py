@@ -33,7 +33,7 @@ from callingest import metrics
 from callingest.logging import get_logger, register_secret
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, AddressRefused, guarded_session
-from callingest.webhooks import check_webhook_url, next_retry_in, open_secret, sign
+from callingest.webhooks import check_webhook_url, next_retry_in, open_secret, signature_header
 
 log = get_logger(__name__)
 
@@ -155,8 +155,10 @@ class Dispatcher:
             url = check_webhook_url(endpoint["url"], self.settings.allow_loopback_webhooks)
         except ValueError as exc:
             return None, "refused", str(exc)
-        secret = open_secret(endpoint["secret"])
-        register_secret(secret)  # masked should any log line ever carry it
+        secrets = [open_secret(stored) for stored in
+                   [endpoint["secret"], *endpoint.get("previous_secrets", [])]]
+        for secret in secrets:
+            register_secret(secret)  # masked should any log line ever carry it
         body = delivery["body"].encode()
         timestamp = int(time.time())
         headers = {
@@ -164,7 +166,7 @@ class Dispatcher:
             "User-Agent": USER_AGENT,
             "webhook-id": delivery["event_id"],
             "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(secret, delivery["event_id"], timestamp, body),
+            "webhook-signature": signature_header(secrets, delivery["event_id"], timestamp, body),
         }
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_seconds)
         try:

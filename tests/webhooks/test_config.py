@@ -37,7 +37,7 @@ async def test_webhooks_are_stored_per_network_and_reapplying_changes_nothing(
     stored = (await db.networks.find_one({"_id": "5005"}))["webhooks"]
     assert stored == [{"id": "wh-1", "url": "https://hooks.example.com/callingest",
                        "events": ["call.normalized", "call.failed"],
-                       "secret": webhooks.seal_secret(secret)}]
+                       "secret": webhooks.seal_secret(secret), "previous_secrets": []}]
     assert webhooks.open_secret(stored[0]["secret"]) == secret
     again = _apply(settings, path)
     assert "already up to date" in again.stdout
@@ -64,6 +64,7 @@ async def test_the_demo_config_has_a_webhook_to_the_demo_receiver(settings: Sett
     ({"events": []}, "webhooks[0].events"),
     ({"secret": "whsec_c2hvcnQ="}, "16 to 64 bytes"),
     ({"secret": "hunter2-plain-password"}, "must start with 'whsec_'"),
+    ({"previous_secrets": ["whsec_c2hvcnQ="]}, "webhooks[0].previous_secrets"),
 ])
 def test_bad_webhooks_are_refused_with_the_field_path_and_no_secret(
         tmp_path: Path, hook: dict[str, Any], expected: str) -> None:
@@ -76,6 +77,7 @@ def test_bad_webhooks_are_refused_with_the_field_path_and_no_secret(
     assert expected in message
     assert "networks[0].webhooks[0]" in message
     assert entry["secret"] not in message
+    assert all(p not in message for p in entry.get("previous_secrets", []))
 
 
 @pytest.mark.mongo

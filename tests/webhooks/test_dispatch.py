@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
+from standardwebhooks import Webhook
 
 from callingest import avro
 from callingest.settings import Settings
@@ -24,7 +25,7 @@ from services.webhooks.dispatch import Dispatcher
 from services.webhooks.intake import Intake
 from tests.conftest import free_port, wait_until
 from tests.helpers import call_doc, publish
-from tests.webhooks.conftest import Receiver, apply, network, new_secret
+from tests.webhooks.conftest import Receiver, apply, doc_verify, network, new_secret
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -135,6 +136,26 @@ async def test_production_refuses_loopback_receivers_without_connecting(
     assert errors["named"].startswith("address refused: localhost (")
     assert errors["named"].endswith("loopback address")
     assert receiver.requests == []
+
+
+async def test_while_a_secret_is_rotated_deliveries_verify_with_the_old_and_the_new_secret(
+        settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
+        tmp_path: Path) -> None:
+    receiver: Receiver = await receivers()
+    old, new = new_secret(), new_secret()
+    await apply(db, tmp_path, [network("1001", [
+        {"id": "wh", "url": receiver.url, "secret": new, "previous_secrets": [old],
+         "events": ["call.failed"]}])])
+    async with deliverer(_tuned(settings)):
+        await _fail_call(settings, db, "1001")
+        await wait_until(lambda: receiver.requests, timeout=60, what="a delivery")
+    (request,) = receiver.requests
+    assert len(request.headers["webhook-signature"].split(" ")) == 2
+    verify = doc_verify()
+    for secret in (old, new):
+        assert verify(secret, request.headers, request.body)
+        Webhook(secret).verify(request.body, request.headers)
+    assert not verify(new_secret(), request.headers, request.body)
 
 
 async def test_a_receiver_that_always_fails_is_retried_with_one_id_then_given_up(

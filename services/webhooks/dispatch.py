@@ -168,6 +168,8 @@ class Dispatcher:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature_header(secrets, delivery["event_id"], timestamp, body),
         }
+        if delivery.get("traceparent"):
+            headers["traceparent"] = delivery["traceparent"]
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_seconds)
         try:
             async with self._session.post(url, data=body, headers=headers, allow_redirects=False,

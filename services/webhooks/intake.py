@@ -39,6 +39,9 @@ from callingest.webhooks import event_id
 
 log = get_logger(__name__)
 
+#: W3C trace context of the call, when the producer put it on the event; sent with the webhook.
+TRACEPARENT_HEADER = "traceparent"
+
 #: The stages whose retries a client hears of (the notifier's own retries are not call events).
 CALL_STAGES = tuple(s for s in RETRYING_STAGES if s != "notifier")
 
@@ -144,6 +147,7 @@ class Intake:
         if not isinstance(occurred, datetime):
             occurred = datetime.now(UTC)
         msg_id = event_id(event_type, cuid, attempt, detail)
+        trace = _header(record, TRACEPARENT_HEADER)
         body = json.dumps({"type": event_type, "timestamp": format_utc(occurred),
                            "data": call_view(call)}, separators=(",", ":"), ensure_ascii=False)
         now = datetime.now(UTC)
@@ -165,6 +169,7 @@ class Intake:
                     "next_attempt_at": now,
                     "attempts_made": 0,
                     "attempts": [],
+                    "traceparent": trace.decode(errors="replace") if trace else None,
                 })
                 created += 1
                 metrics.WEBHOOK_EVENTS.labels(event_type).inc()

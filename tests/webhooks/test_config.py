@@ -94,6 +94,13 @@ async def test_a_loopback_webhook_is_stored_with_a_warning_where_loopback_is_ref
     assert "webhook wh-1 of network 5006: refused: 127.0.0.1: loopback address" in prod.stderr
 
 
+def test_the_dev_stack_allows_loopback_webhooks_and_the_default_refuses_them() -> None:
+    from tools import devstack
+
+    assert devstack.service_env(devstack.Ports())["ALLOW_LOOPBACK_WEBHOOKS"] == "true"
+    assert Settings().allow_loopback_webhooks is False
+
+
 def test_duplicate_webhook_ids_are_refused(tmp_path: Path) -> None:
     entry = {"id": "wh-1", "url": "https://hooks.example.com/x", "secret": new_secret(),
              "events": ["call.failed"]}

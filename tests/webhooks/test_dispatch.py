@@ -18,13 +18,14 @@ from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 
 from callingest import avro
+from callingest.kafka import Producer
 from callingest.settings import Settings
 from callingest.topics import Topics
 from callingest.webhooks import next_retry_in
 from services.webhooks.dispatch import Dispatcher
 from services.webhooks.intake import Intake
 from tests.conftest import free_port, wait_until
-from tests.helpers import call_doc, publish
+from tests.helpers import call_doc
 from tests.webhooks.conftest import Receiver, apply, doc_verify, network, new_secret
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
@@ -59,17 +60,32 @@ def deliverer(db: Any, topics: Topics) -> Callable[..., Any]:
     return run
 
 
+async def _fail_calls(settings: Settings, db: Any, network_ids: list[str]) -> list[str]:
+    """Store one failed call per entry of ``network_ids`` and publish their CallFailed events
+    in that order, as a stage does."""
+    producer = Producer(settings.kafka_bootstrap_servers, "tests")
+    await producer.start()
+    cuids = []
+    try:
+        for network_id in network_ids:
+            doc = call_doc(network_id=network_id, status="failed",
+                           failure={"stage": "validator", "class": "call.x", "message": "bad"})
+            await db.calls.insert_one(doc)
+            record = {"event_id": str(uuid.uuid4()), "cuid": doc["_id"],
+                      "occurred_at": datetime.now(UTC),
+                      "schema_version": avro.LATEST["CallFailed"].version,
+                      "network_id": network_id, "attempt": 1, "stage": "validator",
+                      "failure_class": "call.x", "message": "bad", "retryable": False}
+            await producer.send(f"{settings.topic_prefix}calls.failed", "CallFailed", record,
+                                key=doc["_id"])
+            cuids.append(str(doc["_id"]))
+    finally:
+        await producer.stop()
+    return cuids
+
+
 async def _fail_call(settings: Settings, db: Any, network_id: str) -> str:
-    """Store a call and publish its CallFailed event, as a stage does."""
-    doc = call_doc(network_id=network_id, status="failed",
-                   failure={"stage": "validator", "class": "call.x", "message": "bad"})
-    await db.calls.insert_one(doc)
-    record = {"event_id": str(uuid.uuid4()), "cuid": doc["_id"], "occurred_at": datetime.now(UTC),
-              "schema_version": avro.LATEST["CallFailed"].version, "network_id": network_id,
-              "attempt": 1, "stage": "validator", "failure_class": "call.x", "message": "bad",
-              "retryable": False}
-    await publish(settings, f"{settings.topic_prefix}calls.failed", "CallFailed", record, doc["_id"])
-    return str(doc["_id"])
+    return (await _fail_calls(settings, db, [network_id]))[0]
 
 
 async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
@@ -87,11 +103,10 @@ async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
         network("3003", [
             {"id": "ok", "url": healthy.url, "secret": new_secret(), "events": ["call.failed"]}]),
     ])
+    # The troubled network's events come first and outnumber every limit.
+    cuids = await _fail_calls(settings, db, ["1001"] * 8 + ["3003"] * 3)
+    ok = cuids[8:]
     async with deliverer(settings):
-        # The troubled network's events come first and outnumber every limit.
-        for _ in range(8):
-            await _fail_call(settings, db, "1001")
-        ok = [await _fail_call(settings, db, "3003") for _ in range(3)]
         await wait_until(lambda: len(set(healthy.ids())) == 3, timeout=60, what="healthy deliveries")
         # All three arrived while the hanging receiver's first attempts were still hanging:
         # no attempt of it has ended, and it never held more than its own two lanes.
@@ -100,6 +115,10 @@ async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
         assert hung == 0
         assert len(hanging.requests) <= 2
         assert {f"evt_{cuid}_failed_1" for cuid in ok} == set(healthy.ids())
+        async for delivery in db.webhook_deliveries.find({"webhook_id": "ok"}):
+            # Sent as soon as queued: it never waited for a lane of the hanging receiver.
+            waited = (delivery["attempts"][0]["at"] - delivery["created_at"]).total_seconds()
+            assert waited < 5.0
         dead_attempts = await db.webhook_deliveries.count_documents(
             {"webhook_id": "dead", "attempts.outcome": "connection_error"})
         assert dead_attempts > 0  # the dead receiver was tried, failed fast, waits for a retry

@@ -127,7 +127,8 @@ UNPUBLISHED_CALLS = Gauge(
     multiprocess_mode="max",
 )
 
-# Webhook events queued for delivery (one per event and subscribed endpoint), by event type.
+# Webhook deliveries queued (one per event and subscribed endpoint), by event type; "skipped"
+# counts events that could not be turned into deliveries (logged with their offset).
 WEBHOOK_EVENTS = Counter(
     "callingest_webhook_events_total",
     "Webhook deliveries queued, by event type",

@@ -112,6 +112,13 @@ class Intake:
                                    "error": type(exc).__name__})
                 await asyncio.sleep(delay + random.uniform(0, delay))
                 delay = min(delay * 2, 10.0)
+            except Exception:
+                # A poison event (a call document the view cannot be built from) must not
+                # stop every other network's webhooks: logged, counted, skipped.
+                log.exception("event could not be turned into webhooks; skipped",
+                              extra={"topic": record.topic, "offset": record.offset})
+                metrics.WEBHOOK_EVENTS.labels("skipped").inc()
+                return
 
     async def handle(self, record: ConsumerRecord) -> int:
         """Insert the deliveries of one Kafka message; returns how many were new."""

@@ -49,10 +49,12 @@ async def serve(settings: Settings) -> None:
             dispatcher.stop()
             stop_task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
-            for result in results:
-                if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                    log.error("webhooks component stopped with an error",
-                              extra={"error": type(result).__name__})
+            failed = [r for r in results if isinstance(r, BaseException)
+                      and not isinstance(r, asyncio.CancelledError)]
+            if failed:
+                log.error("webhooks component stopped with an error",
+                          extra={"error": type(failed[0]).__name__})
+                raise failed[0]
             log.info("stopped cleanly", extra={"service": "webhooks"})
     finally:
         with contextlib.suppress(Exception):

@@ -102,7 +102,9 @@ async def test_outcomes_are_signed_retried_with_the_same_id_and_listed_by_calls_
     assert 'callingest_webhook_attempts_total{event="call.failed",outcome="http_error"} 1.0' in metrics
     assert 'callingest_webhook_deliveries_total{event="call.failed",outcome="delivered"} 1.0' in metrics
     assert "callingest_webhook_delivery_lag_seconds_count 3.0" in metrics
-    assert secret not in services.running["webhooks"].log_text()
+    log = services.running["webhooks"].log_text()
+    assert secret not in log
+    assert services.stop("webhooks") == 0  # SIGTERM: drains and exits cleanly
 
 
 def _show(settings: Settings, cuid: str) -> dict[str, Any]:

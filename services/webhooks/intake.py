@@ -94,11 +94,20 @@ class Intake:
                         await self._handle_until_done(record)
                 with contextlib.suppress(KafkaError):
                     await consumer.commit()
+                    await self._report_lag(consumer)
         finally:
             self.ready = False
             with contextlib.suppress(Exception):
                 await consumer.commit()
             await consumer.stop()
+
+    async def _report_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """callingest_consumer_lag_messages for the intake (the consumer-lag alert covers it)."""
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is not None:
+                lag = max(0, highwater - await consumer.position(tp))
+                metrics.CONSUMER_LAG.labels("webhooks", tp.topic, str(tp.partition)).set(lag)
 
     async def _handle_until_done(self, record: ConsumerRecord) -> None:
         delay = 0.5

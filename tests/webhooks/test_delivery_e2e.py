@@ -102,6 +102,7 @@ async def test_outcomes_are_signed_retried_with_the_same_id_and_listed_by_calls_
     assert 'callingest_webhook_attempts_total{event="call.failed",outcome="http_error"} 1.0' in metrics
     assert 'callingest_webhook_deliveries_total{event="call.failed",outcome="delivered"} 1.0' in metrics
     assert "callingest_webhook_delivery_lag_seconds_count 3.0" in metrics
+    assert 'callingest_consumer_lag_messages{partition="0",service="webhooks"' in metrics
     log = services.running["webhooks"].log_text()
     assert secret not in log
     assert services.stop("webhooks") == 0  # SIGTERM: drains and exits cleanly

@@ -3,10 +3,10 @@
 :func:`fetch_recording` is the whole download: http(s) through the SSRF-guarded aiohttp
 session (:mod:`services.fetcher.ssrf`), ``s3://`` through aiobotocore, redirects followed by
 hand and checked hop by hop, the network's recording auth config applied, the format
-sniffed from the first bytes, and the body streamed into S3 - one PUT for a recording
-smaller than :data:`PART_SIZE`, a multipart upload (aborted on any failure) otherwise.
-Memory per download is bounded by about two parts (the buffer and the part being sent),
-whatever the recording's length. ``callingest_fetched_bytes_total`` counts every byte
+sniffed from the first bytes, and the body streamed into S3 by
+:func:`callingest.s3.upload` (one PUT up to its part size, a multipart upload aborted on
+any failure above). Memory per download is bounded by about two parts (the buffer and the
+part being sent), whatever the recording's length. ``callingest_fetched_bytes_total`` counts every byte
 read from a source, failed attempts included.
 
 Failures:
@@ -29,7 +29,6 @@ quote the full URL) are replaced by their type names.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import random
 import time
@@ -46,13 +45,12 @@ from callingest import metrics
 from callingest.audioformat import SNIFF_BYTES, sniff_format
 from callingest.errors import PermanentError, TransientError
 from callingest.logging import get_logger, register_secret
+from callingest.s3 import upload as s3_upload
 from callingest.settings import Settings
 from services.fetcher.ssrf import AddressPolicy, AddressRefused, check_url
 
 log = get_logger(__name__)
 
-#: Size of each multipart-upload part, and the largest recording stored with one PUT.
-PART_SIZE: Final = 8 * 1024 * 1024
 #: A transfer must deliver at least this many bytes per read-timeout window of waiting
 #: (a server trickling bytes slower than that is treated as timed out).
 MIN_BYTES_PER_READ_WINDOW: Final = 1024
@@ -408,28 +406,24 @@ async def _fetch_s3_once(recording_url: str, *, s3: Any, bucket: str, key: str,
         body.close()
 
 
-class _StoreFailed(Exception):
-    """The object store refused or failed an upload call."""
-
-
 async def _store(chunks: AsyncIterator[bytes], *, s3: Any, bucket: str, key: str,
                  policy: FetchPolicy, source: str) -> StoredRecording:
-    """Stream ``chunks`` into ``s3://bucket/key``; never more than about one part in memory."""
-    buffer = bytearray()
-    total = 0
+    """Stream ``chunks`` into ``s3://bucket/key`` (:func:`callingest.s3.upload`), counting
+    and limiting the bytes and sniffing the format from the first of them."""
     fmt: str | None = None
-    upload_id: str | None = None
-    parts: list[dict[str, Any]] = []
 
-    def sniff() -> str:
-        found = sniff_format(bytes(buffer[:SNIFF_BYTES]))
+    def sniff(head: bytes, total: int) -> str:
+        found = sniff_format(head[:SNIFF_BYTES])
         if found is None:
             what = "empty" if total == 0 else "not a recognized audio format"
             raise PermanentError("RecordingFormat", f"recording from {source} is {what} "
                                  "(supported: WAV, MP3, FLAC, OGG, M4A)")
         return found
 
-    try:
+    async def checked() -> AsyncIterator[bytes]:
+        nonlocal fmt
+        head = bytearray()
+        total = 0
         async for chunk in chunks:
             total += len(chunk)
             metrics.BYTES_FETCHED.inc(len(chunk))
@@ -438,54 +432,18 @@ async def _store(chunks: AsyncIterator[bytes], *, s3: Any, bucket: str, key: str
                     "RecordingTooLarge",
                     f"recording from {source} exceeds the {policy.max_bytes}-byte limit",
                 )
-            buffer += chunk
-            if fmt is None and len(buffer) >= SNIFF_BYTES:
-                fmt = sniff()
-            while len(buffer) >= PART_SIZE:
-                assert fmt is not None
-                if upload_id is None:
-                    created = await _s3_call(
-                        s3.create_multipart_upload, Bucket=bucket, Key=key,
-                        ContentType=CONTENT_TYPES[fmt], Metadata={"format": fmt},
-                    )
-                    upload_id = str(created["UploadId"])
-                part = bytes(buffer[:PART_SIZE])
-                del buffer[:PART_SIZE]
-                parts.append(await _upload_part(s3, bucket, key, upload_id, len(parts) + 1, part))
+            if fmt is None:
+                head += chunk[:SNIFF_BYTES - len(head)]
+                if len(head) >= SNIFF_BYTES:
+                    fmt = sniff(bytes(head), total)
+            yield chunk
         if fmt is None:
-            fmt = sniff()
-        if upload_id is None:
-            await _s3_call(s3.put_object, Bucket=bucket, Key=key, Body=bytes(buffer),
-                           ContentType=CONTENT_TYPES[fmt], Metadata={"format": fmt})
-        else:
-            if buffer:
-                parts.append(await _upload_part(s3, bucket, key, upload_id, len(parts) + 1,
-                                                bytes(buffer)))
-                buffer.clear()
-            await _s3_call(s3.complete_multipart_upload, Bucket=bucket, Key=key,
-                           UploadId=upload_id, MultipartUpload={"Parts": parts})
-            upload_id = None
-    except _StoreFailed as exc:
-        raise TransientError(f"object store unavailable: {exc}", "ObjectStoreUnavailable") from None
-    finally:
-        if upload_id is not None:
-            with contextlib.suppress(Exception):
-                await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-    return StoredRecording(bucket=bucket, key=key, size_bytes=total, format=fmt)
+            fmt = sniff(bytes(head), total)
 
+    def attributes() -> dict[str, Any]:
+        assert fmt is not None
+        return {"ContentType": CONTENT_TYPES[fmt], "Metadata": {"format": fmt}}
 
-async def _upload_part(s3: Any, bucket: str, key: str, upload_id: str, number: int,
-                       body: bytes) -> dict[str, Any]:
-    response = await _s3_call(s3.upload_part, Bucket=bucket, Key=key, UploadId=upload_id,
-                              PartNumber=number, Body=body)
-    return {"PartNumber": number, "ETag": response["ETag"]}
-
-
-async def _s3_call(method: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
-    try:
-        return await method(**kwargs)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "error")
-        raise _StoreFailed(f"{method.__name__}: {code}") from None
-    except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise _StoreFailed(f"{method.__name__}: {type(exc).__name__}") from None
+    size = await s3_upload(s3, bucket, key, checked(), attributes=attributes)
+    assert fmt is not None
+    return StoredRecording(bucket=bucket, key=key, size_bytes=size, format=fmt)

@@ -285,8 +285,7 @@ class Store:
     port: int
 
     async def get(self, key: str) -> bytes | None:
-        from callingest.s3 import object_exists
-        if await object_exists(self.client, self.bucket, key) is None:
+        if await s3.head(self.client, self.bucket, key) is None:
             return None
         obj = await self.client.get_object(Bucket=self.bucket, Key=key)
         async with obj["Body"] as body:

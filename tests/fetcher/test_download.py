@@ -16,8 +16,8 @@ from aiohttp import web
 
 from callingest import metrics
 from callingest.errors import PermanentError, TransientError
+from callingest.s3 import PART_SIZE
 from services.fetcher.download import (
-    PART_SIZE,
     RecordingAuthConfig,
     StoredRecording,
     apply_auth,

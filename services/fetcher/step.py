@@ -11,10 +11,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import s3 as s3io
 from callingest.audioformat import FORMATS, SNIFF_BYTES, sniff_format
+from callingest.config_file import load_network
 from callingest.errors import PermanentError
 from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
@@ -56,16 +58,18 @@ async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_
     """
     if config_id is None or config_id == "":
         return None
-    network = await db.networks.find_one(
-        {"_id": network_id}, {"recording_auth_configs": 1}
-    )
-    for doc in (network or {}).get("recording_auth_configs") or []:
-        if str(doc.get("id")) == str(config_id):
-            try:
-                return RecordingAuthConfig.from_document(doc)
-            except ValueError as exc:
-                raise PermanentError("RecordingAuthConfigInvalid",
-                                     f"recording auth config {config_id}: {exc}") from None
+    try:
+        network = await load_network(db, network_id)
+    except ValidationError:  # its text may quote a token
+        raise PermanentError("RecordingAuthConfigInvalid",
+                             f"the configuration of network {network_id} is invalid") from None
+    config = network.recording_auth_config(str(config_id)) if network is not None else None
+    if config is not None:
+        try:
+            return RecordingAuthConfig.from_document(config.model_dump())
+        except ValueError as exc:
+            raise PermanentError("RecordingAuthConfigInvalid",
+                                 f"recording auth config {config_id}: {exc}") from None
     raise PermanentError(
         "RecordingAuthConfigNotFound",
         f"network {network_id} has no recording auth config {config_id}",

@@ -27,8 +27,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from callingest.rules import LANGUAGE_CODES
-from services.gateway.domain import Network
+from callingest import rules
+from callingest.config_file import LanguageCode as LanguageCodes
+from callingest.config_file import NetworkSettings
 from services.gateway.errors import RecordInvalid
 from services.gateway.parsing import (
     FieldError,
@@ -48,7 +49,7 @@ MAX_LIST_ITEMS = 100
 class ValidationContext:
     """What validation needs besides the request: the network and the S3 buckets granted to us."""
 
-    network: Network
+    network: NetworkSettings
     allowed_s3_buckets: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -81,7 +82,7 @@ def _identifier(value: Any) -> str:
 
 def _start_time(value: Any, info: ValidationInfo) -> datetime:
     try:
-        return parse_start_time(_required(value), _context(info).network.timezone)
+        return parse_start_time(_required(value), _context(info).network.zone)
     except FieldError as exc:
         raise _problem(str(exc)) from None
 
@@ -123,45 +124,38 @@ def _recording_url(value: Any, info: ValidationInfo) -> str:
     raise _problem("must be an http or https URL")
 
 
+def _rule(rule: Any, value: str, info: ValidationInfo) -> str:
+    """``rule`` of :mod:`callingest.rules` (the validator's too) applied to ``value``."""
+    try:
+        result: str = rule(_context(info).network, value)
+    except rules.Violation as exc:
+        raise _problem(exc.text) from None
+    return result
+
+
 def _language_code(value: Any, info: ValidationInfo) -> str | None:
     if value is None:
         return None
-    network = _context(info).network
     if not isinstance(value, str):
         raise _problem("must be a string")
-    canonical = {code.casefold(): code for code in LANGUAGE_CODES}.get(value.strip().casefold())
-    if canonical is None:
-        raise _problem("must be one of " + " ".join(LANGUAGE_CODES))
-    if not network.multi_language_enabled and canonical != network.default_language_code:
-        raise _problem(
-            f"must be {network.default_language_code}: "
-            "multiple language processing is not enabled for the network"
-        )
-    return canonical
+    return _rule(rules.language_code, value, info)
 
 
 def _recording_auth_config_id(value: Any, info: ValidationInfo) -> str | None:
     if value is None:
         return None
-    config_id = _identifier(value)
-    if config_id not in _context(info).network.recording_auth_config_ids:
-        raise _problem("does not name a recording auth config of the network")
-    return config_id
+    return _rule(rules.recording_auth_config_id, _identifier(value), info)
 
 
-def _configured_name(value: Any, configured: dict[str, str], what: str) -> str:
-    """The configured spelling of the name ``value`` (matched case-insensitively)."""
+def _name(value: Any) -> str:
     value = _required(value)
     if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
         raise _problem("must be a string")
-    name = configured.get(value.strip().casefold())
-    if name is None:
-        raise _problem(f"is not a {what} configured for the network")
-    return name
+    return value
 
 
 def _signal_name(value: Any, info: ValidationInfo) -> str:
-    return _configured_name(value, _context(info).network.signals, "signal")
+    return _rule(rules.signal_name, _name(value), info)
 
 
 def _signal_value(value: Any) -> bool:
@@ -172,7 +166,7 @@ def _signal_value(value: Any) -> bool:
 
 
 def _custom_data_name(value: Any, info: ValidationInfo) -> str:
-    return _configured_name(value, _context(info).network.custom_data_fields, "custom data field")
+    return _rule(rules.custom_data_name, _name(value), info)
 
 
 def _custom_data_value(value: Any) -> str:
@@ -230,7 +224,7 @@ LanguageCode = Annotated[
     str | None,
     PlainValidator(
         _language_code,
-        json_schema_input_type=Literal["en-US", "en-GB", "es-ES", "fr-FR"] | None,
+        json_schema_input_type=LanguageCodes | None,
     ),
     Field(description="Defaults to the network's default language code (en-US when unset)."),
 ]
@@ -447,7 +441,7 @@ def _describe(error: Any) -> str:
     if kind == "missing":
         return f"'{path}' is required"
     if kind == "invalid":
-        return f"'{path}' {error['msg']}" if path else error["msg"]
+        return rules.field_problem(path, error["msg"])
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         return f"'{path}' must be an object" if path else "the request body must be a JSON object"
     if kind == "list_type":

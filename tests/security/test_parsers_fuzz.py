@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 
 from callingest import avro, events
 from callingest.audioformat import FORMATS, sniff_format
+from callingest.config_file import NetworkSettings as Network
 from services.fetcher.download import _retry_after, redact_url
 from services.fetcher.ssrf import AddressPolicy, AddressRefused, parse_ip_host
 from services.gateway.auth import request_token
-from services.gateway.domain import Network
 from services.gateway.errors import RecordInvalid
 from services.gateway.models import ValidationContext, validate_submission
 from services.gateway.parsing import FieldError, parse_signal_value

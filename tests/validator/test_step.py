@@ -49,7 +49,8 @@ CASES: list[tuple[str, dict[str, Any], str, str]] = [
 ]
 
 
-def context(settings: Settings, db: Any, topics: Topics, call: dict[str, Any]) -> StageContext:
+def context(settings: Settings, db: Any, topics: Topics,
+            call: dict[str, Any] | None) -> StageContext:
     return StageContext(settings=settings, db=db, topics=topics, call=call, retry=0,
                         resources={})
 

@@ -10,11 +10,12 @@ unique keys (_id, and the index on network_id + external_call_unique_id)
 make a concurrent second insert fail as a duplicate, after which the stored
 call's content hash decides: same content -> 202 with the stored cuid, other
 content -> 409. A 201 or 202 is only given once the call is stored and its
-CallSubmitted event is acknowledged by Kafka (and its receipt recorded).
+CallSubmitted event is acknowledged by Kafka; a new call's receipt is written
+in the background after that (awaited only where a resubmission publishes it).
 
 The path of a new call only inserts (the call, then its receipt), batched by
-the :class:`~services.gateway.writer.CallWriter`: on the dev store every
-read or update of ``calls`` costs a scan of the collection.
+the :class:`~services.gateway.writer.CallWriter` (why: docs/architecture.md,
+"Publication").
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class CallService:
             "advertiser_id": campaign.advertiser_id if campaign is not None else None,
             "status": "received",
             "attempt": 1,
-            "published": False,  # publication is recorded as a receipt (see publisher.py)
+            "published": False,  # publication is recorded as a receipt (see receipts.py)
             "created_at": now,
             "history": [{"stage": "gateway", "status": "received", "at": now}],
         }

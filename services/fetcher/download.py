@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
@@ -44,9 +44,10 @@ from yarl import URL
 from callingest import metrics
 from callingest.audioformat import SNIFF_BYTES, sniff_format
 from callingest.errors import PermanentError, TransientError
-from callingest.logging import get_logger, register_secret
+from callingest.logging import get_logger
 from callingest.s3 import upload as s3_upload
 from callingest.settings import Settings
+from services.fetcher.recording_auth import RecordingAuthConfig, apply_auth
 from services.fetcher.ssrf import AddressPolicy, AddressRefused, check_url
 
 log = get_logger(__name__)
@@ -63,40 +64,8 @@ CONTENT_TYPES: Final = {
     "ogg": "audio/ogg",
     "m4a": "audio/mp4",
 }
-AUTH_METHODS: Final = frozenset({"bearer_header", "query_param", "custom_header"})
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class RecordingAuthConfig:
-    """A network's recording auth config; ``token`` is a secret and never shown."""
-
-    id: str
-    method: str
-    token: str
-    name: str | None = None
-
-    def __repr__(self) -> str:
-        return f"RecordingAuthConfig(id={self.id!r}, method={self.method!r}, name={self.name!r})"
-
-    @classmethod
-    def from_document(cls, doc: Mapping[str, Any]) -> RecordingAuthConfig:
-        """From an entry of ``networks.recording_auth_configs``; ValueError if unusable."""
-        method = str(doc.get("method", ""))
-        token = doc.get("token")
-        name = doc.get("name")
-        if method not in AUTH_METHODS:
-            raise ValueError(f"unknown recording auth method {method!r}")
-        if not isinstance(token, str) or not token:
-            raise ValueError("recording auth config has no token")
-        if method != "bearer_header" and not name:
-            raise ValueError(f"recording auth method {method} needs a name")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in token + str(name or "")):
-            raise ValueError("recording auth config contains control characters")
-        register_secret(token)
-        return cls(id=str(doc.get("id")), method=method, token=token,
-                   name=str(name) if name else None)
 
 
 @dataclass(frozen=True)
@@ -176,26 +145,6 @@ def parse_url(raw: str) -> URL:
         return URL(raw, encoded=True) if raw.isascii() else URL(raw)
     except (ValueError, TypeError):
         raise PermanentError("RecordingUrlRefused", "recording_url is not a valid URL") from None
-
-
-def apply_auth(url: URL, auth: RecordingAuthConfig | None) -> tuple[URL, dict[str, str]]:
-    """The URL and headers of the first request for ``auth`` (None: the URL as given).
-
-    ``query_param`` appends ``<name>=<token>`` to the query string (after any existing
-    parameters, leaving them untouched); the header methods return the header to send.
-    """
-    if auth is None:
-        return url, {}
-    if auth.method == "bearer_header":
-        return url, {"Authorization": f"Bearer {auth.token}"}
-    assert auth.name is not None
-    if auth.method == "custom_header":
-        return url, {auth.name: auth.token}
-    param = f"{quote(auth.name, safe='')}={quote(auth.token, safe='')}"
-    query = url.raw_query_string
-    joined = f"{query}&{param}" if query else param
-    base = str(url.with_query(None).with_fragment(None))
-    return URL(f"{base}?{joined}", encoded=True), {}
 
 
 def _origin(url: URL) -> tuple[str, str, int | None]:

@@ -40,8 +40,9 @@ from services.gateway.errors import (
     UnauthorizedAdvertiser,
     UnauthorizedOperation,
 )
-from services.gateway.models import NormalizedCall, ValidationContext, validate_submission
+from services.gateway.models import ValidationContext
 from services.gateway.publisher import CallPublisher, KafkaUnavailable
+from services.gateway.validation import NormalizedCall, validate_submission
 from services.gateway.writer import CallWriter
 
 log = get_logger(__name__)

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from callingest import avro, events
 from callingest.kafka import Producer
@@ -88,6 +89,33 @@ async def read_topic(settings: Settings, topic: str, timeout: float = 3.0) -> li
 
 def decoded(records: list[Any]) -> list[dict[str, Any]]:
     return [avro.decode(r.value)[1] for r in records]
+
+
+async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    """The current end offset of every partition of ``topic`` (one past its last record)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+        return dict(await consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()
+
+
+async def committed_past(settings: Settings, stage: str, ends: dict[TopicPartition, int]) -> bool:
+    """True once ``stage``'s consumer group has committed at least ``ends`` on every partition:
+    it has processed (or deliberately skipped) every record before them. The positive signal
+    to wait for before asserting that something did *not* happen."""
+    group = f"{settings.topic_prefix}callingest-{stage}"  # as callingest.pipeline names it
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return all(end == 0 or (tp in committed and committed[tp].offset >= end)
+               for tp, end in ends.items())
 
 
 def mails_about(mail_dir: Path, cuid: str) -> list[Message]:

@@ -64,15 +64,14 @@ def cuid_for(network_id: str, external_call_unique_id: str) -> str:
 class ConfigCache:
     """Networks and campaigns read from MongoDB, each cached for ``ttl`` seconds.
 
-    Both caches are bounded (:data:`CACHE_SIZE` entries, least recently used dropped):
+    Both caches are bounded (``size`` entries, least recently used dropped):
     a flood of unknown campaign ids cannot grow the gateway's memory.
     """
 
-    def __init__(self, db: AsyncDatabase[Document], ttl: float) -> None:
+    def __init__(self, db: AsyncDatabase[Document], ttl: float, size: int = CACHE_SIZE) -> None:
         self._db = db
-        self._networks: TTLCache[str, NetworkSettings | None] = TTLCache(CACHE_SIZE, ttl)
-        self._campaigns: TTLCache[tuple[str, str], StoredCampaign | None] = TTLCache(
-            CACHE_SIZE, ttl)
+        self._networks: TTLCache[str, NetworkSettings | None] = TTLCache(size, ttl)
+        self._campaigns: TTLCache[tuple[str, str], StoredCampaign | None] = TTLCache(size, ttl)
 
     async def network(self, network_id: str) -> NetworkSettings | None:
         """The network ``network_id``, or None if it is not configured."""

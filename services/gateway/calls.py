@@ -10,26 +10,28 @@ unique keys (_id, and the index on network_id + external_call_unique_id)
 make a concurrent second insert fail as a duplicate, after which the stored
 call's content hash decides: same content -> 202 with the stored cuid, other
 content -> 409. A 201 or 202 is only given once the call is stored and its
-CallSubmitted event is acknowledged by Kafka (and its receipt recorded).
+CallSubmitted event is acknowledged by Kafka; a new call's receipt is written
+in the background after that (awaited only where a resubmission publishes it).
 
 The path of a new call only inserts (the call, then its receipt), batched by
-the :class:`~services.gateway.writer.CallWriter`: on the dev store every
-read or update of ``calls`` costs a scan of the collection.
+the :class:`~services.gateway.writer.CallWriter` (why: docs/architecture.md,
+"Publication").
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cachetools import TTLCache
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import metrics, rules
+from callingest.config_file import NetworkSettings, StoredCampaign, load_campaign, load_network
 from callingest.logging import get_logger
-from services.gateway.domain import Network, Principal, campaign_key
+from services.gateway.domain import Principal
 from services.gateway.errors import (
     CampaignError,
     Conflict,
@@ -38,14 +40,17 @@ from services.gateway.errors import (
     UnauthorizedAdvertiser,
     UnauthorizedOperation,
 )
-from services.gateway.models import NormalizedCall, ValidationContext, validate_submission
+from services.gateway.models import ValidationContext
 from services.gateway.publisher import CallPublisher, KafkaUnavailable
+from services.gateway.validation import NormalizedCall, validate_submission
 from services.gateway.writer import CallWriter
 
 log = get_logger(__name__)
 
 Document = dict[str, Any]
 RETRY_AFTER_SECONDS = 5
+#: Entries of each configuration cache (networks; campaigns).
+CACHE_SIZE = 10_000
 
 
 CUID_NAMESPACE = uuid.UUID("0b6f5a52-3c1e-4f4e-8a3d-5f3a9c1e7d21")
@@ -57,41 +62,32 @@ def cuid_for(network_id: str, external_call_unique_id: str) -> str:
 
 
 class ConfigCache:
-    """Networks and campaigns read from MongoDB, cached for ``ttl`` seconds."""
+    """Networks and campaigns read from MongoDB, each cached for ``ttl`` seconds.
 
-    def __init__(self, db: AsyncDatabase[Document], ttl: float) -> None:
+    Both caches are bounded (``size`` entries, least recently used dropped):
+    a flood of unknown campaign ids cannot grow the gateway's memory.
+    """
+
+    def __init__(self, db: AsyncDatabase[Document], ttl: float, size: int = CACHE_SIZE) -> None:
         self._db = db
-        self._ttl = ttl
-        self._networks: dict[str, tuple[float, Network | None]] = {}
-        self._campaigns: dict[str, tuple[float, Document | None]] = {}
+        self._networks: TTLCache[str, NetworkSettings | None] = TTLCache(size, ttl)
+        self._campaigns: TTLCache[tuple[str, str], StoredCampaign | None] = TTLCache(size, ttl)
 
-    async def network(self, network_id: str) -> Network | None:
+    async def network(self, network_id: str) -> NetworkSettings | None:
         """The network ``network_id``, or None if it is not configured."""
-        now = time.monotonic()
-        cached = self._networks.get(network_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        doc = await self._db.networks.find_one({"_id": network_id})
-        network = Network.from_document(doc) if doc is not None else None
-        self._networks[network_id] = (now + self._ttl, network)
+        if network_id in self._networks:
+            return self._networks[network_id]
+        network = self._networks[network_id] = await load_network(self._db, network_id)
         return network
 
-    async def campaign(self, network_id: str, id_from_network: str) -> Document | None:
-        """The ``campaigns`` document of the network's campaign ``id_from_network``."""
-        key = campaign_key(network_id, id_from_network)
-        now = time.monotonic()
-        cached = self._campaigns.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        doc = await self._db.campaigns.find_one({"_id": key})
-        if doc is None:  # tolerate campaigns keyed otherwise: the pair is unique per network
-            doc = await self._db.campaigns.find_one(
-                {"network_id": network_id, "id_from_network": id_from_network}
-            )
-        if len(self._campaigns) > 10_000:
-            self._campaigns.clear()
-        self._campaigns[key] = (now + self._ttl, doc)
-        return doc
+    async def campaign(self, network_id: str, id_from_network: str) -> StoredCampaign | None:
+        """The network's campaign ``id_from_network``, or None if it is not configured."""
+        key = (network_id, id_from_network)
+        if key in self._campaigns:
+            return self._campaigns[key]
+        campaign = self._campaigns[key] = await load_campaign(self._db, network_id,
+                                                              id_from_network)
+        return campaign
 
 
 @dataclass(frozen=True)
@@ -119,7 +115,7 @@ class CallService:
         self._publisher = publisher
         self._allowed_s3_buckets = allowed_s3_buckets
 
-    async def network_of(self, principal: Principal) -> Network:
+    async def network_of(self, principal: Principal) -> NetworkSettings:
         """The principal's network; 401 if it vanished, 403 if call ingestion is disabled."""
         network = await self._config.network(principal.network_id)
         if network is None:
@@ -143,8 +139,8 @@ class CallService:
             ) from None
 
     async def _check_campaign(
-        self, principal: Principal, network: Network, body: Document
-    ) -> Document | None:
+        self, principal: Principal, network: NetworkSettings, body: Document
+    ) -> StoredCampaign | None:
         """403s of the campaign; None when the id is missing or malformed (validation names it).
 
         Order: unknown campaign, another advertiser's campaign (scoped token),
@@ -155,15 +151,15 @@ class CallService:
         if isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).strip():
             return None
         campaign = await self._config.campaign(network.id, str(raw).strip())
-        if campaign is not None and not principal.may_use(str(campaign.get("advertiser_id"))):
+        if campaign is not None and not principal.may_use(campaign.advertiser_id):
             raise UnauthorizedAdvertiser()
-        problems = rules.campaign_problems(campaign)
-        if problems:
-            error_class, message = problems[0]
-            raise CampaignError(message, error_class=error_class)
+        problem = rules.campaign_problem(campaign)
+        if problem:
+            raise CampaignError(problem)
         return campaign
 
-    async def _store_and_publish(self, call: NormalizedCall, campaign: Document | None) -> Submission:
+    async def _store_and_publish(self, call: NormalizedCall,
+                                 campaign: StoredCampaign | None) -> Submission:
         content_hash = call.content_hash
         doc = self._document(call, content_hash, campaign)
         if await self._writer.insert("calls", doc):
@@ -184,7 +180,8 @@ class CallService:
         metrics.CALLS_SUBMITTED.labels("duplicate").inc()
         return Submission(cuid=existing["_id"], created=False)
 
-    def _document(self, call: NormalizedCall, content_hash: str, campaign: Document | None) -> Document:
+    def _document(self, call: NormalizedCall, content_hash: str,
+                  campaign: StoredCampaign | None) -> Document:
         now = datetime.now(UTC)
         fields = call.canonical()
         return {
@@ -192,10 +189,10 @@ class CallService:
             **fields,
             "start_time": call.start_time,
             "content_hash": content_hash,
-            "advertiser_id": str(campaign["advertiser_id"]) if campaign is not None else None,
+            "advertiser_id": campaign.advertiser_id if campaign is not None else None,
             "status": "received",
             "attempt": 1,
-            "published": False,  # publication is recorded as a receipt (see publisher.py)
+            "published": False,  # publication is recorded as a receipt (see receipts.py)
             "created_at": now,
             "history": [{"stage": "gateway", "status": "received", "at": now}],
         }

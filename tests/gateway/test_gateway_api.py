@@ -19,6 +19,7 @@ from tests.gateway.conftest import (
     RECORDING_URL,
     EventReader,
 )
+from tests.helpers import demo_call
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -110,16 +111,12 @@ def fill(text: str, token: str = NETWORK_TOKEN) -> str:
 
 
 def call_body(external_id: str = "ext-1", **overrides: Any) -> dict[str, Any]:
-    call: dict[str, Any] = {
-        "external_call_unique_id": external_id,
+    call = demo_call(external_id, **{
+        "recording_url": RECORDING_URL,
         "start_time": "2016/04/11T13:00:00.000-07:00",
         "destination_phone_number": "+18885551212",
-        "calling_phone_number": 8779257383,
-        "advertiser_campaign_id_from_network": 85,
-        "call_direction": "inbound",
-        "recording_url": RECORDING_URL,
-    }
-    call.update(overrides)
+        **overrides,
+    })
     return {"call": call, "oauth_token": NETWORK_TOKEN}
 
 

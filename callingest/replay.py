@@ -1,15 +1,19 @@
-"""``callingest replay``: send failed calls back to the stage that failed.
+"""Processing failed calls again: ``callingest replay``, the gateway's
+``POST calls/{cuid}/retry.json`` and correction by resubmission share
+:func:`restart_failed_call`.
 
-For each matching call: its attempt is incremented and its status set back to
-the one before the failed stage (so the status endpoint shows it moving
-again), then that stage's input event is published with the new attempt.
-Events of earlier attempts still in flight are ignored by the stages, so a
-replayed call reaches exactly one terminal state.
+For each call: its attempt is incremented (claimed with one conditional
+update, so concurrent restarts of one call make one new attempt) and its
+status set back to the one before the stage it resumes from (so the status
+endpoint shows it moving again), then that stage's input event is published
+with the new attempt. Events of earlier attempts still in flight are ignored
+by the stages, so a restarted call reaches exactly one terminal state.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -85,41 +89,100 @@ async def replay_calls(settings: Settings, flt: ReplayFilter, dry_run: bool = Fa
 async def _replay_one(db: Any, producer: Producer, topics: Topics, call: dict[str, Any],
                       summary: ReplaySummary) -> None:
     cuid = call["_id"]
-    stage = call.get("failure", {}).get("stage")
-    if stage not in events.STAGE_INPUT:
-        summary.skipped.append(f"{cuid}: failed in unknown stage {stage!r}")
-        return
-    attempt = int(call.get("attempt", 1))
-    new_attempt = attempt + 1
+
+    async def send(stage: str, event_name: str, record: dict[str, Any]) -> None:
+        await producer.send(events.input_topic(topics, stage), event_name, record, key=cuid)
+
     try:
-        _suffix, event_name, record = events.stage_input(call, stage, new_attempt)
-    except ValueError as exc:
+        restarted = await restart_failed_call(db.calls, call, send, source="replay")
+    except NotRestartable as exc:
         summary.skipped.append(f"{cuid}: {exc}")
         return
-    at = datetime.now(UTC)
-    claimed = await db.calls.find_one_and_update(
-        {"_id": cuid, "status": "failed", "attempt": {"$in": [attempt, None]} if attempt == 1
-         else attempt},
-        {"$set": {"status": events.STATUS_BEFORE[stage], "attempt": new_attempt,
-                  "last_failure": call.get("failure")},
-         "$unset": {"failure": "", "csm_notified_at": ""},
-         "$push": {"history": {"stage": "replay", "status": events.STATUS_BEFORE[stage],
-                               "at": at}}},
-    )
-    if claimed is None:
-        summary.skipped.append(f"{cuid}: changed while replaying; not replayed")
-        return
-    try:
-        await producer.send(events.input_topic(topics, stage), event_name, record, key=cuid)
     except PublishError as exc:
-        await db.calls.update_one(
-            {"_id": cuid, "attempt": new_attempt},
-            {"$set": {"status": "failed", "attempt": attempt, "failure": call.get("failure")},
-             "$pull": {"history": {"stage": "replay", "at": at}}},
-        )
         summary.errors.append(f"{cuid}: {exc}")
         return
+    if restarted is None:
+        summary.skipped.append(f"{cuid}: changed while replaying; not replayed")
+        return
     summary.replayed += 1
+
+
+class NotRestartable(Exception):
+    """The failed call cannot be processed again as it is (``str(exc)`` says why)."""
+
+
+@dataclass(frozen=True)
+class Restart:
+    """A failed call sent back into the pipeline: its new attempt, stage and status."""
+
+    cuid: str
+    attempt: int
+    stage: str
+    status: str
+
+
+Send = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+"""``send(stage, event name, record)``: publish a stage's input event; raises if not acknowledged."""
+
+
+def restart_stage(call: dict[str, Any]) -> str:
+    """The stage a failed call resumes from: the one that failed, or the fetcher for a
+    normalizer failure whose fetched recording is gone."""
+    stage = (call.get("failure") or {}).get("stage")
+    if stage not in events.STAGE_INPUT:
+        raise NotRestartable(f"failed in unknown stage {stage!r}")
+    if stage == "normalizer" and not call.get("fetched"):
+        return "fetcher"
+    return str(stage)
+
+
+async def restart_failed_call(
+    calls: Any, call: dict[str, Any], send: Send, *, source: str,
+    replace: dict[str, Any] | None = None,
+) -> Restart | None:
+    """Process the failed ``call`` (as read) again; the one code path of ``callingest replay``,
+    ``POST calls/{cuid}/retry.json`` and correction by resubmission.
+
+    ``replace``: new stored content (a correction), which restarts from the validator;
+    otherwise the call resumes from the stage that failed. The attempt is claimed with one
+    conditional update (still ``failed``, still the attempt read), so of concurrent
+    restarts of one call exactly one wins; the others get None. The claim is recorded in
+    the history as ``{stage: source, status, at}``. If ``send`` fails the claim is undone
+    and the exception propagates.
+    """
+    cuid = call["_id"]
+    stage = "validator" if replace is not None else restart_stage(call)
+    attempt = int(call.get("attempt") or 1)
+    new_attempt = attempt + 1
+    try:
+        _suffix, event_name, record = events.stage_input({**call, **(replace or {})}, stage,
+                                                         new_attempt)
+    except ValueError as exc:
+        raise NotRestartable(str(exc)) from None
+    status = events.STATUS_BEFORE[stage]
+    at = datetime.now(UTC)
+    claimed = await calls.find_one_and_update(
+        {"_id": cuid, "status": "failed",
+         "attempt": {"$in": [attempt, None]} if attempt == 1 else attempt},
+        {"$set": {**(replace or {}), "status": status, "attempt": new_attempt,
+                  "last_failure": call.get("failure")},
+         "$unset": {"failure": "", "csm_notified_at": ""},
+         "$push": {"history": {"stage": source, "status": status, "at": at}}},
+    )
+    if claimed is None:
+        return None
+    try:
+        await send(stage, event_name, record)
+    except Exception:
+        original = {k: call[k] for k in (replace or {}) if k in call}
+        await calls.update_one(
+            {"_id": cuid, "attempt": new_attempt},
+            {"$set": {**original, "status": "failed", "attempt": attempt,
+                      "failure": call.get("failure")},
+             "$pull": {"history": {"stage": source, "at": at}}},
+        )
+        raise
+    return Restart(cuid=cuid, attempt=new_attempt, stage=stage, status=status)
 
 
 async def run_replay(settings: Settings, flt: ReplayFilter, dry_run: bool) -> int:

@@ -9,8 +9,10 @@ derived from that key, and the first submission inserts the call; the
 unique keys (_id, and the index on network_id + external_call_unique_id)
 make a concurrent second insert fail as a duplicate, after which the stored
 call's content hash decides: same content -> 202 with the stored cuid, other
-content -> 409. A 201 or 202 is only given once the call is stored and its
-CallSubmitted event is acknowledged by Kafka (and its receipt recorded).
+content -> 409, unless the stored call ``failed``: then the new content replaces
+it and is processed from the start (a correction, 201 with the same cuid).
+A 201 or 202 is only given once the call is stored and its CallSubmitted event
+is acknowledged by Kafka (and its receipt recorded).
 
 The path of a new call only inserts (the call, then its receipt), batched by
 the :class:`~services.gateway.writer.CallWriter`: on the dev store every
@@ -28,12 +30,16 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import metrics, rules
+from callingest.kafka import PublishError
 from callingest.logging import get_logger
+from callingest.replay import NotRestartable, Restart, restart_failed_call
 from services.gateway.domain import Network, Principal, campaign_key
 from services.gateway.errors import (
     CampaignError,
     Conflict,
     NotAuthorized,
+    NotFound,
+    RecordInvalid,
     ServiceUnavailable,
     UnauthorizedAdvertiser,
     UnauthorizedOperation,
@@ -47,6 +53,9 @@ log = get_logger(__name__)
 Document = dict[str, Any]
 RETRY_AFTER_SECONDS = 5
 
+
+# Fields of a stored call that a correction keeps (everything else is the new content).
+_KEPT_ON_CORRECTION = frozenset({"_id", "status", "attempt", "published", "created_at", "history"})
 
 CUID_NAMESPACE = uuid.UUID("0b6f5a52-3c1e-4f4e-8a3d-5f3a9c1e7d21")
 
@@ -131,8 +140,16 @@ class CallService:
     async def submit(self, principal: Principal, body: Document) -> Submission:
         """Check, validate, store and publish one call (see the module docstring)."""
         network = await self.network_of(principal)
-        campaign = await self._check_campaign(principal, network, body)
-        call = validate_submission(body, ValidationContext(network, self._allowed_s3_buckets))
+        campaign, problem = await self._check_campaign(principal, network, body)
+        try:
+            call = validate_submission(body, ValidationContext(network, self._allowed_s3_buckets))
+        except RecordInvalid as exc:
+            if problem is None:
+                raise
+            # "package all of the issues together": the campaign's problem and the fields' in one 403
+            raise RecordInvalid([f"'{problem[0]}' {problem[1]}", *exc.problems]) from None
+        if problem is not None:
+            raise CampaignError(problem[1], error_class=problem[0])
         try:
             return await self._store_and_publish(call, campaign)
         except KafkaUnavailable:
@@ -144,24 +161,23 @@ class CallService:
 
     async def _check_campaign(
         self, principal: Principal, network: Network, body: Document
-    ) -> Document | None:
-        """403s of the campaign; None when the id is missing or malformed (validation names it).
+    ) -> tuple[Document | None, rules.Problem | None]:
+        """The campaign and its configuration problem (shared with the validator), if any;
+        ``(None, None)`` when the id is missing or malformed (validation names it).
 
-        Order: unknown campaign, another advertiser's campaign (scoped token),
-        then the campaign configuration rules shared with the validator.
+        Another advertiser's campaign (scoped token) is refused here at once (403
+        UnauthorizedAdvertiser); a configuration problem is reported by :meth:`submit`
+        together with the fields' problems.
         """
         call = body.get("call")
         raw = call.get("advertiser_campaign_id_from_network") if isinstance(call, dict) else None
         if isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).strip():
-            return None
+            return None, None
         campaign = await self._config.campaign(network.id, str(raw).strip())
         if campaign is not None and not principal.may_use(str(campaign.get("advertiser_id"))):
             raise UnauthorizedAdvertiser()
         problems = rules.campaign_problems(campaign)
-        if problems:
-            error_class, message = problems[0]
-            raise CampaignError(message, error_class=error_class)
-        return campaign
+        return campaign, (problems[0] if problems else None)
 
     async def _store_and_publish(self, call: NormalizedCall, campaign: Document | None) -> Submission:
         content_hash = call.content_hash
@@ -178,11 +194,60 @@ class CallService:
         if existing is None:  # the holder of the id vanished between insert and read
             return await self._store_and_publish(call, campaign)
         if existing.get("content_hash") != content_hash:
+            if existing.get("status") == "failed" and await self._correct(existing, doc):
+                metrics.CALLS_SUBMITTED.labels("corrected").inc()
+                log.info("failed call corrected", extra={"cuid": existing["_id"],
+                                                        "network_id": call.network_id})
+                return Submission(cuid=existing["_id"], created=True)
             metrics.CALLS_SUBMITTED.labels("conflict").inc()
             raise Conflict()
         await self._publisher.ensure_published(existing)
         metrics.CALLS_SUBMITTED.labels("duplicate").inc()
         return Submission(cuid=existing["_id"], created=False)
+
+    async def _correct(self, existing: Document, doc: Document) -> bool:
+        """Replace a failed call's content with ``doc``'s and process it from the start.
+
+        False if another correction or retry took the call first and its content is not
+        ``doc``'s (the caller answers 409); a concurrent identical correction counts as done.
+        """
+        replace = {k: v for k, v in doc.items() if k not in _KEPT_ON_CORRECTION}
+        if await self._restart(existing, "correction", replace) is not None:
+            return True
+        current = await self._calls.find_one({"_id": existing["_id"]})
+        return current is not None and current.get("content_hash") == doc["content_hash"]
+
+    async def _restart(self, call: Document, source: str,
+                       replace: Document | None = None) -> Restart | None:
+        """The shared restart of a failed call (callingest/replay.py); 503 if Kafka is down."""
+        try:
+            return await restart_failed_call(self._calls, call, self._publisher.send_stage_input,
+                                             source=source, replace=replace)
+        except (KafkaUnavailable, PublishError):
+            raise ServiceUnavailable(
+                "The call could not be queued for processing right now; retry the same request later.",
+                retry_after=RETRY_AFTER_SECONDS,
+            ) from None
+
+    async def retry(self, principal: Principal, cuid: str) -> Restart:
+        """POST calls/{cuid}/retry.json: a failed call resumes from the stage that failed.
+
+        404 for a call the principal cannot see, 409 for one that is not (or no longer) failed.
+        """
+        call = await self.find(principal, cuid)
+        if call is None:
+            raise NotFound("No such call.")
+        if call.get("status") != "failed":
+            raise Conflict(f"The call is {call.get('status')}, not failed; only a failed call "
+                           "can be retried.")
+        try:
+            restarted = await self._restart(call, "retry")
+        except NotRestartable as exc:
+            raise Conflict(f"The call cannot be retried: {exc}.") from None
+        if restarted is None:
+            raise Conflict("The call is already being processed again.")
+        log.info("failed call retried", extra={"cuid": cuid, "stage": restarted.stage})
+        return restarted
 
     def _document(self, call: NormalizedCall, content_hash: str, campaign: Document | None) -> Document:
         now = datetime.now(UTC)

@@ -199,6 +199,13 @@ class CallPublisher:
         # holds the call's claim until then; its result says whether the event was delivered.
         self._unsettled: dict[str, asyncio.Task[bool]] = {}
 
+    async def send_stage_input(self, stage: str, event: str, record: Document) -> None:
+        """Publish the input event of ``stage`` now (a failed call processed again, see
+        callingest/replay.py); raises KafkaUnavailable or PublishError if not acknowledged."""
+        producer = await self._producer.get()
+        await producer.send(events.input_topic(self._topics, stage), event, record,
+                            key=record["cuid"], timeout=PUBLISH_WAIT_SECONDS)
+
     async def publish_new(self, call: Document) -> None:
         """Publish a call this process just inserted (its implicit claim).
 

@@ -18,12 +18,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pymongo.errors import DuplicateKeyError
 from tqdm import tqdm
 
 from callingest import events, mongo
 from callingest.kafka import Producer, PublishError
 from callingest.settings import Settings
 from callingest.topics import Topics
+
+RESTART_CLAIMS = "call_restarts"  # {_id: "<cuid>:<attempt>", source, at}: who started an attempt
 
 
 @dataclass
@@ -144,9 +147,10 @@ async def restart_failed_call(
     ``POST calls/{cuid}/retry.json`` and correction by resubmission.
 
     ``replace``: new stored content (a correction), which restarts from the validator;
-    otherwise the call resumes from the stage that failed. The attempt is claimed with one
-    conditional update (still ``failed``, still the attempt read), so of concurrent
-    restarts of one call exactly one wins; the others get None. The claim is recorded in
+    otherwise the call resumes from the stage that failed. The new attempt is claimed by
+    inserting ``<cuid>:<attempt>`` into ``call_restarts`` (unique _id), then the call is
+    updated only if still ``failed`` at the attempt read, so of concurrent restarts of one
+    call exactly one wins; the others get None. The claim is recorded in
     the history as ``{stage: source, status, at}``. If ``send`` fails the claim is undone
     and the exception propagates.
     """
@@ -161,7 +165,15 @@ async def restart_failed_call(
         raise NotRestartable(str(exc)) from None
     status = events.STATUS_BEFORE[stage]
     at = datetime.now(UTC)
-    claimed = await calls.find_one_and_update(
+    # The claim of the new attempt: a unique _id makes exactly one taker win, also on
+    # stores whose findAndModify is not atomic under concurrency (FerretDB on SQLite).
+    claims = calls.database[RESTART_CLAIMS]
+    claim_id = f"{cuid}:{new_attempt}"
+    try:
+        await claims.insert_one({"_id": claim_id, "source": source, "at": at})
+    except DuplicateKeyError:
+        return None
+    updated = await calls.update_one(
         {"_id": cuid, "status": "failed",
          "attempt": {"$in": [attempt, None]} if attempt == 1 else attempt},
         {"$set": {**(replace or {}), "status": status, "attempt": new_attempt,
@@ -169,7 +181,8 @@ async def restart_failed_call(
          "$unset": {"failure": "", "csm_notified_at": ""},
          "$push": {"history": {"stage": source, "status": status, "at": at}}},
     )
-    if claimed is None:
+    if updated.matched_count == 0:  # changed since it was read
+        await claims.delete_one({"_id": claim_id})
         return None
     try:
         await send(stage, event_name, record)
@@ -181,6 +194,7 @@ async def restart_failed_call(
                       "failure": call.get("failure")},
              "$pull": {"history": {"stage": source, "at": at}}},
         )
+        await claims.delete_one({"_id": claim_id})
         raise
     return Restart(cuid=cuid, attempt=new_attempt, stage=stage, status=status)
 

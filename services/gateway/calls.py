@@ -194,28 +194,32 @@ class CallService:
         if existing is None:  # the holder of the id vanished between insert and read
             return await self._store_and_publish(call, campaign)
         if existing.get("content_hash") != content_hash:
-            if existing.get("status") == "failed" and await self._correct(existing, doc):
-                metrics.CALLS_SUBMITTED.labels("corrected").inc()
-                log.info("failed call corrected", extra={"cuid": existing["_id"],
-                                                        "network_id": call.network_id})
-                return Submission(cuid=existing["_id"], created=True)
+            corrected = await self._correct(existing, doc) if existing.get("status") == "failed" else None
+            if corrected is not None:
+                return corrected
             metrics.CALLS_SUBMITTED.labels("conflict").inc()
             raise Conflict()
         await self._publisher.ensure_published(existing)
         metrics.CALLS_SUBMITTED.labels("duplicate").inc()
         return Submission(cuid=existing["_id"], created=False)
 
-    async def _correct(self, existing: Document, doc: Document) -> bool:
-        """Replace a failed call's content with ``doc``'s and process it from the start.
+    async def _correct(self, existing: Document, doc: Document) -> Submission | None:
+        """Replace a failed call's content with ``doc``'s and process it from the start (201).
 
-        False if another correction or retry took the call first and its content is not
-        ``doc``'s (the caller answers 409); a concurrent identical correction counts as done.
+        If another correction or retry took the call first: 202 when the call now has
+        ``doc``'s content (a concurrent identical correction), else None (the caller answers 409).
         """
         replace = {k: v for k, v in doc.items() if k not in _KEPT_ON_CORRECTION}
         if await self._restart(existing, "correction", replace) is not None:
-            return True
+            metrics.CALLS_SUBMITTED.labels("corrected").inc()
+            log.info("failed call corrected", extra={"cuid": existing["_id"],
+                                                    "network_id": existing.get("network_id")})
+            return Submission(cuid=existing["_id"], created=True)
         current = await self._calls.find_one({"_id": existing["_id"]})
-        return current is not None and current.get("content_hash") == doc["content_hash"]
+        if current is not None and current.get("content_hash") == doc["content_hash"]:
+            metrics.CALLS_SUBMITTED.labels("duplicate").inc()
+            return Submission(cuid=existing["_id"], created=False)
+        return None
 
     async def _restart(self, call: Document, source: str,
                        replace: Document | None = None) -> Restart | None:

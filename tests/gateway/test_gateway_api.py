@@ -433,7 +433,7 @@ async def test_bad_bodies_are_4xx_with_errors_body(gateway: Client) -> None:
     resp = await gateway.post(URL, data=chunks(), headers={"Content-Type": "application/json"})
     assert_error(resp.status, await resp.json(), 413, "PayloadTooLarge")
 
-    resp = await gateway.get(URL)
+    resp = await gateway.delete(URL)
     assert_error(resp.status, await resp.json(), 405, "MethodNotAllowed")
     resp = await gateway.get("/api/2022-03-01/nothing-here")
     assert_error(resp.status, await resp.json(), 404, "NotFound")

@@ -74,7 +74,7 @@ async def test_retry_resumes_from_the_failed_stage(
 async def test_retry_of_a_normalizer_failure_resumes_at_the_normalizer(
     gateway: Client, configured_db: Any, settings: Settings, topics: Topics
 ) -> None:
-    status, body = await post(gateway, call_body("retry-norm"))
+    _status, body = await post(gateway, call_body("retry-norm"))
     cuid = body["cuid"]
     await configured_db.calls.update_one({"_id": cuid}, {"$set": {"fetched": {
         "bucket": "b", "key": f"raw/{cuid}/1", "size_bytes": 10, "format": "wav"}}})
@@ -122,7 +122,7 @@ async def test_correction_replaces_content_and_restarts(
 async def test_concurrent_corrections_and_retries_make_one_new_attempt(
     gateway: Client, configured_db: Any, settings: Settings, topics: Topics
 ) -> None:
-    status, body = await post(gateway, call_body("race-fix"))
+    _status, body = await post(gateway, call_body("race-fix"))
     cuid = body["cuid"]
     for round_ in range(3):
         before = await fail(configured_db, cuid, "fetcher")

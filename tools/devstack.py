@@ -2,7 +2,8 @@
 
 Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
 FerretDB on SQLite (.tools/bin/ferretdb), versitygw as the S3 store
-(.tools/bin/versitygw, posix backend), an aiosmtpd sink, and the five
+(.tools/bin/versitygw, posix backend), an aiosmtpd sink, the demo server
+(tools/demo_server.py: sample recordings and a webhook receiver), and the five
 services. Every process runs in its own session (process group) with its pid
 in ``.run/pids/<component>.pid`` and its output in ``.run/logs/<component>.log``.
 
@@ -272,6 +273,9 @@ def demo_url(ports: Ports) -> str:
 
 def start_demo(ports: Ports) -> None:
     """The demo server (``/call.wav``, ``/call.mp3``, ``POST /webhooks`` into .run/webhooks/)."""
+    if running_pid(DEMO) is None and port_open(ports.demo):
+        print(f"demo server: port {ports.demo} is taken by another process; using it")
+        return
     if running_pid(DEMO) is None:
         spawn(DEMO, [str(VENV_BIN / "python"), "-m", "tools.demo_server", "--port", str(ports.demo),
                      "--dir", str(RUN / "webhooks")])

@@ -151,7 +151,7 @@ class CallService:
         if problem is not None:
             raise CampaignError(problem[1], error_class=problem[0])
         try:
-            return await self._store_and_publish(call, campaign)
+            return await self._store_and_publish(call, campaign, principal)
         except KafkaUnavailable:
             metrics.CALLS_SUBMITTED.labels("unavailable").inc()
             raise ServiceUnavailable(
@@ -179,7 +179,8 @@ class CallService:
         problems = rules.campaign_problems(campaign)
         return campaign, (problems[0] if problems else None)
 
-    async def _store_and_publish(self, call: NormalizedCall, campaign: Document | None) -> Submission:
+    async def _store_and_publish(self, call: NormalizedCall, campaign: Document | None,
+                                 principal: Principal) -> Submission:
         content_hash = call.content_hash
         doc = self._document(call, content_hash, campaign)
         if await self._writer.insert("calls", doc):
@@ -192,9 +193,12 @@ class CallService:
             {"network_id": call.network_id, "external_call_unique_id": call.external_call_unique_id}
         )
         if existing is None:  # the holder of the id vanished between insert and read
-            return await self._store_and_publish(call, campaign)
+            return await self._store_and_publish(call, campaign, principal)
         if existing.get("content_hash") != content_hash:
-            corrected = await self._correct(existing, doc) if existing.get("status") == "failed" else None
+            # Only a call the token may see can be corrected (a scoped token: its advertisers').
+            correctable = existing.get("status") == "failed" and principal.may_use(
+                str(existing.get("advertiser_id")))
+            corrected = await self._correct(existing, doc) if correctable else None
             if corrected is not None:
                 return corrected
             metrics.CALLS_SUBMITTED.labels("conflict").inc()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,6 +36,7 @@ PARAMETERS = frozenset({"status", "since", "until", "external_call_unique_id", "
                         "oauth_token"})
 ORDER = [("created_at", DESCENDING), ("_id", DESCENDING)]
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PLUS_AS_SPACE = re.compile(r"\d \d{2}:?\d{2}$")
 
 
 class InvalidParameter(ApiError):
@@ -104,6 +106,9 @@ def _moment(params: Any, name: str) -> datetime | None:
     if raw is None:
         return None
     text = raw.strip()
+    if match := _PLUS_AS_SPACE.search(text):  # an unencoded "+hh:mm" arrives as " hh:mm"
+        space = match.start() + 1
+        text = f"{text[:space]}+{text[space + 1:]}"
     try:
         if not text.isascii():
             raise ValueError(text)

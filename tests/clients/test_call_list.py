@@ -115,6 +115,10 @@ async def test_repeated_parameter_and_auth(gateway: Client) -> None:
     assert_error(resp.status, await resp.json(), 401, "NotAuthorized")
     resp = await gateway.get(LIST, params={"oauth_token": NETWORK_TOKEN, "limit": "1"})
     assert resp.status == 200
+    # An offset typed into a URL unencoded ("+" arrives as a space) still reads as an offset.
+    resp = await gateway.get(f"{LIST}?since=2016-01-01T00:00:00+00:00&until=2016-01-02T00:00:00Z",
+                             headers={"Authorization": f"Bearer {NETWORK_TOKEN}"})
+    assert resp.status == 200, await resp.text()
 
 
 @pytest.mark.slow

@@ -142,3 +142,16 @@ async def test_concurrent_corrections_and_retries_make_one_new_attempt(
         new_events = [e for topic in (topics.submitted, topics.validated)
                       for e in await events_of(settings, topic, cuid) if e["attempt"] == attempt + 1]
         assert len(new_events) == 1, new_events
+
+
+async def test_a_scoped_token_cannot_correct_another_advertisers_call(
+    gateway: Client, configured_db: Any
+) -> None:
+    _status, body = await post(gateway, call_body("adv2-fix", advertiser_campaign_id_from_network=90))
+    cuid = body["cuid"]
+    before = await fail(configured_db, cuid, "fetcher")
+    hijack = call_body("adv2-fix", recording_url=FIXED_URL)  # campaign 85: adv-1's
+    hijack["oauth_token"] = ADVERTISER_TOKEN
+    assert_error(*(await post(gateway, hijack)), 409, "Conflict")
+    assert_error(*(await retry(gateway, cuid, ADVERTISER_TOKEN)), 404, "NotFound")
+    assert await configured_db.calls.find_one({"_id": cuid}) == before

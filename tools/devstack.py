@@ -271,6 +271,18 @@ def demo_url(ports: Ports) -> str:
     return f"http://127.0.0.1:{ports.demo}"
 
 
+def demo_config(ports: Ports) -> Path:
+    """deploy/examples/demo-config.yaml with the demo server's address (its webhook receiver)
+    moved to ``DEMO_RECORDINGS_PORT``."""
+    source = ROOT / "deploy" / "examples" / "demo-config.yaml"
+    if ports.demo == 8000:
+        return source
+    RUN.mkdir(parents=True, exist_ok=True)
+    moved = RUN / "demo-config.yaml"
+    moved.write_text(source.read_text().replace("http://127.0.0.1:8000/", f"{demo_url(ports)}/"))
+    return moved
+
+
 def start_demo(ports: Ports) -> None:
     """The demo server (``/call.wav``, ``/call.mp3``, ``POST /webhooks`` into .run/webhooks/)."""
     if running_pid(DEMO) is None and port_open(ports.demo):
@@ -355,7 +367,7 @@ def up(ports: Ports) -> None:
     started = time.monotonic()
     servers_up(ports)
     admin_init(ports)
-    apply_config(ports, ROOT / "deploy" / "examples" / "demo-config.yaml")
+    apply_config(ports, demo_config(ports))
     start_demo(ports)
     for name in SERVICES:
         if running_pid(name) is None:

@@ -109,5 +109,20 @@ def test_readme_tour(stack: dict[str, Any], mail_dir: Path, tmp_path: Path) -> N
     assert "('fetcher', 'failed'), ('correction', 'received')" in fix
     assert fix.rstrip().endswith("HTTP 409") and '"class": "Conflict"' in fix
     if TOUR_WEBHOOKS:
-        hook = steps[5]
+        hook = steps[5].lower()
         assert '"webhook-id":' in hook and '"webhook-signature": "v1,' in hook
+        assert '"webhook-timestamp":' in hook
+
+
+def test_make_up_points_the_demo_config_at_the_demo_port(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The demo configuration's webhook URL (http://127.0.0.1:8000/webhooks once the webhooks
+    branch adds it) follows DEMO_RECORDINGS_PORT, so a stack on other ports gets its deliveries."""
+    source = ROOT / "deploy" / "examples" / "demo-config.yaml"
+    monkeypatch.setattr(devstack, "RUN", tmp_path)
+    assert devstack.demo_config(devstack.Ports(demo=8000)) == source
+    moved = devstack.demo_config(devstack.Ports(demo=21999))
+    text = source.read_text()
+    assert moved.read_text() == text.replace("http://127.0.0.1:8000/", "http://127.0.0.1:21999/")
+    if "http://127.0.0.1:8000/webhooks" in text:
+        assert "http://127.0.0.1:21999/webhooks" in moved.read_text()

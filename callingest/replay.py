@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.errors import DuplicateKeyError
@@ -26,7 +26,8 @@ from callingest.kafka import Producer, PublishError
 from callingest.settings import Settings
 from callingest.topics import Topics
 
-RESTART_CLAIMS = "call_restarts"  # {_id: "<cuid>:<attempt>", source, at}: who started an attempt
+# {_id: "<cuid>:<attempt>", cuid, attempt, stage, source, at, published}: who started an attempt
+RESTART_CLAIMS = "call_restarts"
 
 
 @dataclass
@@ -170,7 +171,8 @@ async def restart_failed_call(
     claims = calls.database[RESTART_CLAIMS]
     claim_id = f"{cuid}:{new_attempt}"
     try:
-        await claims.insert_one({"_id": claim_id, "source": source, "at": at})
+        await claims.insert_one({"_id": claim_id, "cuid": cuid, "attempt": new_attempt,
+                                 "stage": stage, "source": source, "at": at, "published": False})
     except DuplicateKeyError:
         return None
     updated = await calls.update_one(
@@ -196,7 +198,29 @@ async def restart_failed_call(
         )
         await claims.delete_one({"_id": claim_id})
         raise
+    await claims.update_one({"_id": claim_id}, {"$set": {"published": True}})
     return Restart(cuid=cuid, attempt=new_attempt, stage=stage, status=status)
+
+
+async def republish_unpublished_restarts(calls: Any, send: Send, older_than: timedelta) -> int:
+    """Publish the input event of every restart claimed more than ``older_than`` ago whose
+    publication was never recorded (its process died between the claim and Kafka's
+    acknowledgement), so a restarted call is never left waiting; the number published.
+
+    Sending again what was in fact delivered is harmless: the event has the same id and
+    attempt, and a stage republishes its stored outcome for a redelivered event.
+    """
+    claims = calls.database[RESTART_CLAIMS]
+    published = 0
+    cutoff = datetime.now(UTC) - older_than
+    async for claim in claims.find({"published": False, "at": {"$lt": cutoff}}):
+        call = await calls.find_one({"_id": claim.get("cuid")})
+        if call is not None and int(call.get("attempt") or 1) == claim.get("attempt"):
+            _suffix, event_name, record = events.stage_input(call, claim["stage"], claim["attempt"])
+            await send(claim["stage"], event_name, record)
+            published += 1
+        await claims.update_one({"_id": claim["_id"]}, {"$set": {"published": True}})
+    return published
 
 
 async def run_replay(settings: Settings, flt: ReplayFilter, dry_run: bool) -> int:

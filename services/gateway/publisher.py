@@ -55,6 +55,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from callingest import avro, events, metrics
 from callingest.kafka import Producer, PublishError, TopicScanner, event_id
 from callingest.logging import get_logger
+from callingest.replay import republish_unpublished_restarts
 from callingest.topics import Topics
 from services.gateway.writer import CallWriter, WriterStopped, retry_busy
 
@@ -528,7 +529,8 @@ class CallPublisher:
         """Forever (never raises): every ``interval_seconds`` retry this process's failed
         publications; ``older_than_seconds`` after start and then every ``FULL_SCAN_SECONDS``
         scan for any unpublished call (those of a crashed or stopped gateway): the whole
-        collection once, then what was created since (:meth:`republish_pending`). Scans are
+        collection once, then what was created since (:meth:`republish_pending`), and restarts of
+failed calls whose event was never published (callingest/replay.py). Scans are
         rare because on the dev store (FerretDB on SQLite) every query reads the whole
         collection. ``scans=False``: only the retries (another worker scans).
         """
@@ -539,6 +541,9 @@ class CallPublisher:
                 await self.retry_failed()
                 if scans and time.monotonic() >= next_scan:
                     await self.republish_pending(older_than_seconds)
+                    await republish_unpublished_restarts(
+                        self._calls, self.send_stage_input,
+                        timedelta(seconds=max(older_than_seconds, CLAIM_SECONDS)))
                     next_scan = time.monotonic() + max(FULL_SCAN_SECONDS, older_than_seconds)
             except KafkaUnavailable:
                 pass

@@ -6,11 +6,14 @@ tests/clients/test_tour.py and tests/e2e/test_clients_e2e.py."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from callingest import events
+from callingest.kafka import Producer
+from callingest.replay import republish_unpublished_restarts, restart_failed_call
 from callingest.settings import Settings
 from callingest.topics import Topics
 from tests.gateway.conftest import ADVERTISER_TOKEN, NETWORK_TOKEN, OTHER_NETWORK_TOKEN
@@ -155,3 +158,37 @@ async def test_a_scoped_token_cannot_correct_another_advertisers_call(
     assert_error(*(await post(gateway, hijack)), 409, "Conflict")
     assert_error(*(await retry(gateway, cuid, ADVERTISER_TOKEN)), 404, "NotFound")
     assert await configured_db.calls.find_one({"_id": cuid}) == before
+
+
+async def test_a_restart_whose_process_died_before_publishing_is_published_later(
+    gateway: Client, configured_db: Any, settings: Settings, topics: Topics
+) -> None:
+    """The process dies between claiming the new attempt and Kafka's acknowledgement: the
+    gateway's republisher pass publishes that attempt's event (once)."""
+    _status, body = await post(gateway, call_body("crash-retry"))
+    cuid = body["cuid"]
+    call = await fail(configured_db, cuid, "fetcher")
+
+    async def dies(stage: str, event: str, record: dict[str, Any]) -> None:
+        raise asyncio.CancelledError  # the process is gone: nothing after the claim runs
+
+    with pytest.raises(asyncio.CancelledError):
+        await restart_failed_call(configured_db.calls, call, dies, source="retry")
+    stuck = await configured_db.calls.find_one({"_id": cuid})
+    assert (stuck["status"], stuck["attempt"]) == ("validated", 2)
+    assert await events_of(settings, topics.validated, cuid) == []
+
+    producer = Producer(settings.kafka_bootstrap_servers, "tests")
+    await producer.start()
+    try:
+        async def send(stage: str, event: str, record: dict[str, Any]) -> None:
+            await producer.send(events.input_topic(topics, stage), event, record, key=cuid)
+
+        later = timedelta(seconds=60)
+        assert await republish_unpublished_restarts(configured_db.calls, send, later) == 0
+        assert await republish_unpublished_restarts(configured_db.calls, send, timedelta(0)) == 1
+        assert await republish_unpublished_restarts(configured_db.calls, send, timedelta(0)) == 0
+    finally:
+        await producer.stop()
+    validated = await events_of(settings, topics.validated, cuid)
+    assert [e["attempt"] for e in validated] == [2]

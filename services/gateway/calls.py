@@ -9,9 +9,11 @@ derived from that key, and the first submission inserts the call; the
 unique keys (_id, and the index on network_id + external_call_unique_id)
 make a concurrent second insert fail as a duplicate, after which the stored
 call's content hash decides: same content -> 202 with the stored cuid, other
-content -> 409. A 201 or 202 is only given once the call is stored and its
-CallSubmitted event is acknowledged by Kafka; a new call's receipt is written
-in the background after that (awaited only where a resubmission publishes it).
+content -> 409, unless the stored call ``failed``: then the new content replaces
+it and is processed from the start (a correction, 201 with the same cuid).
+A 201 or 202 is only given once the call is stored and its CallSubmitted event
+is acknowledged by Kafka; a new call's receipt is written in the background
+after that (awaited only where a resubmission publishes it).
 
 The path of a new call only inserts (the call, then its receipt), batched by
 the :class:`~services.gateway.writer.CallWriter` (why: docs/architecture.md,
@@ -30,12 +32,16 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import metrics, rules
 from callingest.config_file import NetworkSettings, StoredCampaign, load_campaign, load_network
+from callingest.kafka import PublishError
 from callingest.logging import get_logger
+from callingest.replay import NotRestartable, Restart, restart_failed_call
 from services.gateway.domain import Principal
 from services.gateway.errors import (
     CampaignError,
     Conflict,
     NotAuthorized,
+    NotFound,
+    RecordInvalid,
     ServiceUnavailable,
     UnauthorizedAdvertiser,
     UnauthorizedOperation,
@@ -51,6 +57,9 @@ Document = dict[str, Any]
 RETRY_AFTER_SECONDS = 5
 #: Entries of each configuration cache (networks; campaigns).
 CACHE_SIZE = 10_000
+
+# Fields of a stored call that a correction keeps (everything else is the new content).
+_KEPT_ON_CORRECTION = frozenset({"_id", "status", "attempt", "published", "created_at", "history"})
 
 
 CUID_NAMESPACE = uuid.UUID("0b6f5a52-3c1e-4f4e-8a3d-5f3a9c1e7d21")
@@ -127,10 +136,18 @@ class CallService:
     async def submit(self, principal: Principal, body: Document) -> Submission:
         """Check, validate, store and publish one call (see the module docstring)."""
         network = await self.network_of(principal)
-        campaign = await self._check_campaign(principal, network, body)
-        call = validate_submission(body, ValidationContext(network, self._allowed_s3_buckets))
+        campaign, problem = await self._check_campaign(principal, network, body)
         try:
-            return await self._store_and_publish(call, campaign)
+            call = validate_submission(body, ValidationContext(network, self._allowed_s3_buckets))
+        except RecordInvalid as exc:
+            if problem is None:
+                raise
+            # "package all of the issues together": the campaign's problem and the fields' in one 403
+            raise RecordInvalid([f"'{CampaignError.error_class}' {problem}", *exc.problems]) from None
+        if problem is not None:
+            raise CampaignError(problem)
+        try:
+            return await self._store_and_publish(call, campaign, principal)
         except KafkaUnavailable:
             metrics.CALLS_SUBMITTED.labels("unavailable").inc()
             raise ServiceUnavailable(
@@ -140,26 +157,25 @@ class CallService:
 
     async def _check_campaign(
         self, principal: Principal, network: NetworkSettings, body: Document
-    ) -> StoredCampaign | None:
-        """403s of the campaign; None when the id is missing or malformed (validation names it).
+    ) -> tuple[StoredCampaign | None, str | None]:
+        """The campaign and its configuration problem (shared with the validator), if any;
+        ``(None, None)`` when the id is missing or malformed (validation names it).
 
-        Order: unknown campaign, another advertiser's campaign (scoped token),
-        then the campaign configuration rules shared with the validator.
+        Another advertiser's campaign (scoped token) is refused here at once (403
+        UnauthorizedAdvertiser); a configuration problem is reported by :meth:`submit`
+        together with the fields' problems.
         """
         call = body.get("call")
         raw = call.get("advertiser_campaign_id_from_network") if isinstance(call, dict) else None
         if isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).strip():
-            return None
+            return None, None
         campaign = await self._config.campaign(network.id, str(raw).strip())
         if campaign is not None and not principal.may_use(campaign.advertiser_id):
             raise UnauthorizedAdvertiser()
-        problem = rules.campaign_problem(campaign)
-        if problem:
-            raise CampaignError(problem)
-        return campaign
+        return campaign, rules.campaign_problem(campaign)
 
-    async def _store_and_publish(self, call: NormalizedCall,
-                                 campaign: StoredCampaign | None) -> Submission:
+    async def _store_and_publish(self, call: NormalizedCall, campaign: StoredCampaign | None,
+                                 principal: Principal) -> Submission:
         content_hash = call.content_hash
         doc = self._document(call, content_hash, campaign)
         if await self._writer.insert("calls", doc):
@@ -172,13 +188,69 @@ class CallService:
             {"network_id": call.network_id, "external_call_unique_id": call.external_call_unique_id}
         )
         if existing is None:  # the holder of the id vanished between insert and read
-            return await self._store_and_publish(call, campaign)
+            return await self._store_and_publish(call, campaign, principal)
         if existing.get("content_hash") != content_hash:
+            # Only a call the token may see can be corrected (a scoped token: its advertisers').
+            correctable = existing.get("status") == "failed" and principal.may_use(
+                str(existing.get("advertiser_id")))
+            corrected = await self._correct(existing, doc) if correctable else None
+            if corrected is not None:
+                return corrected
             metrics.CALLS_SUBMITTED.labels("conflict").inc()
             raise Conflict()
         await self._publisher.ensure_published(existing)
         metrics.CALLS_SUBMITTED.labels("duplicate").inc()
         return Submission(cuid=existing["_id"], created=False)
+
+    async def _correct(self, existing: Document, doc: Document) -> Submission | None:
+        """Replace a failed call's content with ``doc``'s and process it from the start (201).
+
+        If another correction or retry took the call first: 202 when the call now has
+        ``doc``'s content (a concurrent identical correction), else None (the caller answers 409).
+        """
+        replace = {k: v for k, v in doc.items() if k not in _KEPT_ON_CORRECTION}
+        if await self._restart(existing, "correction", replace) is not None:
+            metrics.CALLS_SUBMITTED.labels("corrected").inc()
+            log.info("failed call corrected", extra={"cuid": existing["_id"],
+                                                    "network_id": existing.get("network_id")})
+            return Submission(cuid=existing["_id"], created=True)
+        current = await self._calls.find_one({"_id": existing["_id"]})
+        if current is not None and current.get("content_hash") == doc["content_hash"]:
+            metrics.CALLS_SUBMITTED.labels("duplicate").inc()
+            return Submission(cuid=existing["_id"], created=False)
+        return None
+
+    async def _restart(self, call: Document, source: str,
+                       replace: Document | None = None) -> Restart | None:
+        """The shared restart of a failed call (callingest/replay.py); 503 if Kafka is down."""
+        try:
+            return await restart_failed_call(self._calls, call, self._publisher.send_stage_input,
+                                             source=source, replace=replace)
+        except (KafkaUnavailable, PublishError):
+            raise ServiceUnavailable(
+                "The call could not be queued for processing right now; retry the same request later.",
+                retry_after=RETRY_AFTER_SECONDS,
+            ) from None
+
+    async def retry(self, principal: Principal, cuid: str) -> Restart:
+        """POST calls/{cuid}/retry.json: a failed call resumes from the stage that failed.
+
+        404 for a call the principal cannot see, 409 for one that is not (or no longer) failed.
+        """
+        call = await self.find(principal, cuid)
+        if call is None:
+            raise NotFound("No such call.")
+        if call.get("status") != "failed":
+            raise Conflict(f"The call is {call.get('status')}, not failed; only a failed call "
+                           "can be retried.")
+        try:
+            restarted = await self._restart(call, "retry")
+        except NotRestartable as exc:
+            raise Conflict(f"The call cannot be retried: {exc}.") from None
+        if restarted is None:
+            raise Conflict("The call is already being processed again.")
+        log.info("failed call retried", extra={"cuid": cuid, "stage": restarted.stage})
+        return restarted
 
     def _document(self, call: NormalizedCall, content_hash: str,
                   campaign: StoredCampaign | None) -> Document:

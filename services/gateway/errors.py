@@ -100,14 +100,16 @@ class MethodNotAllowed(ApiError):
 
 
 class Conflict(ApiError):
-    """409: the external_call_unique_id was already used with other content."""
+    """409: the external_call_unique_id was already used with other content, or a retry of a
+    call that is not failed."""
 
     status = 409
     error_class = "Conflict"
 
-    def __init__(self) -> None:
+    def __init__(self, invalid_data: str | None = None) -> None:
         super().__init__(
-            "The external_call_unique_id in the request has already been used for a different call."
+            invalid_data
+            or "The external_call_unique_id in the request has already been used for a different call."
         )
 
 

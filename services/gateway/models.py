@@ -36,7 +36,7 @@ from services.gateway.parsing import (
 )
 
 MAX_ID_LENGTH = 255
-MAX_URL_LENGTH = 2048
+MAX_URL_LENGTH = 8192  # presigned URLs carrying session tokens pass 2,048
 MAX_NAME_LENGTH = 255
 MAX_CUSTOM_VALUE_LENGTH = 1024
 MAX_LIST_ITEMS = 100

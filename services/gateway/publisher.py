@@ -101,6 +101,13 @@ class CallPublisher:
         """True while this process publishes ``cuid`` or waits for a send of it to settle."""
         return cuid in self._in_flight or cuid in self._unsettled
 
+    async def send_stage_input(self, stage: str, event: str, record: Document) -> None:
+        """Publish the input event of ``stage`` now (a failed call processed again, see
+        callingest/replay.py); raises KafkaUnavailable or PublishError if not acknowledged."""
+        producer = await self.kafka()
+        await producer.send(events.input_topic(self._topics, stage), event, record,
+                            key=record["cuid"], timeout=PUBLISH_WAIT_SECONDS)
+
     async def publish_new(self, call: Document) -> None:
         """Publish a call this process just inserted (its implicit claim).
 

@@ -18,6 +18,8 @@ from pymongo.errors import PyMongoError
 
 from callingest import metrics
 from callingest.logging import get_logger
+from callingest.replay import republish_unpublished_restarts
+from services.gateway.claims import CLAIM_SECONDS
 from services.gateway.publisher import CallPublisher, KafkaUnavailable
 from services.gateway.receipts import SCAN_MARGIN, aware, unpublished_cuids
 
@@ -92,7 +94,8 @@ class Republisher:
                   scans: bool = True) -> None:
         """Forever (never raises): every ``interval_seconds`` :meth:`retry_failed`;
         ``older_than_seconds`` after start and then every :data:`FULL_SCAN_SECONDS`
-        :meth:`republish_pending` (the whole collection once, then what was created since).
+        :meth:`republish_pending` (the whole collection once, then what was created since)
+        and the restarts of failed calls whose event was never published (callingest/replay.py).
         ``scans=False``: only the retries (another worker scans).
         """
         next_scan = time.monotonic() + older_than_seconds  # calls of before our start are due
@@ -102,6 +105,9 @@ class Republisher:
                 await self.retry_failed()
                 if scans and time.monotonic() >= next_scan:
                     await self.republish_pending(older_than_seconds)
+                    await republish_unpublished_restarts(
+                        self._db.calls, self._publisher.send_stage_input,
+                        timedelta(seconds=max(older_than_seconds, CLAIM_SECONDS)))
                     next_scan = time.monotonic() + max(FULL_SCAN_SECONDS, older_than_seconds)
             except KafkaUnavailable:
                 pass

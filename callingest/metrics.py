@@ -41,13 +41,15 @@ HTTP_REQUEST_DURATION = Histogram(
     ["service", "method", "route"],
     buckets=_HTTP_BUCKETS,
 )
-# Calls accepted by the gateway, by result (created, duplicate, conflict, rejected).
+# Call submissions answered by the gateway, by result (created, duplicate, conflict,
+# unavailable: Kafka did not acknowledge and the answer was 503).
 CALLS_SUBMITTED = Counter(
     "callingest_calls_submitted_total",
     "Call submissions answered by the gateway, by result",
     ["result"],
 )
-# Events consumed from Kafka, by topic and outcome (ok, retry, failed, dead_letter, skipped).
+# Events consumed from Kafka, by topic and outcome (ok, retry, failed, dead_letter, skipped,
+# duplicate).
 EVENTS_CONSUMED = Counter(
     "callingest_events_consumed_total",
     "Events consumed, by topic and outcome",
@@ -114,7 +116,8 @@ CALLS_TERMINAL = Counter(
     "Calls that reached a terminal status",
     ["status"],
 )
-# Notification emails sent (outcome sent, duplicate, error).
+# Failure notifications, by outcome (sent, duplicate, error, no_recipient: the network has
+# no csm_email).
 NOTIFICATIONS = Counter(
     "callingest_notifications_total",
     "Failure notifications, by outcome",
@@ -124,6 +127,53 @@ NOTIFICATIONS = Counter(
 UNPUBLISHED_CALLS = Gauge(
     "callingest_unpublished_calls",
     "Accepted calls waiting to be published",
+    multiprocess_mode="max",
+)
+
+# Webhook deliveries queued (one per event and subscribed endpoint), by event type; "skipped"
+# counts events that could not be turned into deliveries (logged with their offset).
+WEBHOOK_EVENTS = Counter(
+    "callingest_webhook_events_total",
+    "Webhook deliveries queued, by event type",
+    ["event"],
+)
+# Webhook POST attempts, by event type and outcome (delivered, http_error, timeout,
+# connection_error, refused).
+WEBHOOK_ATTEMPTS = Counter(
+    "callingest_webhook_attempts_total",
+    "Webhook delivery attempts, by event type and outcome",
+    ["event", "outcome"],
+)
+# Webhook deliveries that ended, by event type and outcome (delivered, abandoned after the
+# retry period, cancelled because the webhook was removed).
+WEBHOOK_DELIVERIES = Counter(
+    "callingest_webhook_deliveries_total",
+    "Webhook deliveries ended, by event type and outcome",
+    ["event", "outcome"],
+)
+# From the event (call normalized, failed, retry scheduled) to the receiver's 2xx.
+WEBHOOK_DELIVERY_LAG = Histogram(
+    "callingest_webhook_delivery_lag_seconds",
+    "Time from a call event to its webhook's successful delivery",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0),
+)
+# From a delivery being due (first attempt or retry) to its attempt starting: the
+# deliverer's own backlog, independent of how receivers behave.
+WEBHOOK_DISPATCH_DELAY = Histogram(
+    "callingest_webhook_dispatch_delay_seconds",
+    "Time a due webhook delivery waited for the dispatcher",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0),
+)
+# Deliveries not yet delivered, given up or cancelled (waiting for a retry included).
+WEBHOOK_PENDING = Gauge(
+    "callingest_webhook_pending_deliveries",
+    "Webhook deliveries pending",
+    multiprocess_mode="max",
+)
+# Age of the oldest pending delivery.
+WEBHOOK_OLDEST_PENDING = Gauge(
+    "callingest_webhook_oldest_pending_age_seconds",
+    "Age of the oldest pending webhook delivery",
     multiprocess_mode="max",
 )
 

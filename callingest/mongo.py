@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest.settings import Settings
@@ -32,6 +32,8 @@ def database(client: AsyncMongoClient[Document], settings: Settings) -> AsyncDat
     return client[settings.mongodb_database]
 
 
+_LIST_ORDER = [("created_at", DESCENDING), ("_id", DESCENDING)]
+
 INDEXES: tuple[tuple[str, list[tuple[str, int]], str, bool], ...] = (
     # (collection, keys, name, unique)
     ("calls", [("network_id", ASCENDING), ("external_call_unique_id", ASCENDING)],
@@ -39,9 +41,20 @@ INDEXES: tuple[tuple[str, list[tuple[str, int]], str, bool], ...] = (
     ("calls", [("status", ASCENDING)], "status", False),
     # The gateway's republisher reads the calls created since its last scan.
     ("calls", [("created_at", ASCENDING)], "created_at", False),
+    # GET calls.json (services/gateway/listing.py): newest first within a network, by
+    # received time then _id; one index per kind of filter (docs/architecture.md).
+    ("calls", [("network_id", ASCENDING), *_LIST_ORDER], "list_network", False),
+    ("calls", [("network_id", ASCENDING), ("status", ASCENDING), *_LIST_ORDER],
+     "list_network_status", False),
+    ("calls", [("network_id", ASCENDING), ("advertiser_id", ASCENDING), *_LIST_ORDER],
+     "list_network_advertiser", False),
     ("campaigns", [("network_id", ASCENDING), ("id_from_network", ASCENDING)],
      "network_campaign", True),
     ("api_tokens", [("network_id", ASCENDING)], "network", False),
+    # The webhooks dispatcher reads due deliveries; `callingest calls show` a call's deliveries.
+    ("webhook_deliveries", [("status", ASCENDING), ("next_attempt_at", ASCENDING)],
+     "status_next_attempt_at", False),
+    ("webhook_deliveries", [("cuid", ASCENDING)], "cuid", False),
 )
 """Every index the platform relies on (created by ``callingest admin init`` only)."""
 

@@ -30,6 +30,7 @@ ENTRY_POINTS: dict[str, tuple[str, str]] = {
     "fetcher": ("services.fetcher.main", "serve"),
     "normalizer": ("services.normalizer.main", "serve"),
     "notifier": ("services.notifier.main", "serve"),
+    "webhooks": ("services.webhooks.main", "serve"),
     "admin-init": ("callingest.infra", "prepare_infrastructure"),
     "config-apply": ("callingest.cli", "_config_apply"),
     "calls-show": ("callingest.cli", "_calls_show"),

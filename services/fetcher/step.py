@@ -11,15 +11,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
+from callingest import s3 as s3io
 from callingest.audioformat import FORMATS, SNIFF_BYTES, sniff_format
-from callingest.errors import PermanentError, TransientError
+from callingest.config_file import load_network
+from callingest.errors import PermanentError
 from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
-from callingest.s3 import object_exists, s3_client
+from callingest.s3 import s3_client
 from callingest.settings import Settings
+from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.download import (
     FetchPolicy,
     RecordingAuthConfig,
@@ -27,7 +30,6 @@ from services.fetcher.download import (
     fetch_recording,
     redact_url,
 )
-from services.fetcher.ssrf import AddressPolicy, guarded_session
 
 log = get_logger(__name__)
 
@@ -56,16 +58,18 @@ async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_
     """
     if config_id is None or config_id == "":
         return None
-    network = await db.networks.find_one(
-        {"_id": network_id}, {"recording_auth_configs": 1}
-    )
-    for doc in (network or {}).get("recording_auth_configs") or []:
-        if str(doc.get("id")) == str(config_id):
-            try:
-                return RecordingAuthConfig.from_document(doc)
-            except ValueError as exc:
-                raise PermanentError("RecordingAuthConfigInvalid",
-                                     f"recording auth config {config_id}: {exc}") from None
+    try:
+        network = await load_network(db, network_id)
+    except ValidationError:  # its text may quote a token
+        raise PermanentError("RecordingAuthConfigInvalid",
+                             f"the configuration of network {network_id} is invalid") from None
+    config = network.recording_auth_config(str(config_id)) if network is not None else None
+    if config is not None:
+        try:
+            return RecordingAuthConfig.from_document(config.model_dump())
+        except ValueError as exc:
+            raise PermanentError("RecordingAuthConfigInvalid",
+                                 f"recording auth config {config_id}: {exc}") from None
     raise PermanentError(
         "RecordingAuthConfigNotFound",
         f"network {network_id} has no recording auth config {config_id}",
@@ -74,18 +78,12 @@ async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_
 
 async def _already_stored(s3: Any, bucket: str, key: str) -> StoredRecording | None:
     """The recording stored by an earlier run of this (cuid, attempt), if any."""
-    try:
-        head = await object_exists(s3, bucket, key)
-        if head is None:
-            return None
-        fmt = (head.get("Metadata") or {}).get("format")
-        if fmt not in FORMATS:
-            obj = await s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{SNIFF_BYTES - 1}")
-            async with obj["Body"] as body:
-                fmt = sniff_format(await body.read())
-    except (ClientError, BotoCoreError) as exc:
-        raise TransientError(f"object store unavailable: {type(exc).__name__}",
-                             "ObjectStoreUnavailable") from None
+    head = await s3io.head(s3, bucket, key)
+    if head is None:
+        return None
+    fmt = (head.get("Metadata") or {}).get("format")
+    if fmt not in FORMATS:
+        fmt = sniff_format(await s3io.read_range(s3, bucket, key, 0, SNIFF_BYTES - 1))
     if fmt is None:
         return None  # not something this stage wrote: download again over it
     return StoredRecording(bucket=bucket, key=key, size_bytes=int(head["ContentLength"]),

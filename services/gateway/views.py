@@ -7,13 +7,13 @@ renders every refusal as the spec's errors body.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 from aiohttp import hdrs, web
 from botocore.exceptions import ClientError
 
-from services.gateway import keys
+from callingest.callview import call_view
+from services.gateway import keys, listing
 from services.gateway.auth import request_token
 from services.gateway.domain import Principal
 from services.gateway.errors import (
@@ -24,7 +24,7 @@ from services.gateway.errors import (
     RecordInvalid,
     UnsupportedMediaType,
 )
-from services.gateway.models import CallView, format_utc
+from services.gateway.listing import CallQuery
 
 API_VERSION = "2022-03-01"
 MAX_BODY_BYTES = 1024 * 1024
@@ -114,6 +114,24 @@ async def get_call(request: web.Request) -> web.Response:
     return web.json_response(call_view(call))
 
 
+async def list_calls(request: web.Request) -> web.Response:
+    """GET /api/2022-03-01/calls.json: the token's calls, newest first, one page."""
+    principal = await _principal(request)
+    await request.app[keys.CALL_SERVICE].network_of(principal)
+    query = CallQuery.parse(request.query)
+    calls, next_cursor = await listing.list_calls(request.app[keys.DB].calls, principal, query)
+    return web.json_response({"calls": [call_view(c) for c in calls], "next_cursor": next_cursor})
+
+
+async def retry_call(request: web.Request) -> web.Response:
+    """POST /api/2022-03-01/calls/{cuid}/retry.json: a failed call resumes from the failed stage."""
+    principal = await _principal(request)
+    service = request.app[keys.CALL_SERVICE]
+    await service.network_of(principal)
+    restarted = await service.retry(principal, request.match_info["cuid"])
+    return web.json_response({"cuid": restarted.cuid, "status": restarted.status}, status=202)
+
+
 async def get_recording(request: web.Request) -> web.StreamResponse:
     """GET /api/2022-03-01/calls/{cuid}/recording.wav: the normalized WAV; 404 until normalized."""
     call = await _visible_call(request)
@@ -147,33 +165,3 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
 async def openapi(request: web.Request) -> web.Response:
     """GET /api/2022-03-01/openapi.json."""
     return web.json_response(request.app[keys.OPENAPI])
-
-
-def _iso(value: Any) -> str | None:
-    return format_utc(value) if isinstance(value, datetime) else value
-
-
-def call_view(call: dict[str, Any]) -> dict[str, Any]:
-    """The call as interfaces.md lists it (no hashes, claims or secrets)."""
-    recording = call.get("recording")
-    failure = call.get("failure")
-    view = CallView.model_validate(
-        {
-            "cuid": call["_id"],
-            "external_call_unique_id": call["external_call_unique_id"],
-            "status": call.get("status", "received"),
-            "start_time": _iso(call["start_time"]),
-            "calling_phone_number": call["calling_phone_number"],
-            "destination_phone_number": call["destination_phone_number"],
-            "advertiser_campaign_id_from_network": call["advertiser_campaign_id_from_network"],
-            "call_direction": call["call_direction"],
-            "language_code": call["language_code"],
-            "signals": call.get("signals", []),
-            "custom_data": call.get("custom_data", []),
-            "recording": recording if recording and "sample_rate" in recording else None,
-            "failure": failure,
-            "csm_notified_at": _iso(call.get("csm_notified_at")),
-            "history": [{**entry, "at": _iso(entry.get("at"))} for entry in call.get("history", [])],
-        }
-    )
-    return view.model_dump(mode="json", by_alias=True)

@@ -120,7 +120,8 @@ def s3_credential_problems(resources: list[Resource]) -> list[str]:
 def test_each_workload_gets_exactly_the_settings_it_reads(variant: str) -> None:
     resources = VARIANTS[variant]()
     commands = {command_of(w) for w in workloads(resources)}
-    assert commands == {"gateway", "validator", "fetcher", "normalizer", "notifier", "admin-init"}
+    assert commands == {"gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks",
+                        "admin-init"}
     assert settings_problems(resources) == []
 
 

@@ -25,7 +25,7 @@ from callingest.settings_usage import reads
 from tests.conftest import ROOT, Services, free_port, settings_env
 
 CALLINGEST = str(ROOT / ".venv" / "bin" / "callingest")
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
 SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 
@@ -116,6 +116,7 @@ def test_each_service_reads_the_required_settings_it_needs_and_no_others() -> No
     assert expected_missing("fetcher") == everything - smtp
     assert expected_missing("normalizer") == everything - smtp
     assert expected_missing("notifier") == everything - s3_all
+    assert expected_missing("webhooks") == everything - smtp - s3_all
     assert expected_missing("admin-init") == everything - smtp
 
 

@@ -20,8 +20,7 @@ from tools import devstack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-COMPONENTS = ("kafka", "mongodb", "s3", "smtp", "demo", "gateway", "validator", "fetcher",
-              "normalizer", "notifier")
+COMPONENTS = (*devstack.SERVERS, devstack.DEMO, *devstack.SERVICES)
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -46,7 +45,7 @@ def test_make_up_then_down(tmp_path: Path) -> None:
         "KAFKA_PORT": free_port(), "KAFKA_CONTROLLER_PORT": free_port(),
         "MONGODB_PORT": free_port(), "S3_PORT": free_port(), "SMTP_PORT": free_port(),
         "GATEWAY_PORT": free_port(), "VALIDATOR_PORT": free_port(), "FETCHER_PORT": free_port(),
-        "NORMALIZER_PORT": free_port(), "NOTIFIER_PORT": free_port(),
+        "NORMALIZER_PORT": free_port(), "NOTIFIER_PORT": free_port(), "WEBHOOKS_PORT": free_port(),
         "DEMO_RECORDINGS_PORT": free_port(),
     }
     env = {**os.environ, "CALLINGEST_RUN_DIR": str(run_dir),
@@ -60,7 +59,7 @@ def test_make_up_then_down(tmp_path: Path) -> None:
         assert time.monotonic() - started < 120
         assert f"http://127.0.0.1:{ports['GATEWAY_PORT']}" in up.stdout
         assert "curl" in up.stdout
-        for name in ("gateway", "validator", "fetcher", "normalizer", "notifier"):
+        for name in devstack.SERVICES:
             port = ports[f"{name.upper()}_PORT"]
             for path in ("/healthz", "/readyz", "/metrics"):
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:

@@ -2,8 +2,9 @@
 
 Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
 FerretDB on SQLite (.tools/bin/ferretdb), versitygw as the S3 store
-(.tools/bin/versitygw, posix backend), an aiosmtpd sink, and the five
-services. Every process runs in its own session (process group) with its pid
+(.tools/bin/versitygw, posix backend), an aiosmtpd sink, the five
+services, and Prometheus scraping them (.tools/bin/prometheus; tools/prometheus.py).
+Every process runs in its own session (process group) with its pid
 in ``.run/pids/<component>.pid`` and its output in ``.run/logs/<component>.log``.
 
 Usage: ``python -m tools.devstack up|down|status|servers-up|servers-down``.
@@ -50,6 +51,7 @@ class Ports:
     s3: int = field(default_factory=lambda: _port("S3_PORT", 9000))
     smtp: int = field(default_factory=lambda: _port("SMTP_PORT", 1025))
     gateway: int = field(default_factory=lambda: _port("GATEWAY_PORT", 8080))
+    prometheus: int = field(default_factory=lambda: _port("PROMETHEUS_PORT", 9090))
 
     def of(self, component: str) -> int:
         if component in ("validator", "fetcher", "normalizer", "notifier"):
@@ -333,6 +335,17 @@ def apply_config(ports: Ports, path: Path) -> None:
                    env={**os.environ, **service_env(ports)})
 
 
+def start_prometheus(ports: Ports, timeout: float = 30.0) -> None:
+    """Prometheus on ``ports.prometheus`` scraping every service, with the project's rules."""
+    from tools import prometheus
+
+    directory = RUN / "prometheus"
+    config = prometheus.write_config(directory, {name: ports.of(name) for name in SERVICES})
+    spawn("prometheus", prometheus.server_argv(config, directory / "data", ports.prometheus))
+    wait_for(lambda: _http_ok(f"http://127.0.0.1:{ports.prometheus}/-/ready"), "prometheus",
+             timeout, "prometheus")
+
+
 def up(ports: Ports) -> None:
     started = time.monotonic()
     servers_up(ports)
@@ -344,9 +357,12 @@ def up(ports: Ports) -> None:
     # The 60 s budget covers the whole stack; on a loaded machine the servers may eat most of
     # it, so the services always get at least 20 s of their own.
     wait_services(SERVICES, ports, max(20.0, 60.0 - (time.monotonic() - started)))
+    if running_pid("prometheus") is None:
+        start_prometheus(ports, max(10.0, 60.0 - (time.monotonic() - started)))
     base = f"http://127.0.0.1:{ports.gateway}"
     print(f"\nstack ready in {time.monotonic() - started:.1f} s; logs in {RUN / 'logs'}")
-    print(f"gateway: {base}\n")
+    print(f"gateway: {base}")
+    print(f"prometheus: http://127.0.0.1:{ports.prometheus}/api/v1/targets\n")
     print("try it:")
     print(f"""  curl -s -X POST '{base}/api/2022-03-01/calls.json' \\
     -H 'Content-Type: application/json' -H 'Authorization: Bearer demo-network-token' \\
@@ -357,14 +373,14 @@ def up(ports: Ports) -> None:
 
 
 def down() -> None:
-    for component in (*SERVICES, *reversed(SERVERS)):
+    for component in ("prometheus", *SERVICES, *reversed(SERVERS)):
         if stop(component):
             print(f"stopped {component}")
 
 
 def status(ports: Ports) -> int:
     bad = 0
-    for component in (*SERVERS, *SERVICES):
+    for component in (*SERVERS, *SERVICES, "prometheus"):
         pid = running_pid(component)
         listening = port_open(ports.of(component))
         print(f"{component:11s} pid={pid or '-':<8} port={ports.of(component)} "

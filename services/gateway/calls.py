@@ -27,7 +27,7 @@ from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from callingest import metrics, rules
+from callingest import metrics, rules, tracing
 from callingest.logging import get_logger
 from services.gateway.domain import Network, Principal, campaign_key
 from services.gateway.errors import (
@@ -166,6 +166,7 @@ class CallService:
     async def _store_and_publish(self, call: NormalizedCall, campaign: Document | None) -> Submission:
         content_hash = call.content_hash
         doc = self._document(call, content_hash, campaign)
+        tracing.set_cuid(doc["_id"])
         if await self._writer.insert("calls", doc):
             await self._publisher.publish_new(doc)
             metrics.CALLS_SUBMITTED.labels("created").inc()
@@ -198,6 +199,8 @@ class CallService:
             "published": False,  # publication is recorded as a receipt (see publisher.py)
             "created_at": now,
             "history": [{"stage": "gateway", "status": "received", "at": now}],
+            # the submission's trace: its event carries it even when published later
+            "trace_context": tracing.current_carrier(),
         }
 
     async def find(self, principal: Principal, cuid: str) -> Document | None:

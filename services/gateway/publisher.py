@@ -52,7 +52,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from callingest import avro, events, metrics
+from callingest import avro, events, metrics, tracing
 from callingest.kafka import Producer, PublishError, TopicScanner, event_id
 from callingest.logging import get_logger
 from callingest.topics import Topics
@@ -91,7 +91,7 @@ async def unpublished_cuids(
     db: AsyncDatabase[Document], older_than: datetime | None = None,
     created_since: datetime | None = None,
 ) -> list[Document]:
-    """``{_id, created_at, attempt}`` of every stored call that is not published yet
+    """``{_id, created_at, attempt, trace_context}`` of every stored call that is not published yet
     (created at or after ``created_since`` and before ``older_than`` when given).
 
     Without ``created_since`` it reads ``calls`` and ``published_calls`` whole: call it
@@ -105,7 +105,8 @@ async def unpublished_cuids(
         receipts_query["at"] = {"$gte": created_since - SCAN_MARGIN}
     receipts = {doc["_id"] async for doc in db[RECEIPTS].find(receipts_query, {"_id": 1})}
     pending = []
-    async for doc in db.calls.find(calls_query, {"_id": 1, "created_at": 1, "attempt": 1}):
+    async for doc in db.calls.find(calls_query, {"_id": 1, "created_at": 1, "attempt": 1,
+                                                 "trace_context": 1}):
         if doc["_id"] in receipts:
             continue
         if older_than is not None and _aware(doc.get("created_at")) >= older_than:
@@ -235,13 +236,14 @@ class CallPublisher:
         cuid = call["_id"]
         try:
             producer = await self._producer.get()
-            await producer.send(
-                self._topics.submitted,
-                "CallSubmitted",
-                events.call_submitted(call, int(call.get("attempt", 1))),
-                key=cuid,
-                timeout=PUBLISH_WAIT_SECONDS,
-            )
+            with tracing.attached(call.get("trace_context")):
+                await producer.send(
+                    self._topics.submitted,
+                    "CallSubmitted",
+                    events.call_submitted(call, int(call.get("attempt", 1))),
+                    key=cuid,
+                    timeout=PUBLISH_WAIT_SECONDS,
+                )
         except (PublishError, KafkaUnavailable) as exc:
             self._failed.add(cuid)
             pending = exc.pending if isinstance(exc, PublishError) else None
@@ -484,9 +486,10 @@ class CallPublisher:
         for call in batch:
             if call["_id"] in self._in_flight or call["_id"] in done:
                 continue
-            if await self._publish_if_unpublished(call):
-                done.add(call["_id"])
-                log.info("republished unpublished call", extra={"cuid": call["_id"]})
+            with tracing.attached(call.get("trace_context")):
+                if await self._publish_if_unpublished(call):
+                    done.add(call["_id"])
+                    log.info("republished unpublished call", extra={"cuid": call["_id"]})
         left = [c for c in candidates if c["_id"] not in done]
         # The next scan starts at the oldest call still unpublished (claimed by another
         # publisher, over the limit), or at this cut-off (less a margin for slow inserts).
@@ -511,9 +514,10 @@ class CallPublisher:
             if call is None or await self.is_published(call):
                 self._failed.discard(cuid)
                 continue
-            if await self._publish_if_unpublished(call):
-                published += 1
-                log.info("republished unpublished call", extra={"cuid": cuid})
+            with tracing.attached(call.get("trace_context")):
+                if await self._publish_if_unpublished(call):
+                    published += 1
+                    log.info("republished unpublished call", extra={"cuid": cuid})
         return published
 
     async def run_republisher(self, interval_seconds: float, older_than_seconds: float,

@@ -1,5 +1,6 @@
 # Observability targets: Prometheus and promtool (issue 14).
-# Included by the root Makefile; `make setup` runs `$(MAKE) prometheus`.
+# Included by the root Makefile; `make setup` runs `$(MAKE) prometheus`; `make up` runs the
+# Prometheus built here (tools/devstack.py, configuration from tools/prometheus.py).
 
 PROMETHEUS_VERSION ?= v0.316.0
 PROMETHEUS_BIN ?= $(CURDIR)/.tools/bin
@@ -18,5 +19,10 @@ prometheus: .tools/prometheus-$(PROMETHEUS_VERSION)
 		go install github.com/prometheus/prometheus/cmd/prometheus@$(PROMETHEUS_VERSION) \
 		github.com/prometheus/prometheus/cmd/promtool@$(PROMETHEUS_VERSION)
 	touch $@
+
+# promtool check rules + promtool test rules (tests/ops/promtool) on the rule file generated from
+# the PrometheusRule, in build/prometheus; `make test` runs the same through tests/ops/test_ops_rules.py.
+check-rules: prometheus ## promtool check rules and the promtool unit tests of the alerts
+	$(PY) -m tools.prometheus check
 
 setup-extra:: prometheus

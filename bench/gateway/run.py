@@ -118,14 +118,24 @@ def wrk(port: int, connections: int, duration: int, run_id: str, log: Path) -> d
     return result
 
 
-def measure(name: str, port: int, duration: int, log: Path) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, port: int, duration: int, log: Path, pid: int | None = None) -> dict[str, Any]:
+    """wrk at c=64 and c=4 after a warm-up; with ``pid``, also the CPU time that process spent
+    per request (``cpu_us``): unlike throughput, hardly moved by the load of other processes."""
     run_id = uuid.uuid4().hex[:8]
     wrk(port, 64, 3, f"warm{run_id}", log)
-    return {
-        "target": name,
-        "c64": wrk(port, 64, duration, f"c64{run_id}", log),
-        "c4": wrk(port, 4, duration, f"c4{run_id}", log),
-    }
+    result: dict[str, Any] = {"target": name}
+    for key, connections in (("c64", 64), ("c4", 4)):
+        before = cpu_seconds(pid) if pid is not None else 0.0
+        result[key] = wrk(port, connections, duration, f"{key}{run_id}", log)
+        if pid is not None:
+            result[key]["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / result[key]["requests"]
+    return result
 
 
 async def cleanup(settings: Settings) -> int:
@@ -199,7 +209,7 @@ def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path,
             label = f"gateway, {workers} worker(s), metrics {'on' if metrics_on else 'off'}"
             if tracing is not None:
                 label += f", tracing {tracing}"
-            result = measure(label, port, duration, log)
+            result = measure(label, port, duration, log, gateway.pid if workers == 1 else None)
         finally:
             stop(gateway)
             if sink is not None:
@@ -254,6 +264,16 @@ def main() -> int:
                 lines.append(f"tracing cost ({workers} worker(s), {c}): {cost:+.1%} of throughput "
                              f"(mean of {len(rps_on)} runs on / {len(rps_off)} off: "
                              f"{sum(rps_on) / len(rps_on):.0f} / {sum(rps_off) / len(rps_off):.0f} req/s)")
+                cpu_off = [r[c]["cpu_us"] for r in gateways
+                           if r["target"] == f"{label} off" and "cpu_us" in r[c]]
+                cpu_on = [r[c]["cpu_us"] for r in gateways
+                          if r["target"] == f"{label} on" and "cpu_us" in r[c]]
+                if cpu_on and cpu_off:
+                    mean_on, mean_off = sum(cpu_on) / len(cpu_on), sum(cpu_off) / len(cpu_off)
+                    lines.append(f"  gateway CPU per submission ({c}): on {mean_on:.0f} us, off "
+                                 f"{mean_off:.0f} us: tracing costs {mean_on / mean_off - 1:+.1%} "
+                                 f"(runs on: {', '.join(f'{v:.0f}' for v in cpu_on)}; "
+                                 f"off: {', '.join(f'{v:.0f}' for v in cpu_off)})")
     else:
         for on, off in zip(gateways[::2], gateways[1::2], strict=True):
             cost = 1 - on["c64"]["rps"] / off["c64"]["rps"]

@@ -2,7 +2,8 @@
 
 Every line that concerns a call carries ``cuid`` (and ``event_id`` when an
 event is being handled): pass them in ``extra``. Lines written inside a trace
-(a request, a stage's processing of an event) carry its ``trace_id``. Scrubbing is a last line of
+(a request, a stage's processing of an event) carry its ``trace_id``.
+Scrubbing is a last line of
 defence: code must not log secrets in the first place, but URL query strings,
 userinfo and Authorization values are removed from every rendered line, and
 values registered with :func:`register_secret` are masked wherever they appear.

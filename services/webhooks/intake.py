@@ -29,7 +29,7 @@ from aiokafka.structs import ConsumerRecord
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from callingest import avro, metrics
+from callingest import avro, metrics, tracing
 from callingest.callview import call_view, format_utc
 from callingest.logging import get_logger
 from callingest.pipeline import RETRY_ATTEMPT_HEADER, _header
@@ -40,7 +40,6 @@ from callingest.webhooks import event_id
 log = get_logger(__name__)
 
 #: W3C trace context of the call, when the producer put it on the event; sent with the webhook.
-TRACEPARENT_HEADER = "traceparent"
 
 #: The stages whose retries a client hears of (the notifier's own retries are not call events).
 CALL_STAGES = tuple(s for s in RETRYING_STAGES if s != "notifier")
@@ -113,7 +112,8 @@ class Intake:
         delay = 0.5
         while True:
             try:
-                await self.handle(record)
+                with tracing.consumer_span("webhooks", record.topic, record.headers):
+                    await self.handle(record)
                 return
             except PyMongoError as exc:
                 log.warning("MongoDB unavailable, retrying in place",
@@ -139,6 +139,7 @@ class Intake:
                                                               "reason": str(exc)})
             return 0
         cuid = str(event["cuid"])
+        tracing.set_cuid(cuid)
         attempt = int(event.get("attempt", 1))
         occurred = event.get("occurred_at")
         if record.topic == self.topics.normalized:
@@ -163,7 +164,6 @@ class Intake:
         if not isinstance(occurred, datetime):
             occurred = datetime.now(UTC)
         msg_id = event_id(event_type, cuid, attempt, detail)
-        trace = _header(record, TRACEPARENT_HEADER)
         body = json.dumps({"type": event_type, "timestamp": format_utc(occurred),
                            "data": call_view(call)}, separators=(",", ":"), ensure_ascii=False)
         now = datetime.now(UTC)
@@ -185,7 +185,8 @@ class Intake:
                     "next_attempt_at": now,
                     "attempts_made": 0,
                     "attempts": [],
-                    "traceparent": trace.decode(errors="replace") if trace else None,
+                    # the call's trace, continued by each attempt's traceparent header
+                    "trace_context": tracing.current_carrier(),
                 })
                 created += 1
                 metrics.WEBHOOK_EVENTS.labels(event_type).inc()

@@ -97,16 +97,16 @@ def _check_prometheus(ports: dict[str, int]) -> None:
     from tests.ops.prometheus import alert_names, record_names
 
     port = ports["PROMETHEUS_PORT"]
-    services = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+    expected = {f"callingest-{name}": f"http://127.0.0.1:{ports[name.upper() + '_PORT']}/metrics"
+                for name in devstack.SERVICES}
     deadline = time.monotonic() + 60
     while True:
         targets = _prometheus_api(port, "targets")["activeTargets"]  # type: ignore[index]
         up = {t["labels"]["job"]: t["scrapeUrl"] for t in targets if t["health"] == "up"}
-        if len(up) == len(services) or time.monotonic() > deadline:
+        if up == expected or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert up == {f"callingest-{name}": f"http://127.0.0.1:{ports[name.upper() + '_PORT']}/metrics"
-                  for name in services}
+    assert up == expected
     groups = _prometheus_api(port, "rules")["groups"]  # type: ignore[index]
     loaded = [rule for group in groups for rule in group["rules"]]
     assert sorted(r["name"] for r in loaded if r["type"] == "alerting") == sorted(alert_names())

@@ -1,7 +1,8 @@
 """The fetcher stage: CallValidated in, the recording stored in S3, RecordingFetched out.
 
 Wiring (see :func:`open_resources`): the stage's ``resources`` hold ``"http"`` (an
-SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client) and ``"address_policy"``;
+SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client), ``"address_policy"``
+and ``"hosts"`` (the per-host caps and circuit breakers, :mod:`services.fetcher.hosts`);
 :func:`step` reads them from ``ctx.resources``.
 """
 
@@ -27,6 +28,7 @@ from services.fetcher.download import (
     fetch_recording,
     redact_url,
 )
+from services.fetcher.hosts import HostGuard
 from services.fetcher.ssrf import AddressPolicy, guarded_session
 
 log = get_logger(__name__)
@@ -43,8 +45,13 @@ def raw_key(cuid: str, attempt: int) -> str:
 async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """The ``resources`` the fetcher stage needs, open for the life of the service."""
     address_policy = AddressPolicy(allow_loopback=settings.allow_loopback_recordings)
-    async with s3_client(settings) as s3, guarded_session(address_policy) as http:
-        yield {"http": http, "s3": s3, "address_policy": address_policy}
+    hosts = HostGuard(settings.fetch_max_per_host, settings.fetch_circuit_failure_threshold,
+                      settings.fetch_circuit_cooldown_seconds)
+    # No pool-wide connection limit below the stage's own: a download waiting for a pooled
+    # connection would hold its slot; per-host limits are the HostGuard's.
+    async with s3_client(settings) as s3, guarded_session(
+            address_policy, limit=settings.fetcher_max_in_flight) as http:
+        yield {"http": http, "s3": s3, "address_policy": address_policy, "hosts": hosts}
 
 
 async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_id: str,
@@ -123,6 +130,7 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
             policy=FetchPolicy.from_settings(settings),
             address_policy=ctx.resources["address_policy"],
             log_extra=extra,
+            hosts=ctx.resources.get("hosts"),
         )
         log.info("recording fetched",
                  extra={**extra, "url": redact_url(event["recording_url"]), "key": key,

@@ -21,8 +21,10 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -345,9 +347,40 @@ class CustomDatumOut(BaseModel):
 
 
 class HistoryEntry(BaseModel):
+    """One step of the call's processing; ``retrying`` entries also carry the try that
+    failed, its error class and when the next try is due (those keys only on them)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
     stage: str
     status: str
     at: str | None = Field(description="ISO 8601 UTC with Z")
+    attempt: int | None = Field(None, description="retrying entries: the try that failed (1 = first)")
+    error_class: str | None = Field(None, alias="class",
+                                    description="retrying entries: the error class")
+    next_attempt_at: str | None = Field(None, description="retrying entries: ISO 8601 UTC with Z")
+
+    @model_serializer(mode="wrap")
+    def _only_set_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items()
+                if v is not None or k not in ("attempt", "class", "error_class", "next_attempt_at")}
+
+
+class RetryError(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    error_class: str = Field(alias="class")
+    message: str = Field(description="no secrets, no query strings")
+
+
+class RetryingOut(BaseModel):
+    """Where a call waiting for its next try stands (null when no stage waits)."""
+
+    stage: str
+    attempt: int = Field(description="the number of the next try of this stage (2 = first retry)")
+    next_attempt_at: str = Field(description="ISO 8601 UTC with Z")
+    last_error: RetryError
 
 
 class RecordingOut(BaseModel):
@@ -381,6 +414,7 @@ class CallView(BaseModel):
     custom_data: list[CustomDatumOut]
     recording: RecordingOut | None = None
     failure: FailureOut | None = None
+    retrying: RetryingOut | None = None
     csm_notified_at: str | None = None
     history: list[HistoryEntry] = Field(default_factory=list)
 

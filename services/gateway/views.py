@@ -153,6 +153,12 @@ def _iso(value: Any) -> str | None:
     return format_utc(value) if isinstance(value, datetime) else value
 
 
+def _retrying(retrying: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not retrying:
+        return None
+    return {**retrying, "next_attempt_at": _iso(retrying.get("next_attempt_at"))}
+
+
 def call_view(call: dict[str, Any]) -> dict[str, Any]:
     """The call as interfaces.md lists it (no hashes, claims or secrets)."""
     recording = call.get("recording")
@@ -172,8 +178,11 @@ def call_view(call: dict[str, Any]) -> dict[str, Any]:
             "custom_data": call.get("custom_data", []),
             "recording": recording if recording and "sample_rate" in recording else None,
             "failure": failure,
+            "retrying": _retrying(call.get("retrying")),
             "csm_notified_at": _iso(call.get("csm_notified_at")),
-            "history": [{**entry, "at": _iso(entry.get("at"))} for entry in call.get("history", [])],
+            "history": [{**entry, "at": _iso(entry.get("at")),
+                         "next_attempt_at": _iso(entry.get("next_attempt_at"))}
+                        for entry in call.get("history", [])],
         }
     )
     return view.model_dump(mode="json", by_alias=True)

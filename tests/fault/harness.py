@@ -142,9 +142,11 @@ class Pipeline:
     def gateway(self) -> str:
         return self.services.running["gateway"].url
 
-    def body(self, external_id: str, recording: str) -> dict[str, Any]:
+    def body(self, external_id: str, recording: str, token: str = TOKEN) -> dict[str, Any]:
+        """A submission; ``recording`` is a name on the recording server or a whole URL."""
+        url = recording if "://" in recording else f"{self.recordings.base}/{recording}"
         return {
-            "oauth_token": TOKEN,
+            "oauth_token": token,
             "call": {
                 "external_call_unique_id": external_id,
                 "start_time": "2016-02-03 09:30:00 AM",
@@ -152,16 +154,17 @@ class Pipeline:
                 "calling_phone_number": 8779257383,
                 "advertiser_campaign_id_from_network": 85,
                 "call_direction": "inbound",
-                "recording_url": f"{self.recordings.base}/{recording}",
+                "recording_url": url,
             },
         }
 
     async def submit(self, external_id: str, recording: str = "ok-1.wav",
-                     timeout: float = 30.0, gateway: str | None = None) -> Answer:
+                     timeout: float = 30.0, gateway: str | None = None,
+                     token: str = TOKEN) -> Answer:
         """POST one call; a lost connection or a timeout is an answer with status None."""
         try:
             async with self.http.post(f"{gateway or self.gateway}{CALLS_URL}",
-                                      json=self.body(external_id, recording),
+                                      json=self.body(external_id, recording, token),
                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 body = await resp.json(content_type=None)
                 return Answer(external_id, resp.status, body, resp.headers.get("Retry-After"))

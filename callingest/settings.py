@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     fetch_circuit_failure_threshold: int = Field(
         5, ge=1, description="consecutive connection failures or timeouts that open a host")
     fetch_circuit_cooldown_seconds: float = Field(30.0, gt=0)
+    fetch_memory_budget_bytes: int = Field(
+        96 * 1024 * 1024, gt=0, description="recording bodies buffered at once by the fetcher")
     fetcher_max_in_flight: int = Field(
         256, ge=1, description="the fetcher's calls in flight (I/O-bound: mostly waiting)")
 

@@ -56,6 +56,7 @@ from callingest.audioformat import SNIFF_BYTES, sniff_format
 from callingest.errors import Deferred, PermanentError, TransientError
 from callingest.logging import get_logger, register_secret
 from callingest.settings import Settings
+from services.fetcher.budget import ByteBudget
 from services.fetcher.hosts import CircuitOpen, HostBusy, HostGuard, Outcome
 from services.fetcher.ssrf import AddressPolicy, AddressRefused, check_url
 
@@ -124,6 +125,8 @@ class FetchPolicy:
     #: A Retry-After longer than this is not waited for in-process: TransientError at once.
     max_retry_after: float = 60.0
     allowed_source_buckets: frozenset[str] = frozenset()
+    #: Bodies in memory across all downloads of the process (None: unbounded).
+    memory: ByteBudget | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> FetchPolicy:
@@ -351,8 +354,13 @@ async def _fetch_http_once(recording_url: str, *, auth: RecordingAuthConfig | No
                     )
                 chunks = _watchdog(resp.content.iter_any(), policy.read_timeout,
                                    policy.min_bytes_per_second)
-                return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
-                                    source=shown)
+                if policy.memory is None:
+                    return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
+                                        source=shown)
+                # The buffer and the copy sent with a single PUT: twice one part at most.
+                async with policy.memory.reserve(2 * min(length or PART_SIZE, PART_SIZE)):
+                    return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
+                                        source=shown)
         except AddressRefused as exc:
             raise PermanentError("RecordingUrlRefused", f"recording URL refused: {exc}") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):

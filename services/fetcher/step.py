@@ -21,6 +21,7 @@ from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import object_exists, s3_client
 from callingest.settings import Settings
+from services.fetcher.budget import ByteBudget
 from services.fetcher.download import (
     FetchPolicy,
     RecordingAuthConfig,
@@ -45,13 +46,15 @@ def raw_key(cuid: str, attempt: int) -> str:
 async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """The ``resources`` the fetcher stage needs, open for the life of the service."""
     address_policy = AddressPolicy(allow_loopback=settings.allow_loopback_recordings)
+    memory = ByteBudget(settings.fetch_memory_budget_bytes)
     hosts = HostGuard(settings.fetch_max_per_host, settings.fetch_circuit_failure_threshold,
                       settings.fetch_circuit_cooldown_seconds)
     # No pool-wide connection limit below the stage's own: a download waiting for a pooled
     # connection would hold its slot; per-host limits are the HostGuard's.
     async with s3_client(settings) as s3, guarded_session(
             address_policy, limit=settings.fetcher_max_in_flight) as http:
-        yield {"http": http, "s3": s3, "address_policy": address_policy, "hosts": hosts}
+        yield {"http": http, "s3": s3, "address_policy": address_policy, "hosts": hosts,
+               "memory": memory}
 
 
 async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_id: str,
@@ -127,7 +130,7 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
             s3=s3,
             bucket=bucket,
             key=key,
-            policy=FetchPolicy.from_settings(settings),
+            policy=FetchPolicy.from_settings(settings, memory=ctx.resources.get("memory")),
             address_policy=ctx.resources["address_policy"],
             log_extra=extra,
             hosts=ctx.resources.get("hosts"),

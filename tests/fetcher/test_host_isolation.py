@@ -20,6 +20,7 @@ from aiohttp import web
 from callingest import metrics
 from callingest.errors import Deferred, TransientError
 from callingest.settings import Settings
+from services.fetcher.budget import ByteBudget
 from services.fetcher.download import FetchPolicy, fetch_recording
 from services.fetcher.hosts import CLOSED, HALF_OPEN, OPEN, HostGuard
 from tests.conftest import free_port, make_settings
@@ -211,3 +212,27 @@ async def test_host_at_its_cap_defers_without_connecting_and_other_hosts_go_ahea
             with contextlib.suppress(Exception):
                 await store.client.delete_object(Bucket=store.bucket, Key=f"{key}-{i}")
 
+
+
+async def test_memory_budget_bounds_bodies_in_memory_not_calls_in_flight() -> None:
+    """Reservations beyond the budget wait, in order, until memory is given back."""
+    budget = ByteBudget(100)
+    order: list[str] = []
+    first_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(name: str, size: int) -> None:
+        async with budget.reserve(size):
+            order.append(name)
+            first_in.set()
+            await release.wait()
+
+    first = asyncio.create_task(hold("first", 80))
+    await first_in.wait()
+    second = asyncio.create_task(hold("second", 60))
+    small = asyncio.create_task(hold("small", 20))
+    await asyncio.sleep(0.1)
+    assert order == ["first", "small"] and budget.reserved == 100
+    release.set()
+    await asyncio.gather(first, second, small)
+    assert order == ["first", "small", "second"] and budget.reserved == 0

@@ -30,6 +30,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from callingest import metrics
+from callingest.logging import get_logger
+
+log = get_logger(__name__)
 
 CLOSED: Final = "closed"
 OPEN: Final = "open"
@@ -121,7 +124,7 @@ class HostGuard:
             if self.clock() - host.opened_at < self.cooldown:
                 metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
                 raise CircuitOpen(f"circuit open for {shown}: not contacted")
-            self._set(host, HALF_OPEN)
+            self._set(host, HALF_OPEN, shown)
         if host.state == HALF_OPEN:
             if host.probing:
                 metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
@@ -142,16 +145,16 @@ class HostGuard:
             if outcome.result is True:
                 host.failures = 0
                 if host.state != CLOSED:
-                    self._set(host, CLOSED)
+                    self._set(host, CLOSED, shown)
             elif outcome.result is False:
                 host.failures += 1
                 if host.state == HALF_OPEN or (host.state == CLOSED
                                                and host.failures >= self.failure_threshold):
                     host.opened_at = self.clock()
-                    self._set(host, OPEN)
+                    self._set(host, OPEN, shown)
             elif probe and host.state == HALF_OPEN:
                 host.opened_at = self.clock() - self.cooldown  # undecided: probe again next
-                self._set(host, OPEN)
+                self._set(host, OPEN, shown)
             if host.state == CLOSED and host.failures == 0 and host.in_flight == 0:
                 del self._hosts[key]
                 self._move(CLOSED, None)
@@ -164,10 +167,13 @@ class HostGuard:
                 del self._hosts[key]
                 self._move(host.state, None)
 
-    def _set(self, host: _Host, state: str) -> None:
+    def _set(self, host: _Host, state: str, shown: str) -> None:
         self._move(host.state, state)
         host.state = state
         metrics.FETCH_CIRCUIT_TRANSITIONS.labels(state).inc()
+        level = log.warning if state == OPEN else log.info
+        level(f"recording host circuit {'opened' if state == OPEN else state.replace('_', '-')}",
+              extra={"host": shown, "circuit": state, "consecutive_failures": host.failures})
 
     def _move(self, old: str | None, new: str | None) -> None:
         if old is not None:

@@ -63,9 +63,11 @@ DEAD_TOKEN = "flood-network-token"
 SERVICE_NAMES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
 
 
-def settings_for(ports: devstack.Ports, tag: str) -> Settings:
-    """``make up`` defaults on the dev servers, with this run's prefix and database."""
+def settings_for(ports: devstack.Ports, tag: str, overrides: dict[str, str]) -> Settings:
+    """``make up`` defaults on the dev servers, with this run's prefix and database, and
+    ``--set`` overrides (to measure an alternative, e.g. without the circuit breaker)."""
     return Settings(
+        **overrides,  # type: ignore[arg-type]
         kafka_bootstrap_servers=f"127.0.0.1:{ports.kafka}",
         topic_prefix=f"bench-iso-{tag}.",
         mongodb_uri=SecretStr(f"mongodb://127.0.0.1:{ports.mongodb}/"),
@@ -224,13 +226,16 @@ def main() -> int:
     parser.add_argument("--dead", type=int, default=2000, help="dead-host calls of network A")
     parser.add_argument("--healthy", type=int, default=20, help="healthy calls of network B")
     parser.add_argument("--concurrency", type=int, default=32, help="submissions in flight")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="override a setting of the services (repeatable)")
     parser.add_argument("--wait-dead", action="store_true",
                         help="also wait (about 13 min) until every dead call has failed")
     args = parser.parse_args()
     ports = devstack.Ports()
     started = devstack.servers_up(ports)
     tag = uuid.uuid4().hex[:8]
-    settings = settings_for(ports, tag)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    settings = settings_for(ports, tag, overrides)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     log_dir = RESULTS / f"{stamp}-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -250,6 +255,7 @@ def main() -> int:
         for component in reversed(started):
             devstack.stop(component)
     result["command"] = "python bench/isolation/run.py " + " ".join(sys.argv[1:])
+    result["overrides"] = overrides
     out = RESULTS / f"{stamp}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps({k: v for k, v in result.items() if k not in ("baseline", "flood")},

@@ -101,6 +101,7 @@ async def healthy_batch(http: aiohttp.ClientSession, gateway: str, db: Any, base
                                           f"{base}/{run}-{phase}-{i}.wav") for i in range(count)))
     started = {cuid: t for t, cuid in posts if cuid}
     latencies: dict[str, float] = {}
+    steps: dict[str, list[float]] = {"validated": [], "fetched": [], "normalized": []}
     failed: list[str] = []
     while len(latencies) + len(failed) < len(started) and time.time() < deadline:
         for cuid in set(started) - set(latencies) - set(failed):
@@ -109,13 +110,21 @@ async def healthy_batch(http: aiohttp.ClientSession, gateway: str, db: Any, base
                 at = _at(doc["history"], "normalized")
                 assert at is not None
                 latencies[cuid] = at - started[cuid]
+                previous = started[cuid]
+                for status in steps:  # time spent reaching each status from the previous one
+                    reached = _at(doc["history"], status)
+                    if reached is not None:
+                        steps[status].append(reached - previous)
+                        previous = reached
             elif doc and doc.get("status") == "failed":
                 failed.append(cuid)
         await asyncio.sleep(0.2)
     values = sorted(latencies.values())
     return {"submitted": count, "accepted": len(started), "normalized": len(values),
             "failed": len(failed), "p50": percentile(values, 50), "p99": percentile(values, 99),
-            "max": values[-1] if values else None, "seconds": [round(v, 2) for v in values]}
+            "max": values[-1] if values else None, "seconds": [round(v, 2) for v in values],
+            "step_p50_max": {status: [round(percentile(v, 50) or 0, 2), round(max(v, default=0), 2)]
+                             for status, v in steps.items()}}
 
 
 async def dead_state(db: Any, cuids: list[str]) -> dict[str, Any]:

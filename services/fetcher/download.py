@@ -42,7 +42,7 @@ import contextlib
 import email.utils
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit
@@ -214,6 +214,28 @@ def apply_auth(url: URL, auth: RecordingAuthConfig | None) -> tuple[URL, dict[st
     return URL(f"{base}?{joined}", encoded=True), {}
 
 
+@contextlib.contextmanager
+def _refusals_as_step_errors() -> Iterator[None]:
+    """Host refusals as the consumer loop knows them: an open circuit uses up an attempt
+    (next retry tier), a busy host defers the call untried."""
+    try:
+        yield
+    except CircuitOpen as exc:
+        raise TransientError(str(exc), "RecordingHostUnavailable") from None
+    except HostBusy as exc:
+        raise Deferred(str(exc), "RecordingHostBusy") from None
+
+
+def check_host(recording_url: str, hosts: HostGuard | None) -> None:
+    """Raise at once (as :func:`fetch_recording` would) if the recording's host is refused
+    now, before any other work is spent on the call. Does nothing for ``s3://`` URLs."""
+    if hosts is None or recording_url[:5].lower() == "s3://":
+        return
+    first = parse_url(recording_url)
+    with _refusals_as_step_errors():
+        hosts.check(_origin(first), redact_origin(first))
+
+
 def _origin(url: URL) -> tuple[str, str, int | None]:
     return ((url.scheme or "").lower(), (url.raw_host or "").lower(), url.port)
 
@@ -277,16 +299,12 @@ async def fetch_recording(
                                               bucket=bucket, key=key, policy=policy,
                                               address_policy=address_policy)
             first = parse_url(recording_url)
-            try:
+            with _refusals_as_step_errors():
                 with hosts.admit(_origin(first), redact_origin(first)) as outcome:
                     return await _fetch_http_once(recording_url, auth=auth, http=http, s3=s3,
                                                   bucket=bucket, key=key, policy=policy,
                                                   address_policy=address_policy,
                                                   outcome=outcome)
-            except CircuitOpen as exc:
-                raise TransientError(str(exc), "RecordingHostUnavailable") from None
-            except HostBusy as exc:
-                raise Deferred(str(exc), "RecordingHostBusy") from None
         except _Retryable as exc:
             if attempt >= policy.max_attempts:
                 raise TransientError(

@@ -106,6 +106,21 @@ class HostGuard:
         """Hosts per state (what the gauge exports)."""
         return dict(self._counts)
 
+    def check(self, key: HostKey, shown: str) -> None:
+        """Raise what :meth:`admit` would raise now, without starting anything: lets the
+        caller skip its own preparation (object-store and database reads) for a host that
+        would be refused anyway."""
+        host = self._hosts.get(key)
+        if host is None:
+            return
+        state = self.state(key)
+        if state == OPEN or (state == HALF_OPEN and host.probing):
+            metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
+            raise CircuitOpen(f"circuit open for {shown}: not contacted")
+        if state == CLOSED and host.in_flight >= self.max_per_host:
+            metrics.FETCH_REJECTIONS.labels("host_busy").inc()
+            raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
+
     @contextmanager
     def admit(self, key: HostKey, shown: str) -> Iterator[Outcome]:
         """Run one download from ``key``, or raise :class:`HostRefused` without starting it.

@@ -26,6 +26,7 @@ from services.fetcher.download import (
     FetchPolicy,
     RecordingAuthConfig,
     StoredRecording,
+    check_host,
     fetch_recording,
     redact_url,
 )
@@ -117,6 +118,9 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
     s3 = ctx.resources["s3"]
     extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": STAGE}
 
+    # A host that is refused now (circuit open, at its cap) costs no object-store or
+    # database read: the call leaves its slot at once.
+    check_host(event["recording_url"], ctx.resources.get("hosts"))
     stored = await _already_stored(s3, bucket, key)
     if stored is not None:
         log.info("recording already stored, reused", extra={**extra, "key": key})

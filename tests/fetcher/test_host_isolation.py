@@ -22,7 +22,7 @@ from callingest.errors import Deferred, TransientError
 from callingest.settings import Settings
 from services.fetcher.budget import ByteBudget
 from services.fetcher.download import FetchPolicy, fetch_recording
-from services.fetcher.hosts import CLOSED, HALF_OPEN, OPEN, HostGuard
+from services.fetcher.hosts import CLOSED, HALF_OPEN, OPEN, CircuitOpen, HostGuard
 from tests.conftest import free_port, make_settings
 from tests.fetcher.conftest import LOOPBACK_OK, RecordingServer, Store, serve, trickle, wav_bytes
 from tests.helpers import BlackHole, black_hole
@@ -151,6 +151,8 @@ async def test_circuit_opens_half_opens_and_closes(
         await fetch(url, http, store, key, pol, hosts)
     assert info.value.failure_class == "RecordingHostUnavailable"
     assert len(server.hits_for("/c.wav")) == tried  # not contacted while open
+    with pytest.raises(CircuitOpen):  # the step's early check, before any S3/database read
+        hosts.check(host, "x")
 
     # Cool-down over, host still dead: the single probe fails and the circuit opens again.
     await asyncio.sleep(1.1)

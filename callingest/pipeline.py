@@ -66,6 +66,8 @@ log = get_logger(__name__)
 
 RETRY_ATTEMPT_HEADER = "callingest-retry"
 NOT_BEFORE_HEADER = "callingest-not-before"
+#: On a retry-tier message that is a deferral (the step never ran), not a failed try.
+DEFERRED_HEADER = "callingest-deferred"
 MAX_CONSECUTIVE_DEAD_LETTERS = 100
 
 
@@ -563,6 +565,8 @@ class StageRunner:
             )
         headers = [(RETRY_ATTEMPT_HEADER, str(retry).encode()),
                    (NOT_BEFORE_HEADER, str(not_before).encode())]
+        if not counted:
+            headers.append((DEFERRED_HEADER, b"1"))
         await self.producer.send_raw(self.topics.retry(self.stage.name, tier), record.value,
                                      key=(record.key or b"").decode(), headers=headers)
         if not counted:

@@ -21,6 +21,7 @@ from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import object_exists, s3_client
 from callingest.settings import Settings
+from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.budget import ByteBudget
 from services.fetcher.download import (
     FetchPolicy,
@@ -31,7 +32,6 @@ from services.fetcher.download import (
     redact_url,
 )
 from services.fetcher.hosts import HostGuard
-from services.fetcher.ssrf import AddressPolicy, guarded_session
 
 log = get_logger(__name__)
 

@@ -1,8 +1,9 @@
 """A byte budget for recording bodies held in memory by the fetcher.
 
-A download buffers up to one multipart part (``PART_SIZE``) of its recording, and the
-single-PUT path copies the buffer once more, so a download may hold about twice
-``min(size, PART_SIZE)`` bytes. With hundreds of calls in flight (most of them waiting on
+A download buffers up to one multipart part (``PART_SIZE``) of its recording; the buffer's
+growth, the copy sent with a single PUT and the upload's own handling make that about four
+times ``min(size, PART_SIZE)`` bytes at the peak (measured in the end-to-end benchmark).
+With hundreds of calls in flight (most of them waiting on
 a host, holding nothing) the fetcher's memory is bounded by this budget instead of by the
 number of calls: a download reserves its share before it reads the body and waits while
 the budget is spent (a smaller reservation that fits may pass a larger one). Downloads

@@ -226,12 +226,14 @@ def _refusals_as_step_errors() -> Iterator[None]:
         raise Deferred(str(exc), "RecordingHostBusy") from None
 
 
-def check_host(recording_url: str, hosts: HostGuard | None) -> None:
+async def check_host(recording_url: str, hosts: HostGuard | None, wait: float = 0.0) -> None:
     """Raise at once (as :func:`fetch_recording` would) if the recording's host is refused
-    now, before any other work is spent on the call. Does nothing for ``s3://`` URLs."""
+    now, before any other work is spent on the call; a host at its cap is first waited for
+    up to ``wait`` seconds. Does nothing for ``s3://`` URLs."""
     if hosts is None or recording_url[:5].lower() == "s3://":
         return
     first = parse_url(recording_url)
+    await hosts.wait_for_room(_origin(first), wait)
     with _refusals_as_step_errors():
         hosts.check(_origin(first), redact_origin(first))
 
@@ -375,8 +377,10 @@ async def _fetch_http_once(recording_url: str, *, auth: RecordingAuthConfig | No
                 if policy.memory is None:
                     return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
                                         source=shown)
-                # The buffer and the copy sent with a single PUT: twice one part at most.
-                async with policy.memory.reserve(2 * min(length or PART_SIZE, PART_SIZE)):
+                # The buffer (with its growth), the copy sent with a single PUT and the
+                # upload's own: about four times one part at most (measured, see
+                # docs/benchmarks.md "End to end").
+                async with policy.memory.reserve(4 * min(length or PART_SIZE, PART_SIZE)):
                     return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
                                         source=shown)
         except AddressRefused as exc:

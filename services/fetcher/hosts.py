@@ -23,10 +23,13 @@ hosts in use. The states are exported as counts per state
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from callingest import metrics
@@ -63,6 +66,7 @@ class _Host:
     opened_at: float = 0.0
     in_flight: int = 0
     probing: bool = False
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
 class Outcome:
@@ -105,6 +109,25 @@ class HostGuard:
     def counts(self) -> dict[str, int]:
         """Hosts per state (what the gauge exports)."""
         return dict(self._counts)
+
+    async def wait_for_room(self, key: HostKey, timeout: float) -> None:
+        """Wait (first come, first served) up to ``timeout`` seconds while the host is at
+        its cap, so a busy but healthy host serves its backlog in order instead of
+        deferring it; returns early when the host has room or its circuit is not closed.
+        The wait is short and bounded: past it :meth:`admit` defers the call."""
+        host = self._hosts.get(key)
+        if (host is None or host.state != CLOSED or timeout <= 0
+                or (host.in_flight < self.max_per_host and not host.waiters)):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        host.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                host.waiters.remove(waiter)
 
     def check(self, key: HostKey, shown: str) -> None:
         """Raise what :meth:`admit` would raise now, without starting anything: lets the
@@ -155,6 +178,11 @@ class HostGuard:
             yield outcome
         finally:
             host.in_flight -= 1
+            while host.waiters:  # hand the freed place to the longest waiting call
+                waiter = host.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
             if probe:
                 host.probing = False
             if outcome.result is True:

@@ -120,7 +120,8 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
 
     # A host that is refused now (circuit open, at its cap) costs no object-store or
     # database read: the call leaves its slot at once.
-    check_host(event["recording_url"], ctx.resources.get("hosts"))
+    await check_host(event["recording_url"], ctx.resources.get("hosts"),
+                     settings.fetch_host_wait_seconds)
     stored = await _already_stored(s3, bucket, key)
     if stored is not None:
         log.info("recording already stored, reused", extra={**extra, "key": key})

@@ -238,3 +238,28 @@ async def test_memory_budget_bounds_bodies_in_memory_not_calls_in_flight() -> No
     release.set()
     await asyncio.gather(first, second, small)
     assert order == ["first", "small", "second"] and budget.reserved == 0
+
+
+async def test_a_call_for_a_busy_healthy_host_waits_briefly_for_a_place_instead_of_deferring(
+        servers: Any, server: RecordingServer, http: aiohttp.ClientSession, store: Store,
+        key: str) -> None:
+    """Cap 1: the second call waits (bounded) for the first to finish, then downloads; with
+    no wait allowed it would have been deferred."""
+    from services.fetcher.download import check_host
+
+    async def slowish(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(0.5)
+        return web.Response(body=wav_bytes(), content_type="audio/wav")
+
+    url = server.route("/busy.wav", slowish)
+    hosts = HostGuard(max_per_host=1, failure_threshold=5, cooldown=30)
+    pol = policy(servers)
+    first = asyncio.create_task(fetch(url, http, store, f"{key}-a", pol, hosts))
+    await asyncio.sleep(0.1)
+    with pytest.raises(Deferred):
+        await check_host(url, hosts, wait=0.0)
+    await check_host(url, hosts, wait=10.0)  # returns once the first download is done
+    stored = await fetch(url, http, store, key, pol, hosts)
+    assert stored.format == "wav"
+    await first
+    await store.client.delete_object(Bucket=store.bucket, Key=f"{key}-a")

@@ -84,6 +84,39 @@ EVENTS_IN_FLIGHT = Gauge(
     ["service"],
     multiprocess_mode="livesum",
 )
+# Events read ahead and waiting (per network, fairly) for a slot.
+EVENTS_QUEUED = Gauge(
+    "callingest_events_queued",
+    "Events read ahead and waiting for a slot",
+    ["service"],
+    multiprocess_mode="livesum",
+)
+# Events sent back to the first retry tier untried (a shared resource was busy), by stage.
+DEFERRALS = Counter(
+    "callingest_deferrals_total",
+    "Events deferred untried because a shared resource (a recording host) was busy",
+    ["stage"],
+)
+# Recording hosts the fetcher tracks, by circuit state (closed, open, half_open); never
+# labelled by host, so the series count stays three whatever the number of hosts.
+FETCH_CIRCUITS = Gauge(
+    "callingest_fetch_circuits",
+    "Recording hosts by circuit-breaker state",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+# Circuit-breaker transitions, by the state entered.
+FETCH_CIRCUIT_TRANSITIONS = Counter(
+    "callingest_fetch_circuit_transitions_total",
+    "Circuit-breaker state changes of recording hosts, by state entered",
+    ["state"],
+)
+# Downloads not attempted: host circuit open, or host at its concurrency cap.
+FETCH_REJECTIONS = Counter(
+    "callingest_fetch_rejections_total",
+    "Downloads not attempted, by reason (circuit_open, host_busy)",
+    ["reason"],
+)
 # Transient failures scheduled for a delayed retry, by stage.
 RETRIES = Counter(
     "callingest_retries_total",

@@ -32,7 +32,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from callingest import avro, metrics, tracing
 from callingest.callview import call_view, format_utc
 from callingest.logging import get_logger
-from callingest.pipeline import RETRY_ATTEMPT_HEADER, _header
+from callingest.pipeline import DEFERRED_HEADER, RETRY_ATTEMPT_HEADER, _header
 from callingest.settings import Settings
 from callingest.topics import RETRYING_STAGES, Topics
 from callingest.webhooks import event_id
@@ -147,6 +147,8 @@ class Intake:
         elif record.topic == self.topics.failed:
             event_type, detail = "call.failed", ""
         elif record.topic in self.retry_topics:
+            if _header(record, DEFERRED_HEADER):
+                return 0  # deferred untried (host busy): not a failed try, nothing to tell
             retry = _header(record, RETRY_ATTEMPT_HEADER) or b"0"
             event_type = "call.retrying"
             detail = f"{self.retry_topics[record.topic]}_{int(retry.decode())}"

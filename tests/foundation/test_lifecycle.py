@@ -112,4 +112,4 @@ def _check_prometheus(ports: dict[str, int]) -> None:
     assert sorted(r["name"] for r in loaded if r["type"] == "alerting") == sorted(alert_names())
     assert {r["name"] for r in loaded if r["type"] == "recording"} == record_names()
     result = _prometheus_api(port, "query?query=" + urllib.parse.quote("sum by (job) (up)"))
-    assert len(result["result"]) == len(services)  # type: ignore[index]
+    assert len(result["result"]) == len(expected)  # type: ignore[index]

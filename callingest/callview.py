@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class SignalOut(BaseModel):
@@ -24,9 +24,40 @@ class CustomDatumOut(BaseModel):
 
 
 class HistoryEntry(BaseModel):
+    """One step of the call's processing; ``retrying`` entries also carry the try that
+    failed, its error class and when the next try is due (those keys only on them)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
     stage: str
     status: str
     at: str | None = Field(description="ISO 8601 UTC with Z")
+    attempt: int | None = Field(None, description="retrying entries: the try that failed (1 = first)")
+    error_class: str | None = Field(None, alias="class",
+                                    description="retrying entries: the error class")
+    next_attempt_at: str | None = Field(None, description="retrying entries: ISO 8601 UTC with Z")
+
+    @model_serializer(mode="wrap")
+    def _only_set_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items()
+                if v is not None or k not in ("attempt", "class", "error_class", "next_attempt_at")}
+
+
+class RetryError(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    error_class: str = Field(alias="class")
+    message: str = Field(description="no secrets, no query strings")
+
+
+class RetryingOut(BaseModel):
+    """Where a call waiting for its next try stands (null when no stage waits)."""
+
+    stage: str
+    attempt: int = Field(description="the number of the next try of this stage (2 = first retry)")
+    next_attempt_at: str = Field(description="ISO 8601 UTC with Z")
+    last_error: RetryError
 
 
 class RecordingOut(BaseModel):
@@ -60,6 +91,7 @@ class CallView(BaseModel):
     custom_data: list[CustomDatumOut]
     recording: RecordingOut | None = None
     failure: FailureOut | None = None
+    retrying: RetryingOut | None = None
     csm_notified_at: str | None = None
     history: list[HistoryEntry] = Field(default_factory=list)
 
@@ -71,6 +103,12 @@ def format_utc(moment: datetime) -> str:
 
 def _iso(value: Any) -> str | None:
     return format_utc(value) if isinstance(value, datetime) else value
+
+
+def _retrying(retrying: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not retrying:
+        return None
+    return {**retrying, "next_attempt_at": _iso(retrying.get("next_attempt_at"))}
 
 
 def call_view(call: dict[str, Any]) -> dict[str, Any]:
@@ -92,8 +130,11 @@ def call_view(call: dict[str, Any]) -> dict[str, Any]:
             "custom_data": call.get("custom_data", []),
             "recording": recording if recording and "sample_rate" in recording else None,
             "failure": failure,
+            "retrying": _retrying(call.get("retrying")),
             "csm_notified_at": _iso(call.get("csm_notified_at")),
-            "history": [{**entry, "at": _iso(entry.get("at"))} for entry in call.get("history", [])],
+            "history": [{**entry, "at": _iso(entry.get("at")),
+                         "next_attempt_at": _iso(entry.get("next_attempt_at"))}
+                        for entry in call.get("history", [])],
         }
     )
     return view.model_dump(mode="json", by_alias=True)

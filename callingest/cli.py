@@ -141,6 +141,7 @@ async def _calls_show(settings: Any, cuid: str) -> int:
         print(f"callingest calls show: no call {cuid}", file=sys.stderr)
         return 1
     call["cuid"] = call.pop("_id")
+    call.setdefault("retrying", None)  # where a waiting call stands (set by the retry path)
     call.pop("content_hash", None)
     call["webhook_deliveries"] = deliveries
     print(scrub(json.dumps(call, default=_json_default, indent=2, sort_keys=True)))

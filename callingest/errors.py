@@ -29,3 +29,14 @@ class PermanentError(StepError):
     def __init__(self, failure_class: str, message: str) -> None:
         super().__init__(message)
         self.failure_class = failure_class
+
+
+class Deferred(TransientError):
+    """Not tried at all: a shared resource is busy (a recording host at its concurrency cap).
+
+    The consumer loop sends the event back to the first retry tier *without* using up one
+    of the call's attempts, so a busy (but healthy) host delays its calls and fails none.
+    """
+
+    def __init__(self, message: str, failure_class: str = "Deferred") -> None:
+        super().__init__(message, failure_class)

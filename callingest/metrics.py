@@ -12,6 +12,8 @@ processes), prometheus-client writes per-process files there and
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -82,6 +84,39 @@ EVENTS_IN_FLIGHT = Gauge(
     ["service"],
     multiprocess_mode="livesum",
 )
+# Events read ahead and waiting (per network, fairly) for a slot.
+EVENTS_QUEUED = Gauge(
+    "callingest_events_queued",
+    "Events read ahead and waiting for a slot",
+    ["service"],
+    multiprocess_mode="livesum",
+)
+# Events sent back to the first retry tier untried (a shared resource was busy), by stage.
+DEFERRALS = Counter(
+    "callingest_deferrals_total",
+    "Events deferred untried because a shared resource (a recording host) was busy",
+    ["stage"],
+)
+# Recording hosts the fetcher tracks, by circuit state (closed, open, half_open); never
+# labelled by host, so the series count stays three whatever the number of hosts.
+FETCH_CIRCUITS = Gauge(
+    "callingest_fetch_circuits",
+    "Recording hosts by circuit-breaker state",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+# Circuit-breaker transitions, by the state entered.
+FETCH_CIRCUIT_TRANSITIONS = Counter(
+    "callingest_fetch_circuit_transitions_total",
+    "Circuit-breaker state changes of recording hosts, by state entered",
+    ["state"],
+)
+# Downloads not attempted: host circuit open, or host at its concurrency cap.
+FETCH_REJECTIONS = Counter(
+    "callingest_fetch_rejections_total",
+    "Downloads not attempted, by reason (circuit_open, host_busy)",
+    ["reason"],
+)
 # Transient failures scheduled for a delayed retry, by stage.
 RETRIES = Counter(
     "callingest_retries_total",
@@ -122,6 +157,14 @@ NOTIFICATIONS = Counter(
     "callingest_notifications_total",
     "Failure notifications, by outcome",
     ["outcome"],
+)
+# Time from a call's acceptance by the gateway to its normalization (the freshness SLO:
+# 95 % within 300 s; docs/runbook.md). Buckets around the 300 s objective.
+_FRESHNESS_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 180.0, 240.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0)
+CALL_FRESHNESS = Histogram(
+    "callingest_call_acceptance_to_normalized_seconds",
+    "Time from a call's acceptance by the gateway to its normalized recording",
+    buckets=_FRESHNESS_BUCKETS,
 )
 # Accepted calls whose CallSubmitted event is not yet acknowledged by Kafka.
 UNPUBLISHED_CALLS = Gauge(
@@ -176,6 +219,19 @@ WEBHOOK_OLDEST_PENDING = Gauge(
     "Age of the oldest pending webhook delivery",
     multiprocess_mode="max",
 )
+
+
+def observe_normalized(call: dict[str, Any]) -> None:
+    """Record the freshness of a call just normalized: now minus its latest acceptance
+    (the gateway's last ``received`` history entry, else its ``created_at``)."""
+    accepted = [entry["at"] for entry in call.get("history", [])
+                if entry.get("stage") == "gateway" and isinstance(entry.get("at"), datetime)]
+    at = max(accepted, default=call.get("created_at"))
+    if not isinstance(at, datetime):
+        return
+    if at.tzinfo is None:  # stored times are UTC
+        at = at.replace(tzinfo=UTC)
+    CALL_FRESHNESS.observe(max(0.0, (datetime.now(UTC) - at).total_seconds()))
 
 
 def render_latest() -> tuple[bytes, str]:

@@ -7,14 +7,25 @@ CommitOffsets):
 * consumer group, manual commits, at-least-once: an offset is committed only
   after the step's MongoDB update is written and its output event is
   acknowledged by Kafka;
-* a bounded number of messages in flight, commits in offset order per
-  partition, events of one call (one key) processed one after another;
+* read ahead, then fair scheduling across networks: up to ``consumer_read_ahead``
+  events are held per consumer, queued per network; a free slot goes to the waiting
+  network with the fewest events in flight, and no network may hold more than three
+  quarters of the stage's slots, so a network that arrives behind another's backlog
+  starts at once (see docs/architecture.md, "Isolation between networks");
+* a bounded number of messages in flight (``Stage.max_in_flight``, else the
+  ``max_in_flight`` setting), commits in offset order per partition, events of one
+  call (one key) processed one after another;
 * idempotent per (cuid, stage, attempt): the outcome of a step is stored on
   the call; a redelivered event republishes that stored outcome (same event
   id) instead of running the step again;
 * :class:`~callingest.errors.TransientError` -> delayed retry through tiered
   retry topics (``retry.<stage>.<tier>``, growing delays, survives restarts);
-  after ``MAX_PROCESSING_ATTEMPTS`` the call fails with ``retryable=true``;
+  after ``MAX_PROCESSING_ATTEMPTS`` the call fails with ``retryable=true``. No slot is
+  held while a retry waits: the event leaves at once, the call's ``retrying`` field
+  says when the next try is due and a ``retrying`` history entry records the error
+  class; a retry message not yet due pauses only its own retry partition;
+* :class:`~callingest.errors.Deferred` (a step could not even start: a shared
+  resource is busy) -> back to the first retry tier without using up an attempt;
 * :class:`~callingest.errors.PermanentError` -> call marked failed and
   CallFailed published to ``calls.failed``;
 * undecodable bytes -> dead-letter topic with their origin in headers; too many
@@ -38,6 +49,7 @@ import bisect
 import contextlib
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -49,10 +61,10 @@ from aiokafka.structs import ConsumerRecord
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from callingest import avro, metrics
-from callingest.errors import PermanentError, TransientError
+from callingest import avro, metrics, tracing
+from callingest.errors import Deferred, PermanentError, TransientError
 from callingest.kafka import Producer, PublishError, client_options, event_id
-from callingest.logging import get_logger
+from callingest.logging import get_logger, scrub
 from callingest.settings import Settings
 from callingest.topics import Topics
 
@@ -60,6 +72,8 @@ log = get_logger(__name__)
 
 RETRY_ATTEMPT_HEADER = "callingest-retry"
 NOT_BEFORE_HEADER = "callingest-not-before"
+#: On a retry-tier message that is a deferral (the step never ran), not a failed try.
+DEFERRED_HEADER = "callingest-deferred"
 MAX_CONSECUTIVE_DEAD_LETTERS = 100
 
 
@@ -104,6 +118,9 @@ class Stage:
     resources: dict[str, Any] = field(default_factory=dict)
     retry_forever: bool = False
     """Transient failures never exhaust (the notifier: a notification is never dropped)."""
+    max_in_flight: int | None = None
+    """Events processed at once; None: the ``max_in_flight`` setting. An I/O-bound stage
+    whose events mostly wait (the fetcher) sets far more."""
     checks: list[Callable[[], Awaitable[list[str]]]] = field(default_factory=list)
     """Infrastructure of this stage's own to verify before it starts (see callingest.infra)."""
 
@@ -136,6 +153,29 @@ class _PartitionTracker:
         return None
 
 
+@dataclass
+class _Queued:
+    """An event read ahead and waiting for a slot."""
+
+    tp: TopicPartition
+    record: ConsumerRecord
+    network: str
+
+
+def network_share(max_in_flight: int) -> int:
+    """The most slots one network may hold: all but a quarter (a newly arriving network
+    always finds free slots at once), at least one."""
+    return max(1, max_in_flight - max_in_flight // 4)
+
+
+def _network_of(record: ConsumerRecord) -> str:
+    """The network an event belongs to, for scheduling ('' when it cannot be decoded)."""
+    try:
+        return str(avro.decode(record.value)[1].get("network_id", ""))
+    except (avro.UndecodableMessage, AttributeError, TypeError):
+        return ""
+
+
 class StageRunner:
     """Runs one :class:`Stage` until :meth:`stop` is called."""
 
@@ -154,6 +194,14 @@ class StageRunner:
         self._committed: dict[TopicPartition, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._key_tails: dict[bytes, asyncio.Task[None]] = {}
+        self.max_in_flight = stage.max_in_flight or settings.max_in_flight
+        self.read_ahead = max(settings.consumer_read_ahead, self.max_in_flight)
+        self.network_share = network_share(self.max_in_flight)
+        self._queues: dict[str, deque[_Queued]] = {}
+        self._queued = 0
+        self._running: dict[str, int] = {}
+        self._last_served: dict[str, int] = {}
+        self._served = 0
         self._paused_until: dict[TopicPartition, float] = {}
         self._consecutive_dead_letters = 0
         self._fetch_failing_since: float | None = None
@@ -185,6 +233,7 @@ class StageRunner:
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+                runner._forget_queued(set(revoked))
                 await runner._drain(runner.settings.shutdown_grace_seconds)
                 await runner._commit()
                 for tp in revoked:
@@ -228,13 +277,18 @@ class StageRunner:
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
             self._resume_due(consumer)
-            free = self.settings.max_in_flight - len(self._tasks)
-            if free <= 0:
-                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED, timeout=1.0)
+            self._schedule()
+            room = self.read_ahead - self._queued - len(self._tasks)
+            if room <= 0:
+                if self._tasks:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED,
+                                       timeout=1.0)
+                else:  # pragma: no cover - the queue is never full without tasks running
+                    await asyncio.sleep(0.1)
                 await self._commit()
                 continue
             try:
-                batches = await consumer.getmany(timeout_ms=200, max_records=free)
+                batches = await consumer.getmany(timeout_ms=200, max_records=room)
                 self._fetch_failing_since = None
             except KafkaError as exc:
                 failing = self._fetch_failing_since = self._fetch_failing_since or time.monotonic()
@@ -255,7 +309,8 @@ class StageRunner:
                         break
                     if not self._due(consumer, tp, record):
                         break
-                    self._start(tp, record)
+                    self._enqueue(tp, record)
+            self._schedule()
             await self._commit()
 
     # -- retries ---------------------------------------------------------------------------
@@ -281,25 +336,86 @@ class StageRunner:
                 del self._paused_until[tp]
                 consumer.resume(tp)
 
+    # -- fair scheduling across networks ---------------------------------------------------
+
+    def _enqueue(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        """Hold ``record`` in its network's queue; its offset counts as unfinished from now."""
+        self._trackers.setdefault(tp, _PartitionTracker()).add(record.offset)
+        network = _network_of(record)
+        self._queues.setdefault(network, deque()).append(_Queued(tp, record, network))
+        self._queued += 1
+        metrics.EVENTS_QUEUED.labels(self.service).set(self._queued)
+
+    def _pick(self) -> str | None:
+        """The waiting network with the fewest events in flight (below its share); ties go
+        to the one served longest ago."""
+        best: str | None = None
+        best_key: tuple[int, int] | None = None
+        for network in self._queues:
+            running = self._running.get(network, 0)
+            if running >= self.network_share:
+                continue
+            key = (running, self._last_served.get(network, -1))
+            if best_key is None or key < best_key:
+                best, best_key = network, key
+        return best
+
+    def _schedule(self) -> None:
+        """Start queued events while slots are free."""
+        while (self._queued and len(self._tasks) < self.max_in_flight
+               and not self._stopping.is_set()):
+            network = self._pick()
+            if network is None:
+                return
+            queue = self._queues[network]
+            item = queue.popleft()
+            if not queue:
+                del self._queues[network]
+            self._queued -= 1
+            self._served += 1
+            self._last_served[network] = self._served
+            self._start(item)
+        metrics.EVENTS_QUEUED.labels(self.service).set(self._queued)
+
+    def _forget_queued(self, partitions: set[TopicPartition]) -> None:
+        """Drop queued (not started) events of revoked partitions: their next owner reads them."""
+        for network, queue in list(self._queues.items()):
+            kept = deque(item for item in queue if item.tp not in partitions)
+            self._queued -= len(queue) - len(kept)
+            if kept:
+                self._queues[network] = kept
+            else:
+                del self._queues[network]
+        metrics.EVENTS_QUEUED.labels(self.service).set(self._queued)
+
     # -- one message -----------------------------------------------------------------------
 
-    def _start(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+    def _start(self, item: _Queued) -> None:
+        tp, record, network = item.tp, item.record, item.network
         tracker = self._trackers.setdefault(tp, _PartitionTracker())
-        tracker.add(record.offset)
         previous = self._key_tails.get(record.key) if record.key else None
         task = asyncio.create_task(self._process(tp, record, previous))
         self._tasks.add(task)
+        self._running[network] = self._running.get(network, 0) + 1
         metrics.EVENTS_IN_FLIGHT.labels(self.service).set(len(self._tasks))
         if record.key:
             self._key_tails[record.key] = task
 
         def finished(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
+            left = self._running.get(network, 1) - 1
+            if left:
+                self._running[network] = left
+            else:
+                self._running.pop(network, None)
+                if network not in self._queues:
+                    self._last_served.pop(network, None)
             metrics.EVENTS_IN_FLIGHT.labels(self.service).set(len(self._tasks))
             if record.key and self._key_tails.get(record.key) is t:
                 del self._key_tails[record.key]
             if not t.cancelled() and t.exception() is None:
                 tracker.done(record.offset)
+            self._schedule()
 
         task.add_done_callback(finished)
 
@@ -350,6 +466,11 @@ class StageRunner:
                 self._retrying_in_place -= 1
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        """One message in a span that continues the trace in its headers."""
+        with tracing.consumer_span(self.stage.name, tp.topic, record.headers):
+            await self._handle_traced(tp, record)
+
+    async def _handle_traced(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         started = time.perf_counter()
         try:
             _event_name, event = avro.decode(record.value)
@@ -358,6 +479,7 @@ class StageRunner:
             return
         self._consecutive_dead_letters = 0
         cuid = event["cuid"]
+        tracing.set_cuid(cuid)
         attempt = int(event.get("attempt", 1))
         extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": self.stage.name}
         call = await self.db.calls.find_one({"_id": cuid})
@@ -381,6 +503,10 @@ class StageRunner:
             return
         except (PyMongoError, KafkaError, PublishError):
             raise
+        except Deferred as exc:
+            await self._schedule_retry(record, event, retry, exc, extra, counted=False)
+            self._observe(tp, started, "deferred")
+            return
         except Exception as exc:
             if isinstance(exc, TransientError):
                 transient = exc
@@ -394,10 +520,12 @@ class StageRunner:
                                  retryable=True)
                 self._observe(tp, started, "failed")
             else:
-                await self._schedule_retry(record, retry + 1, transient, extra)
+                await self._schedule_retry(record, event, retry + 1, transient, extra)
                 self._observe(tp, started, "retry")
             return
         await self._succeed(event, result)
+        if result.terminal and result.status == "normalized" and call is not None:
+            metrics.observe_normalized(call)
         self._observe(tp, started, "ok")
         log.info("step done", extra={**extra, "status": result.status})
 
@@ -421,7 +549,8 @@ class StageRunner:
             }
             output.update(topic=self.stage.output_topic, event=self.stage.output_event,
                           record=record)
-        update: dict[str, Any] = {"$set": {**result.call_update, f"outputs.{self.stage.name}": output}}
+        update: dict[str, Any] = {"$set": {**result.call_update, f"outputs.{self.stage.name}": output},
+                                  "$unset": {"retrying": ""}}
         if result.status:
             update["$set"]["status"] = result.status
             update["$push"] = {"history": {"stage": self.stage.name, "status": result.status,
@@ -460,6 +589,7 @@ class StageRunner:
                                 "at": at},
                     f"outputs.{self.stage.name}": output,
                 },
+                "$unset": {"retrying": ""},
                 "$push": {"history": {"stage": self.stage.name, "status": "failed", "at": at}},
             },
         )
@@ -476,20 +606,49 @@ class StageRunner:
             record["event_id"] = str(record["event_id"])
             await self.producer.send(output["topic"], output["event"], record, key=cuid)
 
-    async def _schedule_retry(self, record: ConsumerRecord, retry: int, exc: TransientError,
-                              extra: dict[str, Any]) -> None:
+    async def _schedule_retry(self, record: ConsumerRecord, event: dict[str, Any], retry: int,
+                              exc: TransientError, extra: dict[str, Any],
+                              counted: bool = True) -> None:
+        """Send the event to its delayed-retry tier; the slot is free as soon as this returns.
+
+        ``retry`` is the number of failed tries so far (the header the next try reads).
+        A counted retry is recorded on the call first (``retrying`` and a history entry
+        with the error class; the message is scrubbed of query strings and secrets), so the
+        status API says where the call stands before the retry can run. A deferral
+        (``counted=False``) goes to the first tier and records nothing.
+        """
         delays = self.settings.retry_delays_seconds
-        tier = min(retry - 1, len(delays) - 1)
+        tier = min(retry - 1, len(delays) - 1) if counted else 0
         delay = delays[tier]
-        not_before = int((time.time() + delay) * 1000)
+        not_before_s = time.time() + delay
+        not_before = int(not_before_s * 1000)
+        if counted:
+            at = now()
+            next_at = datetime.fromtimestamp(not_before_s, UTC)
+            error = {"class": exc.failure_class, "message": scrub(exc.message)[:500]}
+            await self.db.calls.update_one(
+                {"_id": event["cuid"]},
+                {"$set": {"retrying": {"stage": self.stage.name, "attempt": retry + 1,
+                                       "next_attempt_at": next_at, "last_error": error}},
+                 "$push": {"history": {"stage": self.stage.name, "status": "retrying",
+                                       "at": at, "attempt": retry, "class": error["class"],
+                                       "next_attempt_at": next_at}}},
+            )
         headers = [(RETRY_ATTEMPT_HEADER, str(retry).encode()),
                    (NOT_BEFORE_HEADER, str(not_before).encode())]
+        if not counted:
+            headers.append((DEFERRED_HEADER, b"1"))
         await self.producer.send_raw(self.topics.retry(self.stage.name, tier), record.value,
                                      key=(record.key or b"").decode(), headers=headers)
+        if not counted:
+            metrics.DEFERRALS.labels(self.stage.name).inc()
+            log.info("deferred, resource busy",
+                     extra={**extra, "delay_seconds": delay, "reason": exc.message})
+            return
         metrics.RETRIES.labels(self.stage.name).inc()
         log.warning("transient failure, retry scheduled",
                     extra={**extra, "retry": retry, "delay_seconds": delay,
-                           "reason": exc.message})
+                           "failure_class": exc.failure_class, "reason": exc.message})
 
     async def _dead_letter(self, tp: TopicPartition, record: ConsumerRecord, reason: str) -> None:
         self._consecutive_dead_letters += 1

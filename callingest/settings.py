@@ -120,12 +120,30 @@ class Settings(BaseSettings):
 
     allow_loopback_recordings: bool = False
     fetch_max_bytes: int = Field(1536 * 1024 * 1024, gt=0)
-    fetch_connect_timeout_seconds: float = Field(10.0, gt=0)
-    fetch_read_timeout_seconds: float = Field(30.0, gt=0)
-    fetch_max_attempts: int = Field(4, ge=1)
+    fetch_connect_timeout_seconds: float = Field(5.0, gt=0)
+    fetch_first_byte_timeout_seconds: float = Field(
+        30.0, gt=0, description="request sent -> response headers; ends black-hole hosts")
+    fetch_read_timeout_seconds: float = Field(
+        30.0, gt=0, description="longest stall mid-body; also the window of the minimum rate")
+    fetch_min_bytes_per_second: float = Field(
+        1024.0, ge=0, description="a body slower than this over a read window is cut")
+    fetch_max_attempts: int = Field(
+        1, ge=1, description="downloads per processing attempt; more go through the retry tiers")
     fetch_max_redirects: int = Field(5, ge=0)
+    fetch_max_per_host: int = Field(32, ge=1, description="concurrent downloads per host")
+    fetch_host_wait_seconds: float = Field(
+        2.0, ge=0, description="longest wait for a place at a busy host before deferring")
+    fetch_circuit_failure_threshold: int = Field(
+        5, ge=1, description="consecutive connection failures or timeouts that open a host")
+    fetch_circuit_cooldown_seconds: float = Field(30.0, gt=0)
+    fetch_memory_budget_bytes: int = Field(
+        96 * 1024 * 1024, gt=0, description="recording bodies buffered at once by the fetcher")
+    fetcher_max_in_flight: int = Field(
+        256, ge=1, description="the fetcher's calls in flight (I/O-bound: mostly waiting)")
 
     max_in_flight: int = Field(16, ge=1)
+    consumer_read_ahead: int = Field(
+        4096, ge=1, description="events a consumer holds (in flight + queued per network)")
     normalizer_workers: int = Field(0, ge=0, description="process pool size; 0 means one per core")
     retry_delays_seconds: list[float] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0])
     max_processing_attempts: int = Field(5, ge=1)

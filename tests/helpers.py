@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email
 import os
 import subprocess
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.message import Message
 from pathlib import Path
@@ -167,3 +169,58 @@ def demo_call(external_id: str, recording_url: str = "http://127.0.0.1:9/none.wa
         "recording_url": recording_url,
         **fields,
     }
+
+
+class BlackHole:
+    """A loopback TCP listener that accepts every connection and never answers (a dead
+    recording host that timeouts must end). Connections are closed after ``hold`` seconds
+    at most, and all of them when the listener stops."""
+
+    def __init__(self, hold: float = 120.0) -> None:
+        self.hold = hold
+        self.accepted = 0
+        self.open = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open += 1
+        self._writers.add(writer)
+        try:
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(self.hold):
+                    while await reader.read(4096):  # read the request, answer nothing
+                        pass
+        finally:
+            self.open -= 1
+            self._writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+
+@contextlib.asynccontextmanager
+async def black_hole(hold: float = 120.0) -> AsyncIterator[BlackHole]:
+    """A running :class:`BlackHole`, stopped afterwards."""
+    listener = BlackHole(hold)
+    await listener.start()
+    try:
+        yield listener
+    finally:
+        await listener.stop()

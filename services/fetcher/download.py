@@ -17,9 +17,18 @@ Failures:
   not a recognized container), ``RecordingUrlRefused`` (SSRF guard, scheme, bucket not
   allowed).
 * Timeouts, connection errors, 5xx, 408/425/429 are retried here with exponential backoff
-  and full jitter (``Retry-After`` honoured) up to ``fetch_max_attempts``, then raised as
-  :class:`~callingest.errors.TransientError`. Object-store failures raise TransientError
-  at once (botocore already retried).
+  and full jitter (``Retry-After`` honoured) up to ``fetch_max_attempts`` (default 1: no
+  in-place retry, the call goes straight to the consumer loop's delayed retry tiers and
+  frees its slot), then raised as :class:`~callingest.errors.TransientError`.
+  Object-store failures raise TransientError at once (botocore already retried).
+* Timeouts that end hangs: ``connect_timeout`` to open the connection,
+  ``first_byte_timeout`` from sending the request to the response headers (a black-hole
+  host that accepts and never answers), ``read_timeout`` for a stall mid-body, and a
+  minimum rate (``min_bytes_per_second`` over every ``read_timeout`` of waiting) that cuts
+  a host trickling a byte a second.
+* Per-host protection (:mod:`services.fetcher.hosts`), for http(s): a host whose circuit
+  is open raises TransientError ``RecordingHostUnavailable`` without connecting; a host at
+  its concurrency cap raises :class:`~callingest.errors.Deferred` ``RecordingHostBusy``.
 
 Secrets never reach a log line or an error message: URLs are shown through
 :func:`redact_url`, headers are never logged, and third-party exception texts (which may
@@ -39,22 +48,22 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
-from yarl import URL
 
 from callingest import metrics
 from callingest.audioformat import SNIFF_BYTES, sniff_format
 from callingest.errors import PermanentError, TransientError
 from callingest.logging import get_logger
+from callingest.s3 import PART_SIZE
 from callingest.s3 import upload as s3_upload
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, AddressRefused, check_url
+from services.fetcher.budget import ByteBudget
+from services.fetcher.hosts import HostGuard, Outcome, refusals_as_step_errors
 from services.fetcher.recording_auth import RecordingAuthConfig, apply_auth
+from services.fetcher.urls import origin, parse_url, redact_origin, redact_url
 
 log = get_logger(__name__)
 
-#: A transfer must deliver at least this many bytes per read-timeout window of waiting
-#: (a server trickling bytes slower than that is treated as timed out).
-MIN_BYTES_PER_READ_WINDOW: Final = 1024
 REDIRECT_STATUSES: Final = frozenset({301, 302, 303, 307, 308})
 RETRYABLE_4XX: Final = frozenset({408, 425, 429})
 CONTENT_TYPES: Final = {
@@ -76,12 +85,16 @@ class FetchPolicy:
     connect_timeout: float
     read_timeout: float
     max_attempts: int
+    first_byte_timeout: float = 30.0
+    min_bytes_per_second: float = 1024.0
     max_redirects: int = 5
     backoff_base: float = 0.5
     backoff_cap: float = 20.0
     #: A Retry-After longer than this is not waited for in-process: TransientError at once.
     max_retry_after: float = 60.0
     allowed_source_buckets: frozenset[str] = frozenset()
+    #: Bodies in memory across all downloads of the process (None: unbounded).
+    memory: ByteBudget | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> FetchPolicy:
@@ -89,6 +102,8 @@ class FetchPolicy:
             "max_bytes": settings.fetch_max_bytes,
             "connect_timeout": settings.fetch_connect_timeout_seconds,
             "read_timeout": settings.fetch_read_timeout_seconds,
+            "first_byte_timeout": settings.fetch_first_byte_timeout_seconds,
+            "min_bytes_per_second": settings.fetch_min_bytes_per_second,
             "max_attempts": settings.fetch_max_attempts,
             "max_redirects": settings.fetch_max_redirects,
             "allowed_source_buckets": frozenset(settings.s3_allowed_source_buckets),
@@ -125,32 +140,6 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
-def redact_url(url: str | URL) -> str:
-    """``url`` without userinfo, query string and fragment: safe to log. Never raises."""
-    try:
-        parts = urlsplit(str(url))
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port is not None else ""
-        scheme = f"{parts.scheme}://" if parts.scheme else ""
-        return f"{scheme}{host}{port}{parts.path}"
-    except ValueError:
-        return "<unparseable URL>"
-
-
-def parse_url(raw: str) -> URL:
-    """The URL exactly as given (a presigned URL's encoding is kept byte for byte)."""
-    try:
-        return URL(raw, encoded=True) if raw.isascii() else URL(raw)
-    except (ValueError, TypeError):
-        raise PermanentError("RecordingUrlRefused", "recording_url is not a valid URL") from None
-
-
-def _origin(url: URL) -> tuple[str, str, int | None]:
-    return ((url.scheme or "").lower(), (url.raw_host or "").lower(), url.port)
-
-
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
     if not value:
@@ -184,6 +173,7 @@ async def fetch_recording(
     address_policy: AddressPolicy,
     log_extra: Mapping[str, Any] | None = None,
     sleep: Sleep = asyncio.sleep,
+    hosts: HostGuard | None = None,
 ) -> StoredRecording:
     """Download ``recording_url`` into ``s3://bucket/key``; see the module docstring.
 
@@ -198,9 +188,17 @@ async def fetch_recording(
             if is_s3:
                 return await _fetch_s3_once(recording_url, s3=s3, bucket=bucket, key=key,
                                             policy=policy)
-            return await _fetch_http_once(recording_url, auth=auth, http=http, s3=s3,
-                                          bucket=bucket, key=key, policy=policy,
-                                          address_policy=address_policy)
+            if hosts is None:
+                return await _fetch_http_once(recording_url, auth=auth, http=http, s3=s3,
+                                              bucket=bucket, key=key, policy=policy,
+                                              address_policy=address_policy)
+            first = parse_url(recording_url)
+            with refusals_as_step_errors():
+                with hosts.admit(origin(first), redact_origin(first)) as outcome:
+                    return await _fetch_http_once(recording_url, auth=auth, http=http, s3=s3,
+                                                  bucket=bucket, key=key, policy=policy,
+                                                  address_policy=address_policy,
+                                                  outcome=outcome)
         except _Retryable as exc:
             if attempt >= policy.max_attempts:
                 raise TransientError(
@@ -223,9 +221,11 @@ async def fetch_recording(
 
 async def _fetch_http_once(recording_url: str, *, auth: RecordingAuthConfig | None,
                            http: aiohttp.ClientSession, s3: Any, bucket: str, key: str,
-                           policy: FetchPolicy, address_policy: AddressPolicy) -> StoredRecording:
+                           policy: FetchPolicy, address_policy: AddressPolicy,
+                           outcome: Outcome | None = None) -> StoredRecording:
+    outcome = outcome or Outcome()
     first, auth_headers = apply_auth(parse_url(recording_url), auth)
-    auth_origin = _origin(first)
+    auth_origin = origin(first)
     url = first
     for _hop in range(policy.max_redirects + 1):
         shown = redact_url(url)
@@ -236,11 +236,14 @@ async def _fetch_http_once(recording_url: str, *, auth: RecordingAuthConfig | No
                                  f"recording URL refused: {exc}") from None
         # Credentials go only to the origin they were configured for.
         headers = {"Accept-Encoding": "identity"}
-        if _origin(url) == auth_origin:
+        if origin(url) == auth_origin:
             headers.update(auth_headers)
         try:
-            async with http.get(url, headers=headers, allow_redirects=False,
-                                timeout=policy.client_timeout()) as resp:
+            async with asyncio.timeout(policy.first_byte_timeout):
+                response = await http.get(url, headers=headers, allow_redirects=False,
+                                          timeout=policy.client_timeout())
+            async with response as resp:
+                outcome.alive()
                 status = resp.status
                 if status in REDIRECT_STATUSES:
                     location = resp.headers.get("Location")
@@ -261,19 +264,30 @@ async def _fetch_http_once(recording_url: str, *, auth: RecordingAuthConfig | No
                         "RecordingTooLarge",
                         f"recording is {length} bytes, over the {policy.max_bytes}-byte limit",
                     )
-                chunks = _watchdog(resp.content.iter_any(), policy.read_timeout)
-                return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
-                                    source=shown)
+                chunks = _watchdog(resp.content.iter_any(), policy.read_timeout,
+                                   policy.min_bytes_per_second)
+                if policy.memory is None:
+                    return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
+                                        source=shown)
+                # The buffer (with its growth), the copy sent with a single PUT and the
+                # upload's own: about four times one part at most (measured, see
+                # docs/benchmarks.md "End to end").
+                async with policy.memory.reserve(4 * min(length or PART_SIZE, PART_SIZE)):
+                    return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
+                                        source=shown)
         except AddressRefused as exc:
             raise PermanentError("RecordingUrlRefused", f"recording URL refused: {exc}") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
+            outcome.dead()
             raise _Retryable("RecordingTimeout", f"timed out fetching {shown}") from None
         except aiohttp.InvalidURL:
             raise PermanentError("RecordingUrlRefused", f"invalid recording URL {shown}") from None
         except aiohttp.ClientConnectorDNSError:
+            outcome.dead()
             raise _Retryable("RecordingConnectionError",
                              f"could not resolve the host of {shown}") from None
         except (aiohttp.ClientError, ConnectionError) as exc:
+            outcome.dead()
             raise _Retryable("RecordingConnectionError",
                              f"{type(exc).__name__} fetching {shown}") from None
     raise PermanentError("RecordingUnavailable",
@@ -290,10 +304,12 @@ def _raise_for_status(status: int, headers: Mapping[str, str], shown: str) -> No
     raise PermanentError("RecordingUnavailable", f"HTTP {status} from {shown}")
 
 
-async def _watchdog(chunks: AsyncIterator[bytes], window: float) -> AsyncIterator[bytes]:
-    """``chunks``, but raise TimeoutError when a ``window`` seconds of waiting brought fewer
-    than :data:`MIN_BYTES_PER_READ_WINDOW` bytes (a trickle that per-read timeouts miss).
+async def _watchdog(chunks: AsyncIterator[bytes], window: float,
+                    min_bytes_per_second: float) -> AsyncIterator[bytes]:
+    """``chunks``, but raise TimeoutError when ``window`` seconds of waiting brought fewer
+    than ``min_bytes_per_second * window`` bytes (a trickle that per-read timeouts miss).
     Only time spent waiting for the source counts, not time spent uploading."""
+    least = min_bytes_per_second * window
     waited = 0.0
     received = 0
     while True:
@@ -305,7 +321,7 @@ async def _watchdog(chunks: AsyncIterator[bytes], window: float) -> AsyncIterato
         waited += time.monotonic() - started
         received += len(chunk)
         if waited >= window:
-            if received < MIN_BYTES_PER_READ_WINDOW:
+            if received < least:
                 raise TimeoutError("source too slow")
             waited, received = 0.0, 0
         yield chunk

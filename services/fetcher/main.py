@@ -24,6 +24,7 @@ async def stage(settings: Settings, db: Any, topics: Topics) -> AsyncIterator[St
             output_topic=topics.fetched,
             output_event="RecordingFetched",
             resources=resources,
+            max_in_flight=settings.fetcher_max_in_flight,
             checks=[bucket_check(resources["s3"], settings.s3_bucket)],
         )
 

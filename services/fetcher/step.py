@@ -1,7 +1,8 @@
 """The fetcher stage: CallValidated in, the recording stored in S3, RecordingFetched out.
 
 Wiring (see :func:`open_resources`): the stage's ``resources`` hold ``"http"`` (an
-SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client) and ``"address_policy"``;
+SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client), ``"address_policy"``
+and ``"hosts"`` (the per-host caps and circuit breakers, :mod:`services.fetcher.hosts`);
 :func:`step` reads them from ``ctx.resources``.
 """
 
@@ -23,13 +24,15 @@ from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import s3_client
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, guarded_session
+from services.fetcher.budget import ByteBudget
 from services.fetcher.download import (
     FetchPolicy,
     RecordingAuthConfig,
     StoredRecording,
     fetch_recording,
-    redact_url,
 )
+from services.fetcher.hosts import HostGuard, check_host
+from services.fetcher.urls import redact_url
 
 log = get_logger(__name__)
 
@@ -45,8 +48,15 @@ def raw_key(cuid: str, attempt: int) -> str:
 async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """The ``resources`` the fetcher stage needs, open for the life of the service."""
     address_policy = AddressPolicy(allow_loopback=settings.allow_loopback_recordings)
-    async with s3_client(settings) as s3, guarded_session(address_policy) as http:
-        yield {"http": http, "s3": s3, "address_policy": address_policy}
+    memory = ByteBudget(settings.fetch_memory_budget_bytes)
+    hosts = HostGuard(settings.fetch_max_per_host, settings.fetch_circuit_failure_threshold,
+                      settings.fetch_circuit_cooldown_seconds)
+    # No pool-wide connection limit below the stage's own: a download waiting for a pooled
+    # connection would hold its slot; per-host limits are the HostGuard's.
+    async with s3_client(settings) as s3, guarded_session(
+            address_policy, limit=settings.fetcher_max_in_flight) as http:
+        yield {"http": http, "s3": s3, "address_policy": address_policy, "hosts": hosts,
+               "memory": memory}
 
 
 async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_id: str,
@@ -105,6 +115,10 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
     s3 = ctx.resources["s3"]
     extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": STAGE}
 
+    # A host that is refused now (circuit open, at its cap) costs no object-store or
+    # database read: the call leaves its slot at once.
+    await check_host(event["recording_url"], ctx.resources.get("hosts"),
+                     settings.fetch_host_wait_seconds)
     stored = await _already_stored(s3, bucket, key)
     if stored is not None:
         log.info("recording already stored, reused", extra={**extra, "key": key})
@@ -118,9 +132,10 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
             s3=s3,
             bucket=bucket,
             key=key,
-            policy=FetchPolicy.from_settings(settings),
+            policy=FetchPolicy.from_settings(settings, memory=ctx.resources.get("memory")),
             address_policy=ctx.resources["address_policy"],
             log_extra=extra,
+            hosts=ctx.resources.get("hosts"),
         )
         log.info("recording fetched",
                  extra={**extra, "url": redact_url(event["recording_url"]), "key": key,

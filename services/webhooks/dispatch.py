@@ -29,7 +29,7 @@ from pymongo import ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from callingest import metrics
+from callingest import metrics, tracing
 from callingest.logging import get_logger, register_secret
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, AddressRefused, guarded_session
@@ -168,8 +168,7 @@ class Dispatcher:
             "webhook-timestamp": str(timestamp),
             "webhook-signature": signature_header(secrets, delivery["event_id"], timestamp, body),
         }
-        if delivery.get("traceparent"):
-            headers["traceparent"] = delivery["traceparent"]
+        tracing.inject_http(headers, delivery.get("trace_context"))
         timeout = aiohttp.ClientTimeout(total=self.settings.webhook_timeout_seconds)
         try:
             async with self._session.post(url, data=body, headers=headers, allow_redirects=False,

@@ -29,11 +29,11 @@ from aiokafka.structs import ConsumerRecord
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from callingest import avro, metrics
+from callingest import avro, metrics, tracing
 from callingest.callview import call_view, format_utc
 from callingest.kafka import client_options
 from callingest.logging import get_logger
-from callingest.pipeline import RETRY_ATTEMPT_HEADER, _header
+from callingest.pipeline import DEFERRED_HEADER, RETRY_ATTEMPT_HEADER, _header
 from callingest.settings import Settings
 from callingest.topics import RETRYING_STAGES, Topics
 from callingest.webhooks import event_id
@@ -41,7 +41,6 @@ from callingest.webhooks import event_id
 log = get_logger(__name__)
 
 #: W3C trace context of the call, when the producer put it on the event; sent with the webhook.
-TRACEPARENT_HEADER = "traceparent"
 
 #: The stages whose retries a client hears of (the notifier's own retries are not call events).
 CALL_STAGES = tuple(s for s in RETRYING_STAGES if s != "notifier")
@@ -115,7 +114,8 @@ class Intake:
         delay = 0.5
         while True:
             try:
-                await self.handle(record)
+                with tracing.consumer_span("webhooks", record.topic, record.headers):
+                    await self.handle(record)
                 return
             except PyMongoError as exc:
                 log.warning("MongoDB unavailable, retrying in place",
@@ -141,6 +141,7 @@ class Intake:
                                                               "reason": str(exc)})
             return 0
         cuid = str(event["cuid"])
+        tracing.set_cuid(cuid)
         attempt = int(event.get("attempt", 1))
         occurred = event.get("occurred_at")
         if record.topic == self.topics.normalized:
@@ -148,6 +149,8 @@ class Intake:
         elif record.topic == self.topics.failed:
             event_type, detail = "call.failed", ""
         elif record.topic in self.retry_topics:
+            if _header(record, DEFERRED_HEADER):
+                return 0  # deferred untried (host busy): not a failed try, nothing to tell
             retry = _header(record, RETRY_ATTEMPT_HEADER) or b"0"
             event_type = "call.retrying"
             detail = f"{self.retry_topics[record.topic]}_{int(retry.decode())}"
@@ -165,7 +168,6 @@ class Intake:
         if not isinstance(occurred, datetime):
             occurred = datetime.now(UTC)
         msg_id = event_id(event_type, cuid, attempt, detail)
-        trace = _header(record, TRACEPARENT_HEADER)
         body = json.dumps({"type": event_type, "timestamp": format_utc(occurred),
                            "data": call_view(call)}, separators=(",", ":"), ensure_ascii=False)
         now = datetime.now(UTC)
@@ -187,7 +189,8 @@ class Intake:
                     "next_attempt_at": now,
                     "attempts_made": 0,
                     "attempts": [],
-                    "traceparent": trace.decode(errors="replace") if trace else None,
+                    # the call's trace, continued by each attempt's traceparent header
+                    "trace_context": tracing.current_carrier(),
                 })
                 created += 1
                 metrics.WEBHOOK_EVENTS.labels(event_type).inc()

@@ -142,16 +142,18 @@ class Pipeline:
     def gateway(self) -> str:
         return self.services.running["gateway"].url
 
-    def body(self, external_id: str, recording: str) -> dict[str, Any]:
-        return {"oauth_token": TOKEN,
-                "call": demo_call(external_id, f"{self.recordings.base}/{recording}")}
+    def body(self, external_id: str, recording: str, token: str = TOKEN) -> dict[str, Any]:
+        """A submission; ``recording`` is a name on the recording server or a whole URL."""
+        url = recording if "://" in recording else f"{self.recordings.base}/{recording}"
+        return {"oauth_token": token, "call": demo_call(external_id, url)}
 
     async def submit(self, external_id: str, recording: str = "ok-1.wav",
-                     timeout: float = 30.0, gateway: str | None = None) -> Answer:
+                     timeout: float = 30.0, gateway: str | None = None,
+                     token: str = TOKEN) -> Answer:
         """POST one call; a lost connection or a timeout is an answer with status None."""
         try:
             async with self.http.post(f"{gateway or self.gateway}{CALLS_URL}",
-                                      json=self.body(external_id, recording),
+                                      json=self.body(external_id, recording, token),
                                       timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 body = await resp.json(content_type=None)
                 return Answer(external_id, resp.status, body, resp.headers.get("Retry-After"))

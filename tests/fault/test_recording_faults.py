@@ -41,7 +41,11 @@ async def test_hanging_resetting_and_trickling_recording_servers(faults: Private
     settings = make_settings(
         faults.ports, fetch_read_timeout_seconds=READ_TIMEOUT, fetch_connect_timeout_seconds=2.0,
         fetch_max_attempts=FETCH_ATTEMPTS, max_processing_attempts=PROCESSING_ATTEMPTS,
-        retry_delays_seconds=[1.0, 1.0], max_in_flight=8)
+        retry_delays_seconds=[1.0, 1.0], max_in_flight=8,
+        # Every fault here is served by one host, which the circuit breaker would rightly
+        # open (tests/fetcher/test_host_isolation.py, tests/isolation): keep it closed so
+        # each call's failure class is its own timeout or reset.
+        fetch_circuit_failure_threshold=1000)
     async with open_pipeline(settings, faults.mail_dir, wav, "recording-faults") as pipeline:
         started = time.monotonic()
         names = [f"{kind}-{i}.wav" for kind in EXPECTED_CLASS for i in range(3)]

@@ -542,7 +542,7 @@ async def test_watchdog_ignores_upload_time() -> None:
             yield b"x" * 10
 
     received = []
-    async for chunk in _watchdog(source(), window=0.05):
+    async for chunk in _watchdog(source(), window=0.05, min_bytes_per_second=1024 / 0.05):
         await asyncio.sleep(0.1)
         received.append(chunk)
     assert len(received) == 3

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
+from callingest import tracing
 from callingest.callview import call_view
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -24,6 +25,8 @@ from tests.helpers import call_doc, serve_recordings, submit
 from tests.webhooks.conftest import Receiver, apply, doc_verify, network, new_secret
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo, pytest.mark.s3, pytest.mark.slow]
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @pytest.fixture
@@ -55,7 +58,8 @@ async def test_outcomes_are_signed_retried_with_the_same_id_and_listed_by_calls_
         for name in ("validator", "normalizer", "webhooks"):
             services.start(name)
         services.start("fetcher", env={"FETCH_MAX_ATTEMPTS": "1"})
-        flaky = await submit(settings, db, call_doc(recording_url=f"{base}/flaky.wav"))
+        with tracing.attached({"traceparent": f"00-{TRACE_ID}-00f067aa0ba902b7-01"}):
+            flaky = await submit(settings, db, call_doc(recording_url=f"{base}/flaky.wav"))
         failing = await submit(settings, db, call_doc(campaign="91"))
 
         def delivered_types() -> set[tuple[str, str]]:
@@ -74,6 +78,10 @@ async def test_outcomes_are_signed_retried_with_the_same_id_and_listed_by_calls_
         assert verify(secret, request.headers, request.body)
         Webhook(secret).verify(request.body, request.headers)  # the reference library agrees
         by_id.setdefault(request.headers["webhook-id"], []).append(request)
+    # The submission's trace continues into every delivery about the call (W3C traceparent).
+    for request in receiver.requests:
+        if json.loads(request.body)["data"]["cuid"] == flaky:
+            assert request.headers["traceparent"].split("-")[1] == TRACE_ID
     for attempts in by_id.values():
         # A retry carries the same event id and the same body (a new timestamp and signature).
         assert len({a.body for a in attempts}) == 1

@@ -1,0 +1,256 @@
+"""Per-host protection for recording downloads: a concurrency cap and a circuit breaker.
+
+A recording host is ``(scheme, host, port)`` of the first URL. For each host the fetcher
+process keeps, in memory:
+
+* how many downloads from it run now; past ``max_per_host`` a download is not started
+  (:class:`HostBusy`: the consumer loop defers the call untried, without using up an
+  attempt), so one slow host cannot take every slot of the fetcher;
+* a circuit breaker. **Closed**: downloads go ahead; ``failure_threshold`` consecutive
+  connection failures or timeouts open it. **Open** for ``cooldown`` seconds: downloads
+  are refused without connecting (:class:`CircuitOpen`: the call goes to its next retry
+  tier as a failed attempt). **Half-open** after the cool-down: one download is let
+  through as a probe while the others are still refused; its success closes the circuit,
+  its failure opens it for another cool-down.
+
+Any HTTP answer (even a 404 or a 503) proves the host alive and counts as a success: the
+breaker is about dead hosts, the retry policy about bad answers. State is per process (each
+fetcher replica learns on its own, within ``failure_threshold`` calls); hosts that are
+closed, with no failure counted and nothing in flight, are forgotten, so memory follows the
+hosts in use. The states are exported as counts per state
+(``callingest_fetch_circuits{state}``), never labelled by host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Final
+
+from callingest import metrics
+from callingest.errors import Deferred, TransientError
+from callingest.logging import get_logger
+from services.fetcher.urls import origin, parse_url, redact_origin
+
+log = get_logger(__name__)
+
+CLOSED: Final = "closed"
+OPEN: Final = "open"
+HALF_OPEN: Final = "half_open"
+STATES: Final = (CLOSED, OPEN, HALF_OPEN)
+
+HostKey = tuple[str, str, int | None]
+#: Past this many hosts tracked at once, idle hosts not seen for ten cool-downs are forgotten.
+MAX_TRACKED_HOSTS: Final = 10_000
+
+
+class HostRefused(Exception):
+    """A download was not started; ``str(exc)`` names the host only (safe to log)."""
+
+
+class CircuitOpen(HostRefused):
+    """The host's circuit is open (or half-open with its probe under way)."""
+
+
+class HostBusy(HostRefused):
+    """The host already has ``max_per_host`` downloads running."""
+
+
+@dataclass
+class _Host:
+    state: str = CLOSED
+    failures: int = 0
+    opened_at: float = 0.0
+    in_flight: int = 0
+    probing: bool = False
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+
+class Outcome:
+    """Handed to the caller of :meth:`HostGuard.admit`: say what the download showed."""
+
+    def __init__(self) -> None:
+        self.result: bool | None = None
+
+    def alive(self) -> None:
+        """The host answered (any HTTP status)."""
+        self.result = True
+
+    def dead(self) -> None:
+        """Connection refused or reset, DNS failure, or a timeout."""
+        self.result = False
+
+
+class HostGuard:
+    """Concurrency caps and circuit breakers of the recording hosts of one process."""
+
+    def __init__(self, max_per_host: int, failure_threshold: int, cooldown: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_per_host = max_per_host
+        self.failure_threshold = failure_threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self._hosts: dict[HostKey, _Host] = {}
+        self._counts = {state: 0 for state in STATES}
+        self._export()
+
+    def state(self, key: HostKey) -> str:
+        """The host's circuit state now (an open circuit past its cool-down reads half-open)."""
+        host = self._hosts.get(key)
+        if host is None:
+            return CLOSED
+        if host.state == OPEN and self.clock() - host.opened_at >= self.cooldown:
+            return HALF_OPEN
+        return host.state
+
+    def counts(self) -> dict[str, int]:
+        """Hosts per state (what the gauge exports)."""
+        return dict(self._counts)
+
+    async def wait_for_room(self, key: HostKey, timeout: float) -> None:
+        """Wait (first come, first served) up to ``timeout`` seconds while the host is at
+        its cap, so a busy but healthy host serves its backlog in order instead of
+        deferring it; returns early when the host has room or its circuit is not closed.
+        The wait is short and bounded: past it :meth:`admit` defers the call."""
+        host = self._hosts.get(key)
+        if (host is None or host.state != CLOSED or timeout <= 0
+                or (host.in_flight < self.max_per_host and not host.waiters)):
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        host.waiters.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                host.waiters.remove(waiter)
+
+    def check(self, key: HostKey, shown: str) -> None:
+        """Raise what :meth:`admit` would raise now, without starting anything: lets the
+        caller skip its own preparation (object-store and database reads) for a host that
+        would be refused anyway."""
+        host = self._hosts.get(key)
+        if host is None:
+            return
+        state = self.state(key)
+        if state == OPEN or (state == HALF_OPEN and host.probing):
+            metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
+            raise CircuitOpen(f"circuit open for {shown}: not contacted")
+        if state == CLOSED and host.in_flight >= self.max_per_host:
+            metrics.FETCH_REJECTIONS.labels("host_busy").inc()
+            raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
+
+    @contextmanager
+    def admit(self, key: HostKey, shown: str) -> Iterator[Outcome]:
+        """Run one download from ``key``, or raise :class:`HostRefused` without starting it.
+
+        The caller marks the :class:`Outcome` alive or dead; left unmarked (the download
+        ended some other way, say a refused redirect) it changes no circuit.
+        """
+        host = self._hosts.get(key)
+        if host is None:
+            if len(self._hosts) >= MAX_TRACKED_HOSTS:
+                self._forget_stale()
+            host = self._hosts[key] = _Host()
+            self._move(None, CLOSED)
+        probe = False
+        if host.state == OPEN:
+            if self.clock() - host.opened_at < self.cooldown:
+                metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
+                raise CircuitOpen(f"circuit open for {shown}: not contacted")
+            self._set(host, HALF_OPEN, shown)
+        if host.state == HALF_OPEN:
+            if host.probing:
+                metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
+                raise CircuitOpen(f"circuit half-open for {shown}, probe under way: "
+                                  "not contacted")
+            host.probing = probe = True
+        elif host.in_flight >= self.max_per_host:
+            metrics.FETCH_REJECTIONS.labels("host_busy").inc()
+            raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
+        host.in_flight += 1
+        outcome = Outcome()
+        try:
+            yield outcome
+        finally:
+            host.in_flight -= 1
+            while host.waiters:  # hand the freed place to the longest waiting call
+                waiter = host.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+            if probe:
+                host.probing = False
+            if outcome.result is True:
+                host.failures = 0
+                if host.state != CLOSED:
+                    self._set(host, CLOSED, shown)
+            elif outcome.result is False:
+                host.failures += 1
+                if host.state == HALF_OPEN or (host.state == CLOSED
+                                               and host.failures >= self.failure_threshold):
+                    host.opened_at = self.clock()
+                    self._set(host, OPEN, shown)
+            elif probe and host.state == HALF_OPEN:
+                host.opened_at = self.clock() - self.cooldown  # undecided: probe again next
+                self._set(host, OPEN, shown)
+            if host.state == CLOSED and host.failures == 0 and host.in_flight == 0:
+                del self._hosts[key]
+                self._move(CLOSED, None)
+
+    def _forget_stale(self) -> None:
+        """Forget idle hosts whose circuit has not been used for ten cool-downs."""
+        cutoff = self.clock() - 10 * self.cooldown
+        for key, host in list(self._hosts.items()):
+            if host.in_flight == 0 and host.opened_at < cutoff:
+                del self._hosts[key]
+                self._move(host.state, None)
+
+    def _set(self, host: _Host, state: str, shown: str) -> None:
+        self._move(host.state, state)
+        host.state = state
+        metrics.FETCH_CIRCUIT_TRANSITIONS.labels(state).inc()
+        level = log.warning if state == OPEN else log.info
+        level(f"recording host circuit {'opened' if state == OPEN else state.replace('_', '-')}",
+              extra={"host": shown, "circuit": state, "consecutive_failures": host.failures})
+
+    def _move(self, old: str | None, new: str | None) -> None:
+        if old is not None:
+            self._counts[old] -= 1
+        if new is not None:
+            self._counts[new] += 1
+        self._export()
+
+    def _export(self) -> None:
+        for state, count in self._counts.items():
+            metrics.FETCH_CIRCUITS.labels(state).set(count)
+
+
+@contextlib.contextmanager
+def refusals_as_step_errors() -> Iterator[None]:
+    """Host refusals as the consumer loop knows them: an open circuit uses up an attempt
+    (next retry tier), a busy host defers the call untried."""
+    try:
+        yield
+    except CircuitOpen as exc:
+        raise TransientError(str(exc), "RecordingHostUnavailable") from None
+    except HostBusy as exc:
+        raise Deferred(str(exc), "RecordingHostBusy") from None
+
+
+async def check_host(recording_url: str, hosts: HostGuard | None, wait: float = 0.0) -> None:
+    """Raise at once (as :func:`fetch_recording` would) if the recording's host is refused
+    now, before any other work is spent on the call; a host at its cap is first waited for
+    up to ``wait`` seconds. Does nothing for ``s3://`` URLs."""
+    if hosts is None or recording_url[:5].lower() == "s3://":
+        return
+    first = parse_url(recording_url)
+    await hosts.wait_for_room(origin(first), wait)
+    with refusals_as_step_errors():
+        hosts.check(origin(first), redact_origin(first))

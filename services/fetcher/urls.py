@@ -1,0 +1,42 @@
+"""Recording URLs: parsed exactly as given, and shown without secrets (userinfo, query
+string, fragment) wherever they are logged or stored."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from yarl import URL
+
+from callingest.errors import PermanentError
+
+
+def redact_url(url: str | URL) -> str:
+    """``url`` without userinfo, query string and fragment: safe to log. Never raises."""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+        scheme = f"{parts.scheme}://" if parts.scheme else ""
+        return f"{scheme}{host}{port}{parts.path}"
+    except ValueError:
+        return "<unparseable URL>"
+
+
+def parse_url(raw: str) -> URL:
+    """The URL exactly as given (a presigned URL's encoding is kept byte for byte)."""
+    try:
+        return URL(raw, encoded=True) if raw.isascii() else URL(raw)
+    except (ValueError, TypeError):
+        raise PermanentError("RecordingUrlRefused", "recording_url is not a valid URL") from None
+
+
+def origin(url: URL) -> tuple[str, str, int | None]:
+    return ((url.scheme or "").lower(), (url.raw_host or "").lower(), url.port)
+
+
+def redact_origin(url: URL) -> str:
+    """``scheme://host:port`` of ``url``: safe to log and to store."""
+    scheme, host, port = origin(url)
+    return f"{scheme}://{host}" + (f":{port}" if port is not None else "")

@@ -2,7 +2,8 @@
 
 The whole file is validated before anything is written, so a bad file
 changes nothing. Errors name the file, the path of the field and the problem.
-Tokens are stored as SHA-256 hashes, never in clear.
+API tokens are stored as SHA-256 hashes, recording auth-config tokens sealed with the
+data key (:mod:`callingest.secretbox`); neither is stored or printed in clear.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 from pymongo.asynchronous.database import AsyncDatabase
+
+from callingest.secretbox import SecretCodec, seal_document
 
 
 def _to_str(value: Any) -> Any:
@@ -175,7 +178,8 @@ def _path(loc: tuple[Any, ...], data: Any) -> str:
 
 
 def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
-    """The MongoDB documents ``config`` describes, by collection."""
+    """The MongoDB documents ``config`` describes, by collection; secrets still in clear
+    (:func:`apply` seals them before writing)."""
     networks, tokens, campaigns = [], [], []
     for n in config.networks:
         networks.append({
@@ -208,12 +212,15 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
     return {"networks": networks, "api_tokens": tokens, "campaigns": campaigns}
 
 
-async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile) -> list[str]:
-    """Upsert every document of ``config``; returns one line per created or changed document."""
+async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile,
+                codec: SecretCodec) -> list[str]:
+    """Upsert every document of ``config``, its secrets sealed by ``codec``; returns one line
+    per created or changed document."""
     changes: list[str] = []
     for collection, docs in documents(config).items():
         for doc in docs:
             existing = await db[collection].find_one({"_id": doc["_id"]})
+            doc = seal_document(codec, collection, doc, existing)
             label = _label(collection, doc)
             if existing is None:
                 await db[collection].insert_one(doc)

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     auth_failure_threshold: int = Field(20, ge=1)
     auth_failure_window_seconds: float = Field(60.0, gt=0)
 
+    #: Data keys sealing stored credentials, ``kid:base64key,...`` newest first (callingest.secretbox).
+    secret_keys: SecretStr | None = None
+
     public_base_url: str = "http://127.0.0.1:8080"
     log_level: str = "INFO"
 

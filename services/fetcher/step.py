@@ -1,8 +1,8 @@
 """The fetcher stage: CallValidated in, the recording stored in S3, RecordingFetched out.
 
 Wiring (see :func:`open_resources`): the stage's ``resources`` hold ``"http"`` (an
-SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client) and ``"address_policy"``;
-:func:`step` reads them from ``ctx.resources``.
+SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client), ``"address_policy"`` and
+``"keyring"`` (opens sealed auth-config tokens); :func:`step` reads them from ``ctx.resources``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from callingest.errors import PermanentError, TransientError
 from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import object_exists, s3_client
+from callingest.secretbox import (
+    RECORDING_AUTH_TOKEN,
+    SecretCodec,
+    SecretInvalid,
+    SecretUnavailable,
+    load_keyring,
+    open_item,
+)
 from callingest.settings import Settings
 from services.fetcher.download import (
     FetchPolicy,
@@ -42,17 +50,21 @@ def raw_key(cuid: str, attempt: int) -> str:
 @asynccontextmanager
 async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """The ``resources`` the fetcher stage needs, open for the life of the service."""
+    keyring = load_keyring(settings)
     address_policy = AddressPolicy(allow_loopback=settings.allow_loopback_recordings)
     async with s3_client(settings) as s3, guarded_session(address_policy) as http:
-        yield {"http": http, "s3": s3, "address_policy": address_policy}
+        yield {"http": http, "s3": s3, "address_policy": address_policy, "keyring": keyring}
 
 
 async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_id: str,
-                                     config_id: str | None) -> RecordingAuthConfig | None:
-    """The network's recording auth config ``config_id`` (None when the call names none).
+                                     config_id: str | None,
+                                     keyring: SecretCodec) -> RecordingAuthConfig | None:
+    """The network's recording auth config ``config_id`` (None when the call names none), its
+    token opened with ``keyring`` for this download only.
 
     Raises PermanentError ``RecordingAuthConfigNotFound`` if the network no longer has it
-    (the fix is to restore the config and replay).
+    (the fix is to restore the config and replay), TransientError ``SecretKeyUnavailable``
+    if it is sealed with a key not configured (the fix is to configure the key).
     """
     if config_id is None or config_id == "":
         return None
@@ -62,8 +74,12 @@ async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_
     for doc in (network or {}).get("recording_auth_configs") or []:
         if str(doc.get("id")) == str(config_id):
             try:
-                return RecordingAuthConfig.from_document(doc)
-            except ValueError as exc:
+                return RecordingAuthConfig.from_document(
+                    open_item(keyring, RECORDING_AUTH_TOKEN, network_id, doc))
+            except SecretUnavailable as exc:
+                raise TransientError(f"recording auth config {config_id}: {exc}",
+                                     "SecretKeyUnavailable") from None
+            except (ValueError, SecretInvalid) as exc:
                 raise PermanentError("RecordingAuthConfigInvalid",
                                      f"recording auth config {config_id}: {exc}") from None
     raise PermanentError(
@@ -112,7 +128,8 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
         log.info("recording already stored, reused", extra={**extra, "key": key})
     else:
         auth = await load_recording_auth_config(ctx.db, network_id,
-                                                event.get("recording_auth_config_id"))
+                                                event.get("recording_auth_config_id"),
+                                                ctx.resources["keyring"])
         stored = await fetch_recording(
             event["recording_url"],
             auth=auth,

@@ -1,6 +1,6 @@
 """Secrets at rest: customer credentials are sealed with AES-256-GCM before they reach the store.
 
-What is sealed is listed once, in :data:`SECRET_FIELDS` (a field of the sub-documents of an
+What is sealed is listed once, in :data:`SECRET_ITEMS` (fields of the sub-documents of an
 array in a collection, e.g. ``networks.recording_auth_configs[].token``). A sealed value is
 a sub-document ``{"alg": "A256GCM", "kid": <key id>, "nonce": <b64>, "ct": <b64>}``; the
 additional authenticated data binds the key id and the value's place (collection, document
@@ -43,23 +43,26 @@ _URLSAFE = str.maketrans("-_", "+/")
 
 
 @dataclass(frozen=True)
-class SecretField:
-    """Where sealed values live: ``<collection>.<array>[].<field>``, items told apart by ``id``."""
+class SecretItems:
+    """Where sealed values live: ``fields`` of the sub-documents in ``<collection>.<array>[]``,
+    items told apart by ``id_key``. A field holds one secret or a list of them."""
 
     collection: str
     array: str
-    field: str
+    fields: tuple[str, ...]
     id_key: str = "id"
 
-    def context(self, document_id: Any, item: Mapping[str, Any]) -> str:
+    def context(self, document_id: Any, item: Mapping[str, Any], field: str) -> str:
         """The place of one value; part of what the cipher authenticates."""
-        return f"{self.collection}/{document_id}/{self.array}/{item.get(self.id_key)}/{self.field}"
+        return f"{self.collection}/{document_id}/{self.array}/{item.get(self.id_key)}/{field}"
 
 
-RECORDING_AUTH_TOKEN = SecretField("networks", "recording_auth_configs", "token")
-#: Every stored secret. A new kind of secret is one more entry here (and a call to
-#: :func:`open_item` where it is used; :func:`seal_document` seals it on write).
-SECRET_FIELDS: tuple[SecretField, ...] = (RECORDING_AUTH_TOKEN,)
+RECORDING_AUTH_CONFIGS = SecretItems("networks", "recording_auth_configs", ("token",))
+#: Every stored secret. A new kind of secret is one more entry here, e.g.
+#: ``SecretItems("networks", "webhooks", ("secret", "previous_secrets"))``: ``config apply``
+#: (:func:`seal_document`) and ``rotate-secrets`` then handle it, and its user opens it with
+#: :func:`open_item` at the moment of use.
+SECRET_ITEMS: tuple[SecretItems, ...] = (RECORDING_AUTH_CONFIGS,)
 
 
 class SecretUnavailable(Exception):
@@ -80,46 +83,75 @@ class SecretCodec(Protocol):
     def is_current(self, stored: Any) -> bool: ...
 
 
+# A field's value is one secret or a list of them; these apply the codec to either.
+
+def _seal(codec: SecretCodec, plain: Any, context: str) -> Any:
+    if isinstance(plain, list):
+        return [codec.seal(str(p), context) for p in plain]
+    return codec.seal(str(plain), context)
+
+
+def _open(codec: SecretCodec, stored: Any, context: str) -> Any:
+    if isinstance(stored, list):
+        return [codec.open(s, context) for s in stored]
+    return codec.open(stored, context)
+
+
+def _current(codec: SecretCodec, stored: Any) -> bool:
+    if isinstance(stored, list):
+        return all(codec.is_current(s) for s in stored)
+    return codec.is_current(stored)
+
+
+def _same(codec: SecretCodec, stored: Any, plain: Any, context: str) -> bool:
+    """True if ``stored`` is sealed (not a value from before encryption) and opens to ``plain``."""
+    olds, news = (stored, plain) if isinstance(plain, list) else ([stored], [plain])
+    if not isinstance(olds, list) or len(olds) != len(news) or any(isinstance(o, str) for o in olds):
+        return False
+    try:
+        return all(secrets.compare_digest(codec.open(o, context).encode(), str(n).encode())
+                   for o, n in zip(olds, news, strict=True))
+    except (SecretUnavailable, SecretInvalid):
+        return False
+
+
 def seal_document(codec: SecretCodec, collection: str, doc: dict[str, Any],
-                  existing: Mapping[str, Any] | None) -> dict[str, Any]:
+                  existing: Mapping[str, Any] | None,
+                  places: tuple[SecretItems, ...] = SECRET_ITEMS) -> dict[str, Any]:
     """A copy of ``doc`` (about to be written to ``collection``, secrets in plain text) with every
-    secret of :data:`SECRET_FIELDS` sealed. A secret equal to what ``existing`` (the stored
+    secret of ``places`` sealed. A secret equal to what ``existing`` (the stored
     document) holds keeps its stored sealed value, so re-applying an unchanged file writes nothing."""
     out = dict(doc)
-    for spec in SECRET_FIELDS:
+    for spec in places:
         if spec.collection != collection or spec.array not in doc:
             continue
-        stored = {str(i.get(spec.id_key)): i.get(spec.field)
-                  for i in (existing or {}).get(spec.array) or []}
+        stored = {str(i.get(spec.id_key)): i for i in (existing or {}).get(spec.array) or []}
         items = []
         for item in doc[spec.array] or []:
-            plain = item.get(spec.field)
-            if plain is not None:
-                context = spec.context(doc["_id"], item)
-                old = stored.get(str(item.get(spec.id_key)))
-                same = old is not None and not isinstance(old, str) and _same(codec, old, str(plain), context)
-                item = {**item, spec.field: old if same else codec.seal(str(plain), context)}
+            item = dict(item)
+            old_item = stored.get(str(item.get(spec.id_key)), {})
+            for name in spec.fields:
+                plain, old = item.get(name), old_item.get(name)
+                if plain is None:
+                    continue
+                context = spec.context(doc["_id"], item, name)
+                same = old is not None and _same(codec, old, plain, context)
+                item[name] = old if same else _seal(codec, plain, context)
             items.append(item)
         out[spec.array] = items
     return out
 
 
-def open_item(codec: SecretCodec, spec: SecretField, document_id: Any,
+def open_item(codec: SecretCodec, spec: SecretItems, document_id: Any,
               item: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the stored ``item`` with ``spec.field`` opened: for the moment of use only.
+    """A copy of the stored ``item`` with its secret fields opened: for the moment of use only.
 
     Raises :class:`SecretUnavailable` (key not configured) or :class:`SecretInvalid`."""
     opened = dict(item)
-    if item.get(spec.field) is not None:
-        opened[spec.field] = codec.open(item[spec.field], spec.context(document_id, item))
+    for name in spec.fields:
+        if item.get(name) is not None:
+            opened[name] = _open(codec, item[name], spec.context(document_id, item, name))
     return opened
-
-
-def _same(codec: SecretCodec, stored: Any, plaintext: str, context: str) -> bool:
-    try:
-        return secrets.compare_digest(codec.open(stored, context).encode(), plaintext.encode())
-    except (SecretUnavailable, SecretInvalid):
-        return False
 
 
 def _b64(data: bytes) -> str:
@@ -286,21 +318,21 @@ class RotationReport:
                 + (f", {self.retried} retried after a concurrent change" if self.retried else ""))
 
 
-Progress = Callable[[SecretField, int, int], None]
+Progress = Callable[[SecretItems, int, int], None]
 
 
 async def rotate(db: AsyncDatabase[dict[str, Any]], codec: SecretCodec,
-                 fields: tuple[SecretField, ...] = SECRET_FIELDS,
+                 places: tuple[SecretItems, ...] = SECRET_ITEMS,
                  progress: Progress | None = None) -> RotationReport:
-    """Re-seal every stored secret of ``fields`` with the primary key.
+    """Re-seal every stored secret of ``places`` with the primary key.
 
     Idempotent (values already sealed with it are left alone) and resumable (each document is
     written on its own, so a run that stops part-way leaves every value readable, old or new,
     and the next run carries on). A document changed between read and write (``config apply``)
-    is read again. ``progress(field, done, total)`` is called after each document.
+    is read again. ``progress(place, done, total)`` is called after each document.
     """
     report = RotationReport()
-    for spec in fields:
+    for spec in places:
         coll = db[spec.collection]
         total = await coll.count_documents({})
         done = 0
@@ -313,26 +345,26 @@ async def rotate(db: AsyncDatabase[dict[str, Any]], codec: SecretCodec,
     return report
 
 
-async def _rotate_document(coll: Any, spec: SecretField, codec: SecretCodec,
+async def _rotate_document(coll: Any, spec: SecretItems, codec: SecretCodec,
                            doc: dict[str, Any], report: RotationReport) -> None:
     for _attempt in range(20):
         items = doc.get(spec.array) or []
         new_items, resealed, current, unreadable = [], 0, 0, []
         for item in items:
-            stored = item.get(spec.field)
-            if stored is None or codec.is_current(stored):
-                current += stored is not None
-                new_items.append(item)
-                continue
-            context = spec.context(doc["_id"], item)
-            try:
-                new_items.append({**item, spec.field: codec.seal(codec.open(stored, context),
-                                                                 context)})
-                resealed += 1
-            except (SecretUnavailable, SecretInvalid) as exc:
-                unreadable.append(f"{spec.collection} {doc['_id']} {spec.array} "
-                                  f"{item.get(spec.id_key)}: {exc}")
-                new_items.append(item)
+            new_item = dict(item)
+            for name in spec.fields:
+                stored = item.get(name)
+                if stored is None or _current(codec, stored):
+                    current += stored is not None
+                    continue
+                context = spec.context(doc["_id"], item, name)
+                try:
+                    new_item[name] = _seal(codec, _open(codec, stored, context), context)
+                    resealed += 1
+                except (SecretUnavailable, SecretInvalid) as exc:
+                    unreadable.append(f"{spec.collection} {doc['_id']} {spec.array} "
+                                      f"{item.get(spec.id_key)} {name}: {exc}")
+            new_items.append(new_item)
         if resealed:
             # Compare-and-set on the whole array: a concurrent `config apply` wins; read again.
             result = await coll.update_one({"_id": doc["_id"], spec.array: items},
@@ -361,7 +393,7 @@ async def run_rotation(settings: Settings) -> int:
     keyring = load_keyring(settings)
     bars: dict[str, Any] = {}
 
-    def progress(spec: SecretField, done: int, total: int) -> None:
+    def progress(spec: SecretItems, done: int, total: int) -> None:
         label = f"{spec.collection}.{spec.array}"
         bar = bars.get(label)
         if bar is None:

@@ -20,7 +20,7 @@ from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import object_exists, s3_client
 from callingest.secretbox import (
-    RECORDING_AUTH_TOKEN,
+    RECORDING_AUTH_CONFIGS,
     SecretCodec,
     SecretInvalid,
     SecretUnavailable,
@@ -75,7 +75,7 @@ async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_
         if str(doc.get("id")) == str(config_id):
             try:
                 return RecordingAuthConfig.from_document(
-                    open_item(keyring, RECORDING_AUTH_TOKEN, network_id, doc))
+                    open_item(keyring, RECORDING_AUTH_CONFIGS, network_id, doc))
             except SecretUnavailable as exc:
                 raise TransientError(f"recording auth config {config_id}: {exc}",
                                      "SecretKeyUnavailable") from None

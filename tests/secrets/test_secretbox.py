@@ -16,15 +16,16 @@ import pytest
 
 from callingest import config_file, secretbox
 from callingest.secretbox import (
-    RECORDING_AUTH_TOKEN,
+    RECORDING_AUTH_CONFIGS,
     Keyring,
     RotationReport,
-    SecretField,
     SecretInvalid,
+    SecretItems,
     SecretUnavailable,
     generate_key_entry,
     open_item,
     rotate,
+    seal_document,
 )
 from callingest.settings import Settings
 from tests.conftest import ROOT, settings_env, used_secret
@@ -155,7 +156,7 @@ async def test_config_apply_stores_only_sealed_tokens_and_stays_idempotent(
     for doc in docs:
         for item in doc["recording_auth_configs"]:
             assert item["token"]["kid"] == "old1"
-            opened = open_item(OLD, RECORDING_AUTH_TOKEN, doc["_id"], item)
+            opened = open_item(OLD, RECORDING_AUTH_CONFIGS, doc["_id"], item)
             assert opened["token"] == f"{token}-{doc['_id'][1:].lstrip('0') or '0'}-{item['id']}"
 
     again = cli(settings, "config", "apply", str(path), keys=keys_of(BOTH))
@@ -168,7 +169,7 @@ async def test_config_apply_stores_only_sealed_tokens_and_stays_idempotent(
     assert changed.stdout.splitlines()[0] == "updated network n001", changed.stdout
     n001 = await db.networks.find_one({"_id": "n001"})
     assert [i["token"]["kid"] for i in n001["recording_auth_configs"]] == ["old1", "new2", "old1"]
-    assert open_item(BOTH, RECORDING_AUTH_TOKEN, "n001",
+    assert open_item(BOTH, RECORDING_AUTH_CONFIGS, "n001",
                      n001["recording_auth_configs"][1])["token"] == f"{token}-changed"
 
 
@@ -192,7 +193,7 @@ async def _kids(db: Any) -> list[str]:
 
 
 async def _plaintexts(db: Any, codec: Keyring) -> list[str]:
-    return [open_item(codec, RECORDING_AUTH_TOKEN, d["_id"], i)["token"]
+    return [open_item(codec, RECORDING_AUTH_CONFIGS, d["_id"], i)["token"]
             for d in await db.networks.find().sort("_id", 1).to_list(None)
             for i in d["recording_auth_configs"]]
 
@@ -215,7 +216,7 @@ async def test_an_interrupted_rotation_leaves_every_value_readable_and_resumes(d
     before = await _plaintexts(db, OLD)
     seen: list[int] = []
 
-    def crash_after_two(spec: SecretField, done: int, total: int) -> None:
+    def crash_after_two(spec: SecretItems, done: int, total: int) -> None:
         seen.append(done)
         assert total == 6
         if done == 2:
@@ -238,7 +239,7 @@ async def test_rotate_seals_values_stored_before_encryption(db: Any) -> None:
     assert (report.resealed, report.current) == (1, 0)
     doc = await db.networks.find_one({"_id": "legacy"})
     assert "plain-legacy-token" not in json.dumps(doc, default=str)
-    assert open_item(NEW, RECORDING_AUTH_TOKEN, "legacy",
+    assert open_item(NEW, RECORDING_AUTH_CONFIGS, "legacy",
                      doc["recording_auth_configs"][0])["token"] == "plain-legacy-token"
     assert doc["recording_auth_configs"][1] == {"id": "8"}
 
@@ -258,12 +259,12 @@ async def test_rotate_does_not_overwrite_a_concurrent_config_change(
     await _configure(db, 1, "race", OLD)
     original = secretbox._rotate_document
 
-    async def apply_in_between(coll: Any, spec: SecretField, codec: Any, doc: dict[str, Any],
+    async def apply_in_between(coll: Any, spec: SecretItems, codec: Any, doc: dict[str, Any],
                                report: RotationReport) -> None:
         if not report.retried:  # `config apply` lands between the rotation's read and its write
             await coll.update_one({"_id": doc["_id"]}, {"$set": {
                 "recording_auth_configs.0.token": OLD.seal(
-                    "race-new", RECORDING_AUTH_TOKEN.context(doc["_id"], {"id": "7"}))}})
+                    "race-new", RECORDING_AUTH_CONFIGS.context(doc["_id"], {"id": "7"}, "token"))}})
         await original(coll, spec, codec, doc, report)
 
     monkeypatch.setattr(secretbox, "_rotate_document", apply_in_between)
@@ -287,4 +288,26 @@ async def test_rotate_secrets_command_reports_progress_and_counts(settings: Sett
     assert set(await _kids(db)) == {"new2"}
     broken = cli(settings, "admin", "rotate-secrets", keys=keys_of(OLD))  # new2 not configured
     assert broken.returncode == 1 and "12 unreadable" in broken.stdout
-    assert "unreadable networks n000 recording_auth_configs 7: sealed with key 'new2'" in broken.stderr
+    assert "unreadable networks n000 recording_auth_configs 7 token: sealed with key 'new2'" in broken.stderr
+
+
+@pytest.mark.mongo
+async def test_a_new_kind_of_secret_is_one_place_entry_lists_of_secrets_included(db: Any) -> None:
+    """How webhook secrets join: one SecretItems entry; apply, open and rotate handle it."""
+    webhooks = SecretItems("networks", "webhooks", ("secret", "previous_secrets"))
+    doc = {"_id": "w1", "webhooks": [{"id": "wh-1", "url": "http://127.0.0.1:9/h",
+                                      "secret": "whsec_current", "previous_secrets": ["whsec_a", "whsec_b"]},
+                                     {"id": "wh-2", "url": "http://127.0.0.1:9/g", "secret": "whsec_2",
+                                      "previous_secrets": []}]}
+    sealed = seal_document(OLD, "networks", doc, None, places=(webhooks,))
+    assert "whsec_" not in json.dumps(sealed["webhooks"])
+    await db.networks.insert_one(sealed)
+    assert seal_document(BOTH, "networks", doc, sealed, places=(webhooks,)) == sealed  # unchanged
+    report = await rotate(db, BOTH, places=(webhooks,))
+    assert (report.resealed, report.current) == (3, 1)  # the empty list counts as current
+    stored = (await db.networks.find_one({"_id": "w1"}))["webhooks"]
+    assert stored[0]["secret"]["kid"] == "new2"
+    assert {s["kid"] for s in stored[0]["previous_secrets"]} == {"new2"}
+    assert open_item(NEW, webhooks, "w1", stored[0]) == doc["webhooks"][0]
+    with pytest.raises(SecretInvalid):  # a previous secret moved to another webhook does not open
+        open_item(NEW, webhooks, "w1", {**stored[1], "previous_secrets": stored[0]["previous_secrets"]})

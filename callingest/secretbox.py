@@ -266,8 +266,8 @@ def dev_keys(run_dir: Path) -> str:
 
 
 def _dev_profile(settings: Settings) -> bool:
-    # CALLINGEST_ENV=dev (the dev profile of callingest.settings).
-    return getattr(settings, "callingest_env", None) == "dev"
+    # CALLINGEST_ENV=dev: ``Settings.dev`` of the settings' dev profile (absent before it: False).
+    return bool(getattr(settings, "dev", False))
 
 
 def _dev_run_dir() -> Path:
@@ -282,7 +282,7 @@ def load_keyring(settings: Settings) -> Keyring:
     as :func:`callingest.settings.load_settings` does.
     """
     raw = settings.secret_keys
-    if raw is None:
+    if raw is None or not raw.get_secret_value():
         if _dev_profile(settings):
             return Keyring.parse(dev_keys(_dev_run_dir()))
         _refuse("required (the data keys that seal stored credentials), e.g. "

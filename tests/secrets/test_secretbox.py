@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from callingest import config_file, secretbox
 from callingest.secretbox import (
@@ -126,6 +127,26 @@ def test_config_apply_and_rotate_without_a_key_stop_naming_the_variable(
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, args
         assert "bad setting SECRET_KEYS" in result.stderr
+
+
+class _DevProfile(Settings):
+    """Settings in the dev profile (``CALLINGEST_ENV=dev``)."""
+
+    @property
+    def dev(self) -> bool:
+        return True
+
+
+def test_the_dev_profile_without_a_key_uses_one_generated_into_the_run_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CALLINGEST_RUN_DIR", str(tmp_path))
+    ring = secretbox.load_keyring(_DevProfile(secret_keys=None))
+    path = tmp_path / "secret-keys"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert ring.primary == "dev1"
+    assert secretbox.load_keyring(_DevProfile(secret_keys=SecretStr(""))).keys == ring.keys
+    with pytest.raises(SystemExit):  # outside the dev profile, no fallback
+        secretbox.load_keyring(Settings(secret_keys=None))
 
 
 def test_generated_key_entries_parse() -> None:

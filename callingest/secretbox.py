@@ -256,12 +256,16 @@ def dev_keys(run_dir: Path) -> str:
         pass
     run_dir.mkdir(parents=True, exist_ok=True)
     entry = generate_key_entry("dev1")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it first: use theirs
-        return path.read_text().strip()
+    draft = run_dir / f".secret-keys.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(entry + "\n")
+    try:
+        os.link(draft, path)  # appears whole, or not at all if another process was first
+    except FileExistsError:
+        return path.read_text().strip()
+    finally:
+        draft.unlink()
     return entry
 
 

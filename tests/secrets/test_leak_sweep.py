@@ -62,7 +62,7 @@ from tests.normalizer.audiogen import write_wav
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")  # fetcher: the only one with keys
 AUTH = {7: ("bearer_header", None), 8: ("query_param", "access_token"),
         9: ("custom_header", "X-Api-Key")}
 ROUTE = {7: "bearer", 8: "query", 9: "header"}  # recordings under /rec/<route>-...
@@ -169,6 +169,12 @@ class Leaky:
         return call
 
 
+def _environment(pid: int) -> set[str]:
+    """The names of the environment variables process ``pid`` started with."""
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return {entry.split(b"=", 1)[0].decode() for entry in raw.split(b"\0") if entry}
+
+
 def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(ROOT / ".venv/bin/callingest"), *args],
                           env={**os.environ, **settings_env(settings)}, capture_output=True,
@@ -235,8 +241,13 @@ async def leaky(request: pytest.FixtureRequest, servers: Any,
     services = Services(settings, log_dir)
     http = aiohttp.ClientSession()
     try:
+        # Only the fetcher gets the data keys: the other services work without them.
+        services.start("fetcher")
+        services.settings = settings.model_copy(update={"secret_keys": None})
         for name in SERVICES:
-            services.start(name)
+            if name != "fetcher":
+                proc = services.start(name).proc
+                assert "SECRET_KEYS" not in _environment(proc.pid)
         yield (Leaky(settings, db, topics, services, http, base, api_token, sweep), needles,
                request.param)
     finally:
@@ -277,7 +288,7 @@ async def test_no_configured_secret_is_stored_logged_published_or_shown_in_plain
     # to `needles` (the receiver's request headers/body go into the sweep as "webhook").
 
     for cuid in [*cuids.values(), failed]:
-        shown = _cli(stack.settings, "calls", "show", cuid)
+        shown = _cli(stack.services.settings, "calls", "show", cuid)  # without the keys
         assert shown.returncode == 0, shown.stderr
         sweep.add("cli", f"calls show {cuid}", shown.stdout + shown.stderr)
     for name, svc in stack.services.running.items():

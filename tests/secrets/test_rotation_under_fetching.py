@@ -3,8 +3,9 @@
 Real validator and fetcher processes, real Kafka, MongoDB-protocol store and S3; recordings
 served on loopback by a server that answers only with each network's own token. The keys
 roll over the way docs/deployment.md says: the new key is configured first (newest first,
-old key still listed), ``callingest admin rotate-secrets`` runs while calls stream in, then
-the old key is removed from the fetcher, and calls still fetch.
+old key still listed), ``callingest admin rotate-secrets`` runs while calls stream in (and is
+held mid-way with SIGSTOP, so calls of every method provably fetch from networks sealed with
+either key at once), then the old key is removed from the fetcher, and calls still fetch.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import subprocess
-import time
+import signal
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -128,16 +127,17 @@ async def test_rotating_keys_while_fetching_with_every_auth_method_fails_nothing
     both = f"{entry(new)},{entry(old)}"  # step 1 of a rotation: new key first, old still listed
     svc = Services(settings.model_copy(update={"secret_keys": SecretStr(both)}), services_dir)
     producer = Producer(settings.kafka_bootstrap_servers, "tests")
-    submitted: list[tuple[str, float]] = []
+    submitted: list[str] = []
 
-    async def submit(i: int) -> None:
-        network, config_id = f"r{i % NETWORKS:03d}", str(7 + i % 3)
+    async def submit(i: int, network: str | None = None) -> str:
+        network, config_id = network or f"r{i % NETWORKS:03d}", str(7 + i % 3)
         doc = call_doc(network_id=network, recording_auth_config_id=config_id,
                        recording_url=f"{base}/{network}~{config_id}~{uuid.uuid4().hex}.wav")
         await db.calls.insert_one(doc)
         await producer.send(f"{settings.topic_prefix}calls.submitted", "CallSubmitted",
                             events.call_submitted(doc), key=doc["_id"])
-        submitted.append((doc["_id"], time.monotonic()))
+        submitted.append(doc["_id"])
+        return str(doc["_id"])
 
     try:
         svc.start("validator")
@@ -145,31 +145,46 @@ async def test_rotating_keys_while_fetching_with_every_auth_method_fails_nothing
         await producer.start()
         for i in range(6):  # the pipeline is warm and fetching before the rotation starts
             await submit(i)
-        rotation = asyncio.create_task(asyncio.to_thread(
-            subprocess.run, [str(ROOT / ".venv/bin/callingest"), "admin", "rotate-secrets"],
+        rotation = await asyncio.create_subprocess_exec(
+            str(ROOT / ".venv/bin/callingest"), "admin", "rotate-secrets",
             env={**os.environ, **settings_env(settings), "SECRET_KEYS": both},
-            capture_output=True, text=True, timeout=240))
-        started = time.monotonic()
-        watcher = asyncio.create_task(_watch_keys(db, rotation))
-        i = 6
-        while not rotation.done():
-            await submit(i)
-            i += 1
-            await asyncio.sleep(0.05)
-        finished = time.monotonic()
-        result = await rotation
-        assert result.returncode == 0, result.stderr
-        assert f"{NETWORKS} document(s) checked, {NETWORKS * 3} secret(s) re-encrypted" \
-            in result.stdout
-        during = [c for c, at in submitted if started <= at <= finished]
-        assert during, "no call was submitted while the rotation ran"
-        mixed = await watcher
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        output = asyncio.create_task(rotation.communicate())
+        try:
+            # Calls stream in while the rotation runs; once it has re-sealed some networks, it is
+            # held (SIGSTOP) and calls of every method go to networks sealed with either key.
+            i = 6
+            while not (kids := await _kids_by_network(db)) or "new" not in kids.values():
+                assert rotation.returncode is None, "the rotation finished before it was caught"
+                await submit(i)
+                i += 1
+            os.kill(rotation.pid, signal.SIGSTOP)
+            kids = await _kids_by_network(db)
+            held = {kid: next(n for n, k in sorted(kids.items()) if k == kid)
+                    for kid in ("new", "old")}
+            meanwhile = [await submit(m, network=held[kid]) for kid in held for m in range(3)]
+            await wait_until(lambda: _all_fetched(db, meanwhile), timeout=120,
+                             what="calls to old- and new-sealed networks fetched mid-rotation")
+            os.kill(rotation.pid, signal.SIGCONT)
+            while not output.done():
+                await submit(i)
+                i += 1
+                await asyncio.sleep(0.05)
+            stdout, stderr = await asyncio.wait_for(output, 60)
+        finally:
+            if rotation.returncode is None:
+                os.kill(rotation.pid, signal.SIGCONT)
+                rotation.kill()
+                await rotation.wait()
+        assert rotation.returncode == 0, stderr.decode()
+        assert (f"{NETWORKS} document(s) checked, {NETWORKS * 3} secret(s) re-encrypted"
+                in stdout.decode())
         for _ in range(6):
             await submit(i)
             i += 1
 
         # Step 3: the old key is retired; the fetcher restarts with the new one only.
-        await wait_until(lambda: _all_fetched(db, [c for c, _ in submitted]), timeout=120,
+        await wait_until(lambda: _all_fetched(db, submitted), timeout=120,
                          what="every call submitted around the rotation fetched")
         svc.stop("fetcher")
         svc.settings = settings.model_copy(update={"secret_keys": SecretStr(entry(new))})
@@ -177,14 +192,14 @@ async def test_rotating_keys_while_fetching_with_every_auth_method_fails_nothing
         for _ in range(6):
             await submit(i)
             i += 1
-        await wait_until(lambda: _all_fetched(db, [c for c, _ in submitted]), timeout=120,
+        await wait_until(lambda: _all_fetched(db, submitted), timeout=120,
                          what="every call fetched after the old key was retired")
     finally:
         await producer.stop()
         svc.stop_all()
         await runner.cleanup()
 
-    calls = await db.calls.find({"_id": {"$in": [c for c, _ in submitted]}}).to_list(None)
+    calls = await db.calls.find({"_id": {"$in": submitted}}).to_list(None)
     assert {c["status"] for c in calls} == {"fetched"}
     assert not [c for c in calls if c.get("failure")]
     assert recordings.refused == []  # every download presented the right token at once
@@ -192,32 +207,16 @@ async def test_rotating_keys_while_fetching_with_every_auth_method_fails_nothing
     for failure_class in ("SecretKeyUnavailable", "RecordingAuthConfigInvalid", "Transient"):
         assert failure_class not in fetcher_logs  # nor was a step retried
     assert {c["recording_auth_config_id"] for c in calls} == set(METHODS)
-    # Fetches of every method happened while the store held old- and new-sealed values at once.
-    first_new, last_old = mixed
-    assert first_new is not None and last_old is not None
-    fetched_meanwhile = {c["recording_auth_config_id"] for c in calls
-                         for h in c["history"] if h["status"] == "fetched"
-                         and first_new <= h["at"] <= last_old}
-    assert fetched_meanwhile == set(METHODS)
-    kids = {i["token"]["kid"] for d in await db.networks.find().to_list(None)
-            for i in d["recording_auth_configs"]}
-    assert kids == {"new"}
+    assert set((await _kids_by_network(db)).values()) == {"new"}
 
 
-async def _watch_keys(db: Any, rotation: asyncio.Task[Any]) -> tuple[datetime | None, datetime | None]:
-    """When the store first held a value sealed with the new key, and when it last held one
-    sealed with the old key (while the rotation ran)."""
-    first_new = last_old = None
-    while not rotation.done():
-        kids = {i["token"]["kid"] for d in await db.networks.find().to_list(None)
-                for i in d["recording_auth_configs"]}
-        now = datetime.now(UTC)
-        if "new" in kids and first_new is None:
-            first_new = now
-        if "old" in kids:
-            last_old = now
-        await asyncio.sleep(0.02)
-    return first_new, last_old
+async def _kids_by_network(db: Any) -> dict[str, str]:
+    """Network -> the key id its auth-config tokens are sealed with ("mixed" mid-document)."""
+    out = {}
+    for doc in await db.networks.find().to_list(None):
+        kids = {c["token"]["kid"] for c in doc["recording_auth_configs"]}
+        out[doc["_id"]] = kids.pop() if len(kids) == 1 else "mixed"
+    return out
 
 
 async def _all_fetched(db: Any, cuids: list[str]) -> bool:

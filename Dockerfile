@@ -40,5 +40,5 @@ RUN groupadd --system --gid 10001 callingest \
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /tmp
 USER 10001:10001
-EXPOSE 8080 8081 8082 8083 8084
+EXPOSE 8080 8081 8082 8083 8084 8085
 CMD ["callingest", "serve", "gateway"]

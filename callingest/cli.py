@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
 STAGES = ("validator", "fetcher", "normalizer")
 
 
@@ -133,6 +133,8 @@ async def _config_apply(settings: Any, path: Path) -> int:
         await client.close()
     for line in changes:
         print(line)
+    for warning in config_file.webhook_warnings(config, settings.allow_loopback_webhooks):
+        print(warning, file=sys.stderr)
     print(f"{path}: {len(changes)} change(s) applied" if changes else f"{path}: already up to date")
     return 0
 
@@ -143,7 +145,9 @@ async def _calls_show(settings: Any, cuid: str) -> int:
 
     client = mongo.open_client(settings)
     try:
-        call = await mongo.database(client, settings).calls.find_one({"_id": cuid})
+        db = mongo.database(client, settings)
+        call = await db.calls.find_one({"_id": cuid})
+        deliveries = await webhook_deliveries(db, cuid)
     finally:
         await client.close()
     if call is None:
@@ -151,8 +155,30 @@ async def _calls_show(settings: Any, cuid: str) -> int:
         return 1
     call["cuid"] = call.pop("_id")
     call.pop("content_hash", None)
+    call["webhook_deliveries"] = deliveries
     print(scrub(json.dumps(call, default=_json_default, indent=2, sort_keys=True)))
     return 0
+
+
+async def webhook_deliveries(db: Any, cuid: str) -> list[dict[str, Any]]:
+    """One entry per webhook attempt of the call (event, attempt, answer code, time), oldest first."""
+    entries = []
+    async for delivery in db.webhook_deliveries.find({"cuid": cuid}, {"body": 0}):
+        for attempt in delivery.get("attempts", []):
+            entries.append({
+                "event": delivery["type"], "event_id": delivery["event_id"],
+                "webhook_id": delivery["webhook_id"], "attempt": attempt["attempt"],
+                "status_code": attempt.get("status_code"), "outcome": attempt["outcome"],
+                "error": attempt.get("error"), "at": attempt["at"],
+            })
+        if delivery["status"] == "pending":
+            entries.append({"event": delivery["type"], "event_id": delivery["event_id"],
+                            "webhook_id": delivery["webhook_id"],
+                            "attempt": int(delivery.get("attempts_made", 0)) + 1,
+                            "status_code": None, "outcome": "scheduled", "error": None,
+                            "at": delivery["next_attempt_at"]})
+    entries.sort(key=lambda e: e["at"])
+    return entries
 
 
 def _json_default(value: Any) -> Any:

@@ -2,8 +2,8 @@
 
 The whole file is validated before anything is written, so a bad file
 changes nothing. Errors name the file, the path of the field and the problem.
-API tokens are stored as SHA-256 hashes, recording auth-config tokens sealed with the
-data key (:mod:`callingest.secretbox`); neither is stored or printed in clear.
+API tokens are stored as SHA-256 hashes, recording auth-config tokens and webhook secrets
+sealed with the data key (:mod:`callingest.secretbox`); none is stored or printed in clear.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pymongo.asynchronous.database import AsyncDatabase
 
+from callingest import webhooks
 from callingest.secretbox import SecretCodec, seal_document
 
 
@@ -61,6 +62,44 @@ class RecordingAuthConfig(_Strict):
         return self
 
 
+class Webhook(_Strict):
+    """A client's endpoint for call outcomes (Standard Webhooks)."""
+
+    id: IdStr
+    url: str = Field(min_length=1, max_length=2048)
+    secret: str = Field(min_length=1, max_length=512, repr=False)
+    previous_secrets: list[str] = Field(default_factory=list, max_length=3, repr=False)
+    """Secrets being rotated out: deliveries carry a signature for each as well."""
+    events: list[Literal["call.normalized", "call.failed", "call.retrying"]] = Field(min_length=1)
+
+    @field_validator("url")
+    @classmethod
+    def _deliverable_url(cls, value: str) -> str:
+        # Loopback is decided by the deliverer on every attempt (ALLOW_LOOPBACK_WEBHOOKS);
+        # every other refused address is refused here already.
+        return webhooks.check_webhook_url(value, allow_loopback=True)
+
+    @field_validator("secret")
+    @classmethod
+    def _standard_secret(cls, value: str) -> str:
+        webhooks.secret_key(value)
+        return value
+
+    @field_validator("previous_secrets")
+    @classmethod
+    def _standard_previous_secrets(cls, value: list[str]) -> list[str]:
+        for secret in value:
+            webhooks.secret_key(secret)
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _unique_events(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("an event is listed more than once")
+        return value
+
+
 class Campaign(_Strict):
     id_from_network: IdStr
     type: str = "ExternalOnly"
@@ -87,6 +126,7 @@ class Network(_Strict):
     custom_data_fields: list[str] = Field(default_factory=list)
     recording_auth_configs: list[RecordingAuthConfig] = Field(default_factory=list)
     advertisers: list[Advertiser] = Field(default_factory=list)
+    webhooks: list[Webhook] = Field(default_factory=list)
 
     @field_validator("timezone")
     @classmethod
@@ -105,6 +145,7 @@ class Network(_Strict):
             ("campaigns", [c.id_from_network for a in self.advertisers for c in a.campaigns]),
             ("signals", [s.lower() for s in self.signals]),
             ("custom_data_fields", [c.lower() for c in self.custom_data_fields]),
+            ("webhooks", [w.id for w in self.webhooks]),
         ):
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             if dupes:
@@ -194,6 +235,8 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
             "custom_data_fields": n.custom_data_fields,
             "recording_auth_configs": [c.model_dump() for c in n.recording_auth_configs],
             "advertisers": [a.id for a in n.advertisers],
+            "webhooks": [{"id": w.id, "url": w.url, "events": w.events, "secret": w.secret,
+                          "previous_secrets": list(w.previous_secrets)} for w in n.webhooks],
         })
         for t in n.api_tokens:
             tokens.append({"_id": hash_token(t.token), "network_id": n.id,
@@ -229,6 +272,20 @@ async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile,
                 await db[collection].replace_one({"_id": doc["_id"]}, doc)
                 changes.append(f"updated {label}")
     return changes
+
+
+def webhook_warnings(config: ConfigFile, allow_loopback: bool) -> list[str]:
+    """Webhooks the deliverer will refuse on this deployment (loopback without
+    ``ALLOW_LOOPBACK_WEBHOOKS``): stored anyway, but said out loud."""
+    warnings = []
+    for n in config.networks:
+        for w in n.webhooks:
+            try:
+                webhooks.check_webhook_url(w.url, allow_loopback=allow_loopback)
+            except ValueError as exc:
+                warnings.append(f"warning: webhook {w.id} of network {n.id}: {exc}; deliveries "
+                                "will be refused (ALLOW_LOOPBACK_WEBHOOKS is false)")
+    return warnings
 
 
 def _label(collection: str, doc: dict[str, Any]) -> str:

@@ -127,6 +127,53 @@ UNPUBLISHED_CALLS = Gauge(
     multiprocess_mode="max",
 )
 
+# Webhook deliveries queued (one per event and subscribed endpoint), by event type; "skipped"
+# counts events that could not be turned into deliveries (logged with their offset).
+WEBHOOK_EVENTS = Counter(
+    "callingest_webhook_events_total",
+    "Webhook deliveries queued, by event type",
+    ["event"],
+)
+# Webhook POST attempts, by event type and outcome (delivered, http_error, timeout,
+# connection_error, refused).
+WEBHOOK_ATTEMPTS = Counter(
+    "callingest_webhook_attempts_total",
+    "Webhook delivery attempts, by event type and outcome",
+    ["event", "outcome"],
+)
+# Webhook deliveries that ended, by event type and outcome (delivered, abandoned after the
+# retry period, cancelled because the webhook was removed).
+WEBHOOK_DELIVERIES = Counter(
+    "callingest_webhook_deliveries_total",
+    "Webhook deliveries ended, by event type and outcome",
+    ["event", "outcome"],
+)
+# From the event (call normalized, failed, retry scheduled) to the receiver's 2xx.
+WEBHOOK_DELIVERY_LAG = Histogram(
+    "callingest_webhook_delivery_lag_seconds",
+    "Time from a call event to its webhook's successful delivery",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0),
+)
+# From a delivery being due (first attempt or retry) to its attempt starting: the
+# deliverer's own backlog, independent of how receivers behave.
+WEBHOOK_DISPATCH_DELAY = Histogram(
+    "callingest_webhook_dispatch_delay_seconds",
+    "Time a due webhook delivery waited for the dispatcher",
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0),
+)
+# Deliveries not yet delivered, given up or cancelled (waiting for a retry included).
+WEBHOOK_PENDING = Gauge(
+    "callingest_webhook_pending_deliveries",
+    "Webhook deliveries pending",
+    multiprocess_mode="max",
+)
+# Age of the oldest pending delivery.
+WEBHOOK_OLDEST_PENDING = Gauge(
+    "callingest_webhook_oldest_pending_age_seconds",
+    "Age of the oldest pending webhook delivery",
+    multiprocess_mode="max",
+)
+
 
 def render_latest() -> tuple[bytes, str]:
     """The exposition text for this process, or for all workers in multiprocess mode."""

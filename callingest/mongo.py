@@ -48,3 +48,7 @@ async def ensure_indexes(db: AsyncDatabase[Document]) -> None:
         name="network_campaign",
     )
     await db.api_tokens.create_index([("network_id", ASCENDING)], name="network")
+    # The webhooks dispatcher reads due deliveries; `callingest calls show` a call's deliveries.
+    await db.webhook_deliveries.create_index(
+        [("status", ASCENDING), ("next_attempt_at", ASCENDING)], name="status_next_attempt_at")
+    await db.webhook_deliveries.create_index([("cuid", ASCENDING)], name="cuid")

@@ -12,7 +12,7 @@ newest first. The first key seals; any listed key opens. ``callingest admin rota
 (:func:`rotate`) re-seals every stored value with the first key. The dev stack, the tests
 and the benchmarks use a key generated once into ``.run/secret-keys`` (:func:`dev_keys`).
 
-Who opens: only the fetcher (and the webhook deliverer), at the moment of use, through
+Who opens: only the fetcher and the webhooks deliverer, at the moment of use, through
 :func:`open_item`. ``config apply`` and ``rotate-secrets`` seal, and open only to
 compare with / re-seal a value (never to show it).
 """
@@ -58,11 +58,11 @@ class SecretItems:
 
 
 RECORDING_AUTH_CONFIGS = SecretItems("networks", "recording_auth_configs", ("token",))
-#: Every stored secret. A new kind of secret is one more entry here, e.g.
-#: ``SecretItems("networks", "webhooks", ("secret", "previous_secrets"))``: ``config apply``
+WEBHOOKS = SecretItems("networks", "webhooks", ("secret", "previous_secrets"))
+#: Every stored secret. A new kind of secret is one more entry here: ``config apply``
 #: (:func:`seal_document`) and ``rotate-secrets`` then handle it, and its user opens it with
 #: :func:`open_item` at the moment of use.
-SECRET_ITEMS: tuple[SecretItems, ...] = (RECORDING_AUTH_CONFIGS,)
+SECRET_ITEMS: tuple[SecretItems, ...] = (RECORDING_AUTH_CONFIGS, WEBHOOKS)
 
 
 class SecretUnavailable(Exception):

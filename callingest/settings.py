@@ -60,6 +60,16 @@ class Settings(BaseSettings):
     auth_failure_threshold: int = Field(20, ge=1)
     auth_failure_window_seconds: float = Field(60.0, gt=0)
 
+    allow_loopback_webhooks: bool = False
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="a 2xx within this is a delivery")
+    webhook_retry_first_seconds: float = Field(20.0, gt=0, description="first retry (+-25 % jitter)")
+    webhook_retry_max_delay_seconds: float = Field(4 * 3600.0, gt=0)
+    webhook_retry_for_seconds: float = Field(
+        26 * 3600.0, gt=0, description="keep retrying this long after the event (>= 24 h in production)")
+    webhook_concurrency_per_endpoint: int = Field(4, ge=1)
+    webhook_max_in_flight: int = Field(64, ge=1)
+    webhook_poll_interval_seconds: float = Field(1.0, gt=0)
+
     #: Data keys sealing stored credentials, ``kid:base64key,...`` newest first (callingest.secretbox).
     secret_keys: SecretStr | None = None
 
@@ -73,6 +83,7 @@ DEFAULT_PORTS = {
     "fetcher": 8082,
     "normalizer": 8083,
     "notifier": 8084,
+    "webhooks": 8085,
 }
 
 

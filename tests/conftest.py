@@ -39,7 +39,8 @@ TEST_LOGS = devstack.RUN / "test-logs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.
 # Secrets the tests hand to the platform; tests/zz_final checks none reached a log.
 USED_SECRETS: set[str] = {
     "demo-network-token", "demo-advertiser-token", "disabled-network-token", "s3cr3t",
-    devstack.S3_SECRET_KEY, devstack.dev_secret_keys().partition(":")[2],
+    devstack.S3_SECRET_KEY, devstack.DEMO_WEBHOOK_SECRET,
+    devstack.dev_secret_keys().partition(":")[2],
 }
 #: The data keys of the dev stack (``SECRET_KEYS`` of every test's settings).
 DEV_KEYRING = Keyring.parse(devstack.dev_secret_keys())
@@ -116,6 +117,7 @@ def make_settings(ports: devstack.Ports, **overrides: Any) -> Settings:
         "s3_secret_access_key": SecretStr(devstack.S3_SECRET_KEY),
         "smtp_port": ports.smtp,
         "allow_loopback_recordings": True,
+        "allow_loopback_webhooks": True,
         "retry_delays_seconds": [1.0, 2.0],
         "fetch_connect_timeout_seconds": 2.0,
         "fetch_read_timeout_seconds": 2.0,

@@ -2,7 +2,7 @@
 
 Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
 FerretDB on SQLite (.tools/bin/ferretdb), versitygw as the S3 store
-(.tools/bin/versitygw, posix backend), an aiosmtpd sink, and the five
+(.tools/bin/versitygw, posix backend), an aiosmtpd sink, and the six
 services. Every process runs in its own session (process group) with its pid
 in ``.run/pids/<component>.pid`` and its output in ``.run/logs/<component>.log``.
 
@@ -31,11 +31,14 @@ VENV_BIN = ROOT / ".venv" / "bin"
 
 S3_ACCESS_KEY = "callingest"
 S3_SECRET_KEY = "callingest-dev-secret"  # dev-only credential of the local store
+# The demo network's webhook secret (deploy/examples/demo-config.yaml; the demo receiver
+# on :8000 verifies deliveries with it).
+DEMO_WEBHOOK_SECRET = "whsec_PIvvg3U/lvFqLDLyXUiQwgSPvwcyPr2p"
 
 SERVERS = ("kafka", "mongodb", "s3", "smtp")
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
 SERVICE_PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083,
-                 "notifier": 8084}
+                 "notifier": 8084, "webhooks": 8085}
 
 
 def _port(name: str, default: int) -> int:
@@ -52,7 +55,7 @@ class Ports:
     gateway: int = field(default_factory=lambda: _port("GATEWAY_PORT", 8080))
 
     def of(self, component: str) -> int:
-        if component in ("validator", "fetcher", "normalizer", "notifier"):
+        if component in ("validator", "fetcher", "normalizer", "notifier", "webhooks"):
             return _port(f"{component.upper()}_PORT", SERVICE_PORTS[component])
         return int(getattr(self, component))
 
@@ -76,6 +79,7 @@ def service_env(ports: Ports) -> dict[str, str]:
         "SMTP_HOST": "127.0.0.1",
         "SMTP_PORT": str(ports.smtp),
         "ALLOW_LOOPBACK_RECORDINGS": "true",
+        "ALLOW_LOOPBACK_WEBHOOKS": "true",
         "PUBLIC_BASE_URL": f"http://127.0.0.1:{ports.gateway}",
     }
 

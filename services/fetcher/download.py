@@ -1,7 +1,7 @@
 """Streaming a recording from its URL into the object store.
 
 :func:`fetch_recording` is the whole download: http(s) through the SSRF-guarded aiohttp
-session (:mod:`services.fetcher.ssrf`), ``s3://`` through aiobotocore, redirects followed by
+session (:mod:`callingest.ssrf`), ``s3://`` through aiobotocore, redirects followed by
 hand and checked hop by hop, the network's recording auth config applied, the format
 sniffed from the first bytes, and the body streamed into S3 - one PUT for a recording
 smaller than :data:`PART_SIZE`, a multipart upload (aborted on any failure) otherwise.
@@ -47,7 +47,7 @@ from callingest.audioformat import SNIFF_BYTES, sniff_format
 from callingest.errors import PermanentError, TransientError
 from callingest.logging import get_logger, register_secret
 from callingest.settings import Settings
-from services.fetcher.ssrf import AddressPolicy, AddressRefused, check_url
+from callingest.ssrf import AddressPolicy, AddressRefused, check_url
 
 log = get_logger(__name__)
 
@@ -240,7 +240,7 @@ async def fetch_recording(
 ) -> StoredRecording:
     """Download ``recording_url`` into ``s3://bucket/key``; see the module docstring.
 
-    ``http`` must be a session from :func:`services.fetcher.ssrf.guarded_session` built with
+    ``http`` must be a session from :func:`callingest.ssrf.guarded_session` built with
     the same ``address_policy`` (the connector makes the final address decision). Writes
     nothing under ``key`` unless the whole recording was read and recognized.
     """

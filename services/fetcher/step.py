@@ -28,6 +28,7 @@ from callingest.secretbox import (
     open_item,
 )
 from callingest.settings import Settings
+from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.download import (
     FetchPolicy,
     RecordingAuthConfig,
@@ -35,7 +36,6 @@ from services.fetcher.download import (
     fetch_recording,
     redact_url,
 )
-from services.fetcher.ssrf import AddressPolicy, guarded_session
 
 log = get_logger(__name__)
 

@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from callingest.callview import format_utc
 from callingest.rules import LANGUAGE_CODES
 from services.gateway.domain import Network
 from services.gateway.errors import RecordInvalid
@@ -334,57 +335,6 @@ class ErrorResponse(BaseModel):
     errors: ErrorDetail
 
 
-class SignalOut(BaseModel):
-    name: str
-    value: bool
-
-
-class CustomDatumOut(BaseModel):
-    name: str
-    value: str
-
-
-class HistoryEntry(BaseModel):
-    stage: str
-    status: str
-    at: str | None = Field(description="ISO 8601 UTC with Z")
-
-
-class RecordingOut(BaseModel):
-    sample_rate: int
-    channels: int
-    sample_format: str
-    duration_seconds: float
-
-
-class FailureOut(BaseModel):
-    model_config = ConfigDict(populate_by_name=True)
-
-    stage: str
-    failure_class: str = Field(alias="class")
-    message: str
-
-
-class CallView(BaseModel):
-    """GET /api/2022-03-01/calls/{cuid}.json."""
-
-    cuid: str
-    external_call_unique_id: str
-    status: Literal["received", "validated", "fetched", "normalized", "failed"]
-    start_time: str = Field(description="ISO 8601 UTC with Z")
-    calling_phone_number: str
-    destination_phone_number: str
-    advertiser_campaign_id_from_network: str
-    call_direction: Literal["inbound", "outbound"]
-    language_code: str
-    signals: list[SignalOut]
-    custom_data: list[CustomDatumOut]
-    recording: RecordingOut | None = None
-    failure: FailureOut | None = None
-    csm_notified_at: str | None = None
-    history: list[HistoryEntry] = Field(default_factory=list)
-
-
 # --------------------------------------------------------------------------- validation
 
 
@@ -427,11 +377,6 @@ class NormalizedCall:
         """sha256 of the canonical JSON; equal for resubmissions that differ only in form."""
         text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
-
-
-def format_utc(moment: datetime) -> str:
-    """``2016-04-11T20:00:00.000Z``."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 def _path(loc: tuple[int | str, ...]) -> str:

@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from services.gateway.models import CallCreated, CallSubmission, CallView, ErrorResponse
+from callingest.callview import CallView
+from services.gateway.models import CallCreated, CallSubmission, ErrorResponse
 
 API_VERSION = "2022-03-01"
 REF = "#/components/schemas/{model}"

@@ -7,12 +7,12 @@ renders every refusal as the spec's errors body.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from typing import Any
 
 from aiohttp import hdrs, web
 from botocore.exceptions import ClientError
 
+from callingest.callview import call_view
 from services.gateway import keys
 from services.gateway.auth import request_token
 from services.gateway.domain import Principal
@@ -24,7 +24,6 @@ from services.gateway.errors import (
     RecordInvalid,
     UnsupportedMediaType,
 )
-from services.gateway.models import CallView, format_utc
 
 API_VERSION = "2022-03-01"
 MAX_BODY_BYTES = 1024 * 1024
@@ -147,33 +146,3 @@ async def get_recording(request: web.Request) -> web.StreamResponse:
 async def openapi(request: web.Request) -> web.Response:
     """GET /api/2022-03-01/openapi.json."""
     return web.json_response(request.app[keys.OPENAPI])
-
-
-def _iso(value: Any) -> str | None:
-    return format_utc(value) if isinstance(value, datetime) else value
-
-
-def call_view(call: dict[str, Any]) -> dict[str, Any]:
-    """The call as interfaces.md lists it (no hashes, claims or secrets)."""
-    recording = call.get("recording")
-    failure = call.get("failure")
-    view = CallView.model_validate(
-        {
-            "cuid": call["_id"],
-            "external_call_unique_id": call["external_call_unique_id"],
-            "status": call.get("status", "received"),
-            "start_time": _iso(call["start_time"]),
-            "calling_phone_number": call["calling_phone_number"],
-            "destination_phone_number": call["destination_phone_number"],
-            "advertiser_campaign_id_from_network": call["advertiser_campaign_id_from_network"],
-            "call_direction": call["call_direction"],
-            "language_code": call["language_code"],
-            "signals": call.get("signals", []),
-            "custom_data": call.get("custom_data", []),
-            "recording": recording if recording and "sample_rate" in recording else None,
-            "failure": failure,
-            "csm_notified_at": _iso(call.get("csm_notified_at")),
-            "history": [{**entry, "at": _iso(entry.get("at"))} for entry in call.get("history", [])],
-        }
-    )
-    return view.model_dump(mode="json", by_alias=True)

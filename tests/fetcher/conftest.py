@@ -25,8 +25,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from callingest import s3
+from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.download import FetchPolicy
-from services.fetcher.ssrf import AddressPolicy, guarded_session
 from tests.conftest import make_settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from callingest import metrics
 from callingest.errors import PermanentError, TransientError
+from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.download import (
     PART_SIZE,
     RecordingAuthConfig,
@@ -25,7 +26,6 @@ from services.fetcher.download import (
     parse_url,
     redact_url,
 )
-from services.fetcher.ssrf import AddressPolicy, guarded_session
 from tests.fetcher.conftest import (
     LOOPBACK_OK,
     RecordingServer,

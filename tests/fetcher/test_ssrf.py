@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from yarl import URL
 
-from services.fetcher.ssrf import (
+from callingest.ssrf import (
     AddressPolicy,
     AddressRefused,
     GuardedResolver,

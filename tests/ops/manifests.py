@@ -20,8 +20,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy/k8s"
 OVERLAYS = ("dev", "prod")
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
-PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083, "notifier": 8084}
+SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
+PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083, "notifier": 8084,
+         "webhooks": 8085}
 KEDA_COMPONENT = K8S / "components/keda-lag-scaling"
 
 Resource = dict[str, Any]

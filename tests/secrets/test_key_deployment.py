@@ -9,12 +9,12 @@ import pytest
 from callingest.secretbox import Keyring
 from tests.ops.manifests import OVERLAYS, of_kind, render_overlay
 
-#: Workloads that open sealed secrets (the webhook deliverer joins the fetcher once merged).
-OPENERS = {"fetcher"}
+#: Workloads that open sealed secrets.
+OPENERS = {"fetcher", "webhooks"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_only_the_fetcher_gets_the_data_keys_from_the_secret(overlay: str) -> None:
+def test_only_the_fetcher_and_the_webhooks_deliverer_get_the_data_keys(overlay: str) -> None:
     holders = set()
     for kind in ("Deployment", "Job"):
         for name, workload in of_kind(render_overlay(overlay), kind).items():

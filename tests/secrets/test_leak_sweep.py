@@ -1,10 +1,12 @@
 """Leak sweep: configured secrets appear nowhere the platform writes, in any common encoding.
 
-On the real servers with the five services as processes: a configuration whose secrets are
-unique random strings (API token, one recording auth-config token per method, the data key)
-is applied; calls run through every auth method to ``normalized``, and one fails with an
-email to the CSM. Then every place the platform writes is searched for each secret, raw,
-base64 (standard and URL-safe, with and without padding) and URL-encoded:
+On the real servers with the six services as processes: a configuration whose secrets are
+unique random strings (API token, one recording auth-config token per method, a webhook
+secret and a previous one being rotated out, the data key) is applied; calls run through
+every auth method to ``normalized``, one fails with an email to the CSM, and their webhooks
+are delivered (signed: the receiver verifies them with each secret). Then every place the
+platform writes is searched for each secret, raw, base64 (standard and URL-safe, with and
+without padding) and URL-encoded:
 
 * a full dump of every collection of the test's MongoDB database;
 * every record (key, value, headers) of every Kafka topic with the test's prefix;
@@ -12,11 +14,11 @@ base64 (standard and URL-safe, with and without padding) and URL-encoded:
 * every file in the services' log directory and the session's in-process log;
 * the SMTP sink's mail of this run; ``/metrics`` of every service;
 * what the outside sees: the gateway's call views and error bodies, ``callingest calls
-  show`` and ``config apply`` output.
+  show`` and ``config apply`` output, the webhook requests (headers and bodies).
 
 The ``plaintext`` run stores the same configuration with encryption switched off (a codec
-that stores secrets as they are; the fetcher reads such legacy values): the same sweep must
-then find the auth-config tokens, in MongoDB - so this sweep can fail.
+that stores secrets as they are; the fetcher and the deliverer read such legacy values): the
+same sweep must then find every stored secret, in MongoDB - so this sweep can fail.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from bson import json_util
 from pydantic import SecretStr
+from standardwebhooks import Webhook
 
 from callingest import config_file, mongo, s3
 from callingest.secretbox import generate_key_entry
@@ -62,7 +65,8 @@ from tests.normalizer.audiogen import write_wav
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier")  # fetcher: the only one with keys
+SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
+OPENERS = ("fetcher", "webhooks")  # the only services given the data keys
 AUTH = {7: ("bearer_header", None), 8: ("query_param", "access_token"),
         9: ("custom_header", "X-Api-Key")}
 ROUTE = {7: "bearer", 8: "query", 9: "header"}  # recordings under /rec/<route>-...
@@ -79,6 +83,35 @@ class PlaintextCodec:
 
     def is_current(self, stored: Any) -> bool:
         return True
+
+
+def _webhook_secret() -> str:
+    return used_secret("whsec_" + base64.b64encode(os.urandom(24)).decode())
+
+
+@dataclass
+class Receiver:
+    """A loopback webhook receiver that keeps every request."""
+
+    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append((dict(request.headers), await request.read()))
+        return web.Response(status=204)
+
+    async def start(self) -> tuple[web.AppRunner, str]:
+        app = web.Application()
+        app.router.add_post("/hook", self.handle)
+        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return runner, f"http://127.0.0.1:{port}/hook"
+
+    def events(self) -> set[tuple[str, str]]:
+        return {(json.loads(body)["data"]["cuid"], json.loads(body)["type"])
+                for _, body in self.requests}
 
 
 def _secret(label: str) -> str:
@@ -130,6 +163,8 @@ class Leaky:
     recordings: str
     api_token: str
     sweep: Sweep
+    receiver: Receiver
+    hook: dict[str, Any]
 
     @property
     def gateway(self) -> str:
@@ -181,9 +216,10 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=120)
 
 
-def _config(api_token: str, tokens: dict[int, str]) -> dict[str, Any]:
+def _config(api_token: str, tokens: dict[int, str], hook: dict[str, Any]) -> dict[str, Any]:
     return {"networks": [{
         "id": "leak", "name": "Leak Sweep", "csm_email": "csm-leak@example.com",
+        "webhooks": [hook],
         "api_tokens": [{"token": api_token}],
         "recording_auth_configs": [
             {"id": cid, "method": method, "token": tokens[cid], **({"name": name} if name else {})}
@@ -208,20 +244,29 @@ async def leaky(request: pytest.FixtureRequest, servers: Any,
 
     api_token = _secret("api-token")
     tokens = {cid: _secret(method) for cid, (method, _) in AUTH.items()}
-    needles = {"api token": api_token, "data key": used_secret(key_entry.partition(":")[2]),
-               **{f"{AUTH[cid][0]} token": t for cid, t in tokens.items()}}
+    receiver = Receiver()
+    receiver_runner, receiver_url = await receiver.start()
+    hook: dict[str, Any] = {
+        "id": "wh-leak", "url": receiver_url, "events": ["call.normalized", "call.failed"],
+        "secret": _webhook_secret(), "previous_secrets": [_webhook_secret()]}
+    needles: dict[str, str] = {
+        "api token": api_token, "data key": used_secret(key_entry.partition(":")[2]),
+               **{f"{AUTH[cid][0]} token": t for cid, t in tokens.items()},
+               "webhook secret": hook["secret"], "webhook key": hook["secret"][6:],
+               "previous webhook secret": hook["previous_secrets"][0],
+               "previous webhook key": hook["previous_secrets"][0][6:]}
     log_dir = TEST_LOGS / f"leak-sweep-{request.param}-{tag}"
     log_dir.mkdir(parents=True)
     sweep = Sweep()
     if request.param == "sealed":
         path = tmp_path / "config.yaml"
-        path.write_text(json.dumps(_config(api_token, tokens)))  # JSON is YAML
+        path.write_text(json.dumps(_config(api_token, tokens, hook)))  # JSON is YAML
         applied = _cli(settings, "config", "apply", str(path))
         assert applied.returncode == 0, applied.stderr
         (log_dir / "config-apply.out").write_text(applied.stdout + applied.stderr)
     else:
         await config_file.apply(db, config_file.ConfigFile.model_validate(
-            _config(api_token, tokens)), PlaintextCodec())
+            _config(api_token, tokens, hook)), PlaintextCodec())
 
     wav = tmp_path / "call.wav"
     write_wav(wav, seconds=1.0, rate=16000)
@@ -241,19 +286,21 @@ async def leaky(request: pytest.FixtureRequest, servers: Any,
     services = Services(settings, log_dir)
     http = aiohttp.ClientSession()
     try:
-        # Only the fetcher gets the data keys: the other services work without them.
-        services.start("fetcher")
+        # Only the fetcher and the deliverer get the data keys: the others work without them.
+        for name in OPENERS:
+            services.start(name)
         services.settings = settings.model_copy(update={"secret_keys": None})
         for name in SERVICES:
-            if name != "fetcher":
+            if name not in OPENERS:
                 proc = services.start(name).proc
                 assert "SECRET_KEYS" not in _environment(proc.pid)
-        yield (Leaky(settings, db, topics, services, http, base, api_token, sweep), needles,
-               request.param)
+        yield (Leaky(settings, db, topics, services, http, base, api_token, sweep, receiver,
+                     hook), needles, request.param)
     finally:
         await http.close()
         services.stop_all()
         await runner.cleanup()
+        await receiver_runner.cleanup()
         await client.drop_database(settings.mongodb_database)
         await client.close()
         await delete_topics(settings, topics.all())
@@ -283,9 +330,14 @@ async def test_no_configured_secret_is_stored_logged_published_or_shown_in_plain
     await wait_until(lambda: mails_about(mail_dir, failed), what="the CSM's email")
     # An error body: an auth config the network does not have.
     await stack.post("bearer-x.wav", 99, expect=403)
-    # TODO(webhooks): once the webhook deliverer is merged, configure a webhook with a unique
-    # secret in _config(), run a delivery to a loopback receiver here and add that secret
-    # to `needles` (the receiver's request headers/body go into the sweep as "webhook").
+    # Their webhooks, signed with the secret and the previous one (both opened by the deliverer).
+    expected = {*((c, "call.normalized") for c in cuids.values()), (failed, "call.failed")}
+    await wait_until(lambda: expected <= stack.receiver.events(), timeout=90,
+                     what="the webhooks delivered")
+    for headers, body in stack.receiver.requests:
+        for secret in (stack.hook["secret"], *stack.hook["previous_secrets"]):
+            Webhook(secret).verify(body, headers)
+        sweep.add("webhook", headers["webhook-id"], json.dumps(headers).encode() + body)
 
     for cuid in [*cuids.values(), failed]:
         shown = _cli(stack.services.settings, "calls", "show", cuid)  # without the keys
@@ -296,16 +348,20 @@ async def test_no_configured_secret_is_stored_logged_published_or_shown_in_plain
             sweep.add("metrics", name, await resp.read())
     await asyncio.sleep(1.0)  # let the last log lines and events land
     await _sweep_stores(stack, sweep, mail_dir, started)
-    assert {"mongodb", "kafka", "s3", "log", "mail", "metrics", "http", "cli"} <= sweep.sources()
+    assert {"mongodb", "kafka", "s3", "log", "mail", "metrics", "http", "cli",
+            "webhook"} <= sweep.sources()
 
     hits = sweep.hits(needles)
     if codec == "sealed":
         assert hits == []
         network = await stack.db.networks.find_one({"_id": "leak"})
-        assert {c["token"]["kid"] for c in network["recording_auth_configs"]} == {"leak"}
-    else:  # encryption off: the sweep finds every auth-config token, and only in the store
-        assert {h for h in hits if h.startswith("mongodb networks")} == {
-            f"mongodb networks: {method} token (raw)" for method, _ in AUTH.values()}
+        (hook,) = network["webhooks"]
+        assert {c["token"]["kid"] for c in network["recording_auth_configs"]} \
+            | {hook["secret"]["kid"]} | {s["kid"] for s in hook["previous_secrets"]} == {"leak"}
+    else:  # encryption off: the sweep finds every stored secret, and only in the store
+        stored = {label for label in needles if label not in ("api token", "data key")}
+        assert {h for h in hits if h.endswith("(raw)")} == {
+            f"mongodb networks: {label} (raw)" for label in stored}
         assert all(h.startswith("mongodb networks") for h in hits), hits
 
 

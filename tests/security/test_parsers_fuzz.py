@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from callingest import avro, events
 from callingest.audioformat import FORMATS, sniff_format
+from callingest.ssrf import AddressPolicy, AddressRefused, parse_ip_host
 from services.fetcher.download import _retry_after, redact_url
-from services.fetcher.ssrf import AddressPolicy, AddressRefused, parse_ip_host
 from services.gateway.auth import request_token
 from services.gateway.domain import Network
 from services.gateway.errors import RecordInvalid

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.last
 def _logs() -> list[Path]:
     paths = [p for p in TEST_LOGS.rglob("*.log")]
     paths += [p for p in (devstack.RUN / "logs").glob("*.log")
-              if p.stem in ("gateway", "validator", "fetcher", "normalizer", "notifier")]
+              if p.stem in devstack.SERVICES]
     return paths
 
 

@@ -1,7 +1,9 @@
-"""SSRF guard for recording downloads (OWASP API7: Server Side Request Forgery).
+"""SSRF guard for customer-given URLs (OWASP API7: Server Side Request Forgery).
 
-A recording URL comes from a customer, so the fetcher must never be turned into a proxy
-towards the platform's own network. The guard works at three levels:
+Recording URLs (the fetcher) and webhook URLs (the webhooks deliverer) come from customers,
+so neither service may be turned into a proxy towards the platform's own network; both
+use this one guard, with loopback allowed only where the dev stack enables it. The guard
+works at three levels:
 
 * :func:`check_url` - before every request, including every redirect hop: only ``http``
   and ``https``, a host is required, and a host written as an IP address (in any
@@ -16,9 +18,9 @@ towards the platform's own network. The guard works at three levels:
   "check" and "connect" cannot swap the address.
 
 :class:`AddressPolicy` is the decision: loopback (127.0.0.0/8, ``::1``) only when the
-dev stack enables it (``allow_loopback_recordings``); private, shared (carrier-grade
-NAT), link-local, multicast, reserved, unspecified, documentation and cloud metadata
-addresses always refused, in IPv4 and IPv6, including IPv4 embedded in IPv6
+dev stack enables it (``allow_loopback_recordings``, ``allow_loopback_webhooks``);
+private, shared (carrier-grade NAT), link-local, multicast, reserved, unspecified,
+documentation and cloud metadata addresses always refused, in IPv4 and IPv6, including IPv4 embedded in IPv6
 (IPv4-mapped, IPv4-translated, NAT64 ``64:ff9b::/96``, 6to4 ``2002::/16``). Teredo and
 the deprecated IPv4-compatible and site-local ranges are refused outright.
 

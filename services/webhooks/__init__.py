@@ -1,0 +1,1 @@
+"""The webhooks deliverer: call outcomes POSTed to the clients ' own endpoints."""

@@ -1,0 +1,63 @@
+"""``callingest serve webhooks``: the intake (Kafka -> deliveries) and the dispatcher (HTTP).
+
+One process runs both; they share only MongoDB and a wake-up signal, so a slow receiver
+never holds up the consumer and a consumer rebalance never holds up deliveries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from pymongo.errors import PyMongoError
+
+from callingest import mongo
+from callingest.logging import configure, get_logger
+from callingest.secretbox import load_keyring
+from callingest.service import install_stop_handlers, ops_server, prepare_infrastructure
+from callingest.settings import Settings
+from services.webhooks.dispatch import Dispatcher
+from services.webhooks.intake import Intake
+
+log = get_logger(__name__)
+
+
+async def serve(settings: Settings) -> None:
+    load_keyring(settings)  # a missing SECRET_KEYS stops the service before it starts anything
+    configure("webhooks", settings.log_level)
+    await prepare_infrastructure(settings)
+    client = mongo.open_client(settings)
+    db = mongo.database(client, settings)
+    wake = asyncio.Event()
+    intake = Intake(settings, db, wake)
+    dispatcher = Dispatcher(settings, db, wake)
+    stop_requested = asyncio.Event()
+    install_stop_handlers(stop_requested.set)
+
+    async def ready() -> dict[str, bool]:
+        mongo_ok = True
+        try:
+            await asyncio.wait_for(client.admin.command("ping"), 2.0)
+        except (TimeoutError, PyMongoError):
+            mongo_ok = False
+        return {"kafka_consumer": intake.ready, "mongodb": mongo_ok}
+
+    try:
+        async with ops_server("webhooks", settings, ready):
+            tasks = {asyncio.create_task(intake.run()), asyncio.create_task(dispatcher.run())}
+            stop_task = asyncio.create_task(stop_requested.wait())
+            await asyncio.wait({*tasks, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            intake.stop()
+            dispatcher.stop()
+            stop_task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)
+                      and not isinstance(r, asyncio.CancelledError)]
+            if failed:
+                log.error("webhooks component stopped with an error",
+                          extra={"error": type(failed[0]).__name__})
+                raise failed[0]
+            log.info("stopped cleanly", extra={"service": "webhooks"})
+    finally:
+        with contextlib.suppress(Exception):
+            await client.close()

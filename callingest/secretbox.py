@@ -322,7 +322,7 @@ class RotationReport:
                 + (f", {self.retried} retried after a concurrent change" if self.retried else ""))
 
 
-Progress = Callable[[SecretItems, int, int], None]
+Progress = Callable[[str, int, int], None]
 
 
 async def rotate(db: AsyncDatabase[dict[str, Any]], codec: SecretCodec,
@@ -333,49 +333,58 @@ async def rotate(db: AsyncDatabase[dict[str, Any]], codec: SecretCodec,
     Idempotent (values already sealed with it are left alone) and resumable (each document is
     written on its own, so a run that stops part-way leaves every value readable, old or new,
     and the next run carries on). A document changed between read and write (``config apply``)
-    is read again. ``progress(place, done, total)`` is called after each document.
+    is read again. ``progress(collection, done, total)`` is called after each document.
     """
     report = RotationReport()
-    for spec in places:
-        coll = db[spec.collection]
+    for collection in dict.fromkeys(p.collection for p in places):
+        specs = [p for p in places if p.collection == collection]
+        coll = db[collection]
+        projection = {spec.array: 1 for spec in specs}
         total = await coll.count_documents({})
         done = 0
-        async for doc in coll.find({}, {spec.array: 1}).sort("_id", 1):
+        async for doc in coll.find({}, projection).sort("_id", 1):
             report.documents += 1
-            await _rotate_document(coll, spec, codec, doc, report)
+            await _rotate_document(coll, specs, codec, doc, projection, report)
             done += 1
             if progress is not None:
-                progress(spec, done, max(total, done))
+                progress(collection, done, max(total, done))
     return report
 
 
-async def _rotate_document(coll: Any, spec: SecretItems, codec: SecretCodec,
-                           doc: dict[str, Any], report: RotationReport) -> None:
+async def _rotate_document(coll: Any, specs: list[SecretItems], codec: SecretCodec,
+                           doc: dict[str, Any], projection: dict[str, int],
+                           report: RotationReport) -> None:
     for _attempt in range(20):
-        items = doc.get(spec.array) or []
-        new_items, resealed, current, unreadable = [], 0, 0, []
-        for item in items:
-            new_item = dict(item)
-            for name in spec.fields:
-                stored = item.get(name)
-                if stored is None or _current(codec, stored):
-                    current += stored is not None
-                    continue
-                context = spec.context(doc["_id"], item, name)
-                try:
-                    new_item[name] = _seal(codec, _open(codec, stored, context), context)
-                    resealed += 1
-                except (SecretUnavailable, SecretInvalid) as exc:
-                    unreadable.append(f"{spec.collection} {doc['_id']} {spec.array} "
-                                      f"{item.get(spec.id_key)} {name}: {exc}")
-            new_items.append(new_item)
-        if resealed:
-            # Compare-and-set on the whole array: a concurrent `config apply` wins; read again.
-            result = await coll.update_one({"_id": doc["_id"], spec.array: items},
-                                           {"$set": {spec.array: new_items}})
+        changed: dict[str, list[dict[str, Any]]] = {}
+        resealed, current, unreadable = 0, 0, []
+        for spec in specs:
+            new_items, before = [], resealed
+            for item in doc.get(spec.array) or []:
+                new_item = dict(item)
+                for name in spec.fields:
+                    stored = item.get(name)
+                    if stored is None or _current(codec, stored):
+                        current += stored is not None
+                        continue
+                    context = spec.context(doc["_id"], item, name)
+                    try:
+                        new_item[name] = _seal(codec, _open(codec, stored, context), context)
+                        resealed += 1
+                    except (SecretUnavailable, SecretInvalid) as exc:
+                        unreadable.append(f"{spec.collection} {doc['_id']} {spec.array} "
+                                          f"{item.get(spec.id_key)} {name}: {exc}")
+                new_items.append(new_item)
+            if resealed > before:
+                changed[spec.array] = new_items
+        if changed:
+            # Compare-and-set on the arrays it rewrites: a concurrent `config apply` wins, and
+            # the document is read again.
+            result = await coll.update_one(
+                {"_id": doc["_id"], **{array: doc[array] for array in changed}},
+                {"$set": changed})
             if result.matched_count != 1:
                 report.retried += 1
-                fresh = await coll.find_one({"_id": doc["_id"]}, {spec.array: 1})
+                fresh = await coll.find_one({"_id": doc["_id"]}, projection)
                 if fresh is None:
                     return
                 doc = fresh
@@ -384,7 +393,7 @@ async def _rotate_document(coll: Any, spec: SecretItems, codec: SecretCodec,
         report.current += current
         report.unreadable += unreadable
         return
-    report.unreadable.append(f"{spec.collection} {doc['_id']}: kept changing; run again")
+    report.unreadable.append(f"{coll.name} {doc['_id']}: kept changing; run again")
 
 
 async def run_rotation(settings: Settings) -> int:
@@ -397,12 +406,11 @@ async def run_rotation(settings: Settings) -> int:
     keyring = load_keyring(settings)
     bars: dict[str, Any] = {}
 
-    def progress(spec: SecretItems, done: int, total: int) -> None:
-        label = f"{spec.collection}.{spec.array}"
-        bar = bars.get(label)
+    def progress(collection: str, done: int, total: int) -> None:
+        bar = bars.get(collection)
         if bar is None:
-            bar = bars[label] = tqdm(total=total, desc=f"re-encrypting {label}", unit="doc",
-                                     file=sys.stderr)
+            bar = bars[collection] = tqdm(total=total, desc=f"re-encrypting {collection}",
+                                          unit="doc", file=sys.stderr)
         bar.total = total
         bar.update(done - bar.n)
 

@@ -105,7 +105,7 @@ def test_url_safe_base64_keys_are_accepted() -> None:
     assert ring.keys["u1"] == key
 
 
-@pytest.mark.parametrize("service", ["fetcher"])
+@pytest.mark.parametrize("service", ["fetcher", "webhooks"])
 def test_fetcher_without_a_key_stops_naming_the_variable(settings: Settings, service: str) -> None:
     env = {k: v for k, v in {**os.environ, **settings_env(settings)}.items() if k != "SECRET_KEYS"}
     # No server is needed: the check comes before any connection (the Kafka address is unused).
@@ -237,7 +237,7 @@ async def test_an_interrupted_rotation_leaves_every_value_readable_and_resumes(d
     before = await _plaintexts(db, OLD)
     seen: list[int] = []
 
-    def crash_after_two(spec: SecretItems, done: int, total: int) -> None:
+    def crash_after_two(collection: str, done: int, total: int) -> None:
         seen.append(done)
         assert total == 6
         if done == 2:
@@ -280,13 +280,14 @@ async def test_rotate_does_not_overwrite_a_concurrent_config_change(
     await _configure(db, 1, "race", OLD)
     original = secretbox._rotate_document
 
-    async def apply_in_between(coll: Any, spec: SecretItems, codec: Any, doc: dict[str, Any],
+    async def apply_in_between(coll: Any, specs: list[SecretItems], codec: Any,
+                               doc: dict[str, Any], projection: dict[str, int],
                                report: RotationReport) -> None:
         if not report.retried:  # `config apply` lands between the rotation's read and its write
             await coll.update_one({"_id": doc["_id"]}, {"$set": {
                 "recording_auth_configs.0.token": OLD.seal(
                     "race-new", RECORDING_AUTH_CONFIGS.context(doc["_id"], {"id": "7"}, "token"))}})
-        await original(coll, spec, codec, doc, report)
+        await original(coll, specs, codec, doc, projection, report)
 
     monkeypatch.setattr(secretbox, "_rotate_document", apply_in_between)
     report = await rotate(db, BOTH)
@@ -300,7 +301,7 @@ async def test_rotate_secrets_command_reports_progress_and_counts(settings: Sett
     await _configure(db, 4, "cmd", OLD)
     first = cli(settings, "admin", "rotate-secrets", keys=keys_of(BOTH))
     assert first.returncode == 0, first.stderr
-    assert "re-encrypting networks.recording_auth_configs" in first.stderr
+    assert "re-encrypting networks" in first.stderr
     assert "4/4" in first.stderr
     assert ("rotate-secrets (newest key new2): 4 document(s) checked, 12 secret(s) re-encrypted, "
             "0 already current, 0 unreadable") in first.stdout

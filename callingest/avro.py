@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +89,3 @@ def decode(data: bytes | None) -> tuple[str, dict[str, Any]]:
         raise UndecodableMessage(f"corrupt {writer.event} body: {type(exc).__name__}") from None
     return writer.event, record  # type: ignore[return-value]
 
-
-def fingerprint_struct(fp: bytes) -> int:
-    """The fingerprint as the unsigned 64-bit integer the Avro spec defines."""
-    return int(struct.unpack("<Q", fp)[0])

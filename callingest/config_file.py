@@ -4,13 +4,18 @@ The whole file is validated before anything is written, so a bad file
 changes nothing. Errors name the file, the path of the field and the problem.
 API tokens are stored as SHA-256 hashes, recording auth-config tokens and webhook secrets
 sealed with the data key (:mod:`callingest.secretbox`); none is stored or printed in clear.
+
+The same models are the read model of the stored configuration: every service reads a
+network with :func:`load_network` (a :class:`NetworkSettings`) and a campaign with
+:func:`load_campaign` (a :class:`StoredCampaign`, by ``_id``); the rules a call must
+satisfy are in :mod:`callingest.rules`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -26,7 +31,12 @@ from pydantic import (
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import webhooks
-from callingest.secretbox import SecretCodec, seal_document
+from callingest.secretbox import SecretCodec, seal_document, without_secrets
+
+#: The language codes the platform transcribes (the spec's list).
+LanguageCode = Literal["en-US", "en-GB", "es-ES", "fr-FR"]
+LANGUAGE_CODES: tuple[str, ...] = get_args(LanguageCode)
+DEFAULT_LANGUAGE_CODE: LanguageCode = "en-US"
 
 
 def _to_str(value: Any) -> Any:
@@ -106,6 +116,24 @@ class Campaign(_Strict):
     signal_ai_enabled: bool = False
     voice_signals: int = Field(0, ge=0)
 
+    @property
+    def transcription_enabled(self) -> bool:
+        """Transcription runs when Signal AI is on or at least one voice signal is configured."""
+        return self.signal_ai_enabled or self.voice_signals > 0
+
+
+class StoredCampaign(Campaign):
+    """A ``campaigns`` document: a campaign with the network and advertiser it belongs to."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    network_id: IdStr
+    advertiser_id: IdStr
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> StoredCampaign:
+        return cls.model_validate(doc)
+
 
 class Advertiser(_Strict):
     id: IdStr
@@ -113,20 +141,23 @@ class Advertiser(_Strict):
     campaigns: list[Campaign] = Field(default_factory=list)
 
 
-class Network(_Strict):
+class NetworkSettings(_Strict):
+    """A network's configuration as its ``networks`` document stores it (the read model).
+
+    Signal and custom data names are matched case-insensitively (``casefold``) by
+    :meth:`signal` and :meth:`custom_data_field`, which give the configured spelling.
+    """
+
     id: IdStr
-    name: str
+    name: str | None = None
     timezone: str = "America/Los_Angeles"
-    default_language_code: Literal["en-US", "en-GB", "es-ES", "fr-FR"] = "en-US"
+    default_language_code: LanguageCode = DEFAULT_LANGUAGE_CODE
     multi_language_enabled: bool = False
     call_ingestion_enabled: bool = True
     csm_email: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+$")
-    api_tokens: list[ApiToken] = Field(default_factory=list)
     signals: list[str] = Field(default_factory=list)
     custom_data_fields: list[str] = Field(default_factory=list)
     recording_auth_configs: list[RecordingAuthConfig] = Field(default_factory=list)
-    advertisers: list[Advertiser] = Field(default_factory=list)
-    webhooks: list[Webhook] = Field(default_factory=list)
 
     @field_validator("timezone")
     @classmethod
@@ -138,18 +169,69 @@ class Network(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _unique_ids(self) -> Network:
+    def _unique_names(self) -> NetworkSettings:
         for label, ids in (
             ("recording_auth_configs", [c.id for c in self.recording_auth_configs]),
+            ("signals", [s.casefold() for s in self.signals]),
+            ("custom_data_fields", [c.casefold() for c in self.custom_data_fields]),
+        ):
+            _refuse_duplicates(label, ids)
+        return self
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> NetworkSettings:
+        """The network of a ``networks`` document; fields it does not store take their
+        defaults, except call ingestion, which is off unless the document enables it."""
+        doc = without_secrets("networks", doc)  # the read model never holds a secret
+        fields = {k: v for k, v in doc.items() if k in cls.model_fields and k != "id"}
+        fields["id"] = doc["_id"]
+        fields.setdefault("call_ingestion_enabled", False)
+        return cls.model_validate(fields)
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def signal(self, name: str) -> str | None:
+        """The configured spelling of signal ``name``, or None."""
+        return _configured(self.signals, name)
+
+    def custom_data_field(self, name: str) -> str | None:
+        """The configured spelling of custom data field ``name``, or None."""
+        return _configured(self.custom_data_fields, name)
+
+    def recording_auth_config(self, config_id: str) -> RecordingAuthConfig | None:
+        """The recording auth config ``config_id``, or None."""
+        return next((c for c in self.recording_auth_configs if c.id == config_id), None)
+
+
+def _configured(names: list[str], name: str) -> str | None:
+    folded = name.strip().casefold()
+    return next((n for n in names if n.casefold() == folded), None)
+
+
+def _refuse_duplicates(label: str, ids: list[str]) -> None:
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"duplicate {label}: {', '.join(dupes)}")
+
+
+class Network(NetworkSettings):
+    """A network of the configuration file: its settings, API tokens and advertisers."""
+
+    name: str
+    api_tokens: list[ApiToken] = Field(default_factory=list)
+    advertisers: list[Advertiser] = Field(default_factory=list)
+    webhooks: list[Webhook] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> Network:
+        for label, ids in (
             ("advertisers", [a.id for a in self.advertisers]),
             ("campaigns", [c.id_from_network for a in self.advertisers for c in a.campaigns]),
-            ("signals", [s.lower() for s in self.signals]),
-            ("custom_data_fields", [c.lower() for c in self.custom_data_fields]),
             ("webhooks", [w.id for w in self.webhooks]),
         ):
-            dupes = sorted({i for i in ids if ids.count(i) > 1})
-            if dupes:
-                raise ValueError(f"duplicate {label}: {', '.join(dupes)}")
+            _refuse_duplicates(label, ids)
         known = {a.id for a in self.advertisers}
         for i, token in enumerate(self.api_tokens):
             unknown = sorted(set(token.advertisers or []) - known)
@@ -180,6 +262,24 @@ class ConfigError(Exception):
 def hash_token(token: str) -> str:
     """How API tokens are stored and looked up: SHA-256, hex."""
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def campaign_id(network_id: str, id_from_network: str) -> str:
+    """The ``_id`` of a campaign's document."""
+    return f"{network_id}:{id_from_network}"
+
+
+async def load_network(db: AsyncDatabase[dict[str, Any]], network_id: str) -> NetworkSettings | None:
+    """The configuration of network ``network_id``, or None if it is not configured."""
+    doc = await db.networks.find_one({"_id": network_id})
+    return NetworkSettings.from_document(doc) if doc is not None else None
+
+
+async def load_campaign(db: AsyncDatabase[dict[str, Any]], network_id: str,
+                        id_from_network: str) -> StoredCampaign | None:
+    """The network's campaign ``id_from_network``, or None if it is not configured."""
+    doc = await db.campaigns.find_one({"_id": campaign_id(network_id, id_from_network)})
+    return StoredCampaign.from_document(doc) if doc is not None else None
 
 
 def load(path: Path) -> ConfigFile:
@@ -244,7 +344,7 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
         for a in n.advertisers:
             for c in a.campaigns:
                 campaigns.append({
-                    "_id": f"{n.id}:{c.id_from_network}",
+                    "_id": campaign_id(n.id, c.id_from_network),
                     "network_id": n.id,
                     "advertiser_id": a.id,
                     "id_from_network": c.id_from_network,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Collection, Sequence
 from datetime import datetime
@@ -14,6 +15,9 @@ from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProduce
 from aiokafka.partitioner import DefaultPartitioner
 
 from callingest import avro, metrics
+from callingest.logging import get_logger
+
+log = get_logger(__name__)
 
 EVENT_NAMESPACE = uuid.UUID("6f1c8e0a-6a43-4d7e-9b0e-2f7a3c1d5e01")
 
@@ -43,9 +47,16 @@ def _retrieve(fut: asyncio.Future[Any]) -> None:
 
 
 class Producer:
-    """Publishes events and returns only once Kafka acknowledged them (acks=all)."""
+    """Publishes events and returns only once Kafka acknowledged them (acks=all).
 
-    def __init__(self, bootstrap_servers: str, service: str, request_timeout_ms: int = 10000) -> None:
+    :meth:`start` connects at once (a service that cannot work without Kafka);
+    :meth:`ensure_started` starts it on first use instead and again after a failed start or
+    a dead sender, at most once per ``restart_interval`` seconds (the gateway, which must
+    come up and answer 503 while Kafka is down).
+    """
+
+    def __init__(self, bootstrap_servers: str, service: str, request_timeout_ms: int = 10000,
+                 restart_interval: float = 1.0) -> None:
         self.service = service
         self._options = {
             "bootstrap_servers": bootstrap_servers,
@@ -62,6 +73,36 @@ class Producer:
         self._started = False
         self._restart_lock = asyncio.Lock()
         self._broken = False
+        self._restart_interval = restart_interval
+        self._start_timeout = request_timeout_ms / 1000
+        self._last_start = -restart_interval
+
+    async def ensure_started(self) -> None:
+        """Make sure the producer runs; raises :class:`PublishError` if Kafka cannot be
+        reached within the request timeout (or a start was tried less than
+        ``restart_interval`` seconds ago)."""
+        if self.started:
+            return
+        async with self._restart_lock:
+            if self.started:
+                return
+            if time.monotonic() - self._last_start < self._restart_interval:
+                raise PublishError("Kafka is unavailable")
+            self._last_start = time.monotonic()
+            old, self._producer = self._producer, AIOKafkaProducer(**self._options)
+            if self._started:  # its sender died (e.g. after a broker restart)
+                self._started = False
+                with contextlib.suppress(Exception):
+                    await old.stop()
+            try:
+                await asyncio.wait_for(self._producer.start(), self._start_timeout)
+            except Exception as exc:  # aiokafka raises several types on bootstrap failure
+                with contextlib.suppress(Exception):
+                    await self._producer.stop()
+                log.warning("Kafka producer cannot start", extra={"error": type(exc).__name__})
+                raise PublishError(f"Kafka producer cannot start: {type(exc).__name__}") from None
+            self._started = True
+            self._broken = False
 
     async def start(self) -> None:
         await self._producer.start()

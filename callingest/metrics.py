@@ -41,13 +41,15 @@ HTTP_REQUEST_DURATION = Histogram(
     ["service", "method", "route"],
     buckets=_HTTP_BUCKETS,
 )
-# Calls accepted by the gateway, by result (created, duplicate, conflict, rejected).
+# Call submissions answered by the gateway, by result (created, duplicate, conflict,
+# unavailable: Kafka did not acknowledge and the answer was 503).
 CALLS_SUBMITTED = Counter(
     "callingest_calls_submitted_total",
     "Call submissions answered by the gateway, by result",
     ["result"],
 )
-# Events consumed from Kafka, by topic and outcome (ok, retry, failed, dead_letter, skipped).
+# Events consumed from Kafka, by topic and outcome (ok, retry, failed, dead_letter, skipped,
+# duplicate).
 EVENTS_CONSUMED = Counter(
     "callingest_events_consumed_total",
     "Events consumed, by topic and outcome",
@@ -114,7 +116,8 @@ CALLS_TERMINAL = Counter(
     "Calls that reached a terminal status",
     ["status"],
 )
-# Notification emails sent (outcome sent, duplicate, error).
+# Failure notifications, by outcome (sent, duplicate, error, no_recipient: the network has
+# no csm_email).
 NOTIFICATIONS = Counter(
     "callingest_notifications_total",
     "Failure notifications, by outcome",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest.settings import Settings
@@ -42,6 +42,14 @@ async def ensure_indexes(db: AsyncDatabase[Document]) -> None:
     await db.calls.create_index([("status", ASCENDING)], name="status")
     # The gateway's republisher reads the calls created since its last scan.
     await db.calls.create_index([("created_at", ASCENDING)], name="created_at")
+    # GET calls.json (services/gateway/listing.py): newest first within a network, by
+    # received time then _id; one index per kind of filter (docs/architecture.md).
+    order = [("created_at", DESCENDING), ("_id", DESCENDING)]
+    await db.calls.create_index([("network_id", ASCENDING), *order], name="list_network")
+    await db.calls.create_index([("network_id", ASCENDING), ("status", ASCENDING), *order],
+                                name="list_network_status")
+    await db.calls.create_index([("network_id", ASCENDING), ("advertiser_id", ASCENDING), *order],
+                                name="list_network_advertiser")
     await db.campaigns.create_index(
         [("network_id", ASCENDING), ("id_from_network", ASCENDING)],
         unique=True,

@@ -142,7 +142,6 @@ class StageRunner:
         self._committed: dict[TopicPartition, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._key_tails: dict[bytes, asyncio.Task[None]] = {}
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._paused_until: dict[TopicPartition, float] = {}
         self._consecutive_dead_letters = 0
         self.ready = False
@@ -159,7 +158,7 @@ class StageRunner:
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-                await runner._drain(set(revoked), runner.settings.shutdown_grace_seconds)
+                await runner._drain(runner.settings.shutdown_grace_seconds)
                 await runner._commit()
                 for tp in revoked:
                     runner._trackers.pop(tp, None)
@@ -191,7 +190,7 @@ class StageRunner:
             lag_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await lag_task
-            await self._drain(None, self.settings.shutdown_grace_seconds)
+            await self._drain(self.settings.shutdown_grace_seconds)
             with contextlib.suppress(Exception):
                 await self._commit()
             await consumer.stop()
@@ -469,8 +468,8 @@ class StageRunner:
             return
         self._committed.update(offsets)
 
-    async def _drain(self, partitions: set[TopicPartition] | None, grace: float) -> None:
-        """Wait up to ``grace`` seconds for in-flight work (of ``partitions``), then cancel it."""
+    async def _drain(self, grace: float) -> None:
+        """Wait up to ``grace`` seconds for all in-flight work, then cancel it."""
         tasks = set(self._tasks)
         if not tasks:
             return

@@ -1,25 +1,33 @@
-"""``callingest replay``: send failed calls back to the stage that failed.
+"""Processing failed calls again: ``callingest replay``, the gateway's
+``POST calls/{cuid}/retry.json`` and correction by resubmission share
+:func:`restart_failed_call`.
 
-For each matching call: its attempt is incremented and its status set back to
-the one before the failed stage (so the status endpoint shows it moving
-again), then that stage's input event is published with the new attempt.
-Events of earlier attempts still in flight are ignored by the stages, so a
-replayed call reaches exactly one terminal state.
+For each call: its attempt is incremented (claimed with one conditional
+update, so concurrent restarts of one call make one new attempt) and its
+status set back to the one before the stage it resumes from (so the status
+endpoint shows it moving again), then that stage's input event is published
+with the new attempt. Events of earlier attempts still in flight are ignored
+by the stages, so a restarted call reaches exactly one terminal state.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pymongo.errors import DuplicateKeyError
 from tqdm import tqdm
 
 from callingest import events, mongo
 from callingest.kafka import Producer, PublishError
 from callingest.settings import Settings
 from callingest.topics import Topics
+
+# {_id: "<cuid>:<attempt>", cuid, attempt, stage, source, at, published}: who started an attempt
+RESTART_CLAIMS = "call_restarts"
 
 
 @dataclass
@@ -85,41 +93,134 @@ async def replay_calls(settings: Settings, flt: ReplayFilter, dry_run: bool = Fa
 async def _replay_one(db: Any, producer: Producer, topics: Topics, call: dict[str, Any],
                       summary: ReplaySummary) -> None:
     cuid = call["_id"]
-    stage = call.get("failure", {}).get("stage")
-    if stage not in events.STAGE_INPUT:
-        summary.skipped.append(f"{cuid}: failed in unknown stage {stage!r}")
-        return
-    attempt = int(call.get("attempt", 1))
-    new_attempt = attempt + 1
+
+    async def send(stage: str, event_name: str, record: dict[str, Any]) -> None:
+        await producer.send(events.input_topic(topics, stage), event_name, record, key=cuid)
+
     try:
-        _suffix, event_name, record = events.stage_input(call, stage, new_attempt)
-    except ValueError as exc:
+        restarted = await restart_failed_call(db.calls, call, send, source="replay")
+    except NotRestartable as exc:
         summary.skipped.append(f"{cuid}: {exc}")
         return
-    at = datetime.now(UTC)
-    claimed = await db.calls.find_one_and_update(
-        {"_id": cuid, "status": "failed", "attempt": {"$in": [attempt, None]} if attempt == 1
-         else attempt},
-        {"$set": {"status": events.STATUS_BEFORE[stage], "attempt": new_attempt,
-                  "last_failure": call.get("failure")},
-         "$unset": {"failure": "", "csm_notified_at": ""},
-         "$push": {"history": {"stage": "replay", "status": events.STATUS_BEFORE[stage],
-                               "at": at}}},
-    )
-    if claimed is None:
-        summary.skipped.append(f"{cuid}: changed while replaying; not replayed")
-        return
-    try:
-        await producer.send(events.input_topic(topics, stage), event_name, record, key=cuid)
     except PublishError as exc:
-        await db.calls.update_one(
-            {"_id": cuid, "attempt": new_attempt},
-            {"$set": {"status": "failed", "attempt": attempt, "failure": call.get("failure")},
-             "$pull": {"history": {"stage": "replay", "at": at}}},
-        )
         summary.errors.append(f"{cuid}: {exc}")
         return
+    if restarted is None:
+        summary.skipped.append(f"{cuid}: changed while replaying; not replayed")
+        return
     summary.replayed += 1
+
+
+class NotRestartable(Exception):
+    """The failed call cannot be processed again as it is (``str(exc)`` says why)."""
+
+
+@dataclass(frozen=True)
+class Restart:
+    """A failed call sent back into the pipeline: its new attempt, stage and status."""
+
+    cuid: str
+    attempt: int
+    stage: str
+    status: str
+
+
+Send = Callable[[str, str, dict[str, Any]], Awaitable[None]]
+"""``send(stage, event name, record)``: publish a stage's input event; raises if not acknowledged."""
+
+
+def restart_stage(call: dict[str, Any]) -> str:
+    """The stage a failed call resumes from: the one that failed, or the fetcher for a
+    normalizer failure whose fetched recording is gone."""
+    stage = (call.get("failure") or {}).get("stage")
+    if stage not in events.STAGE_INPUT:
+        raise NotRestartable(f"failed in unknown stage {stage!r}")
+    if stage == "normalizer" and not call.get("fetched"):
+        return "fetcher"
+    return str(stage)
+
+
+async def restart_failed_call(
+    calls: Any, call: dict[str, Any], send: Send, *, source: str,
+    replace: dict[str, Any] | None = None,
+) -> Restart | None:
+    """Process the failed ``call`` (as read) again; the one code path of ``callingest replay``,
+    ``POST calls/{cuid}/retry.json`` and correction by resubmission.
+
+    ``replace``: new stored content (a correction), which restarts from the validator;
+    otherwise the call resumes from the stage that failed. The new attempt is claimed by
+    inserting ``<cuid>:<attempt>`` into ``call_restarts`` (unique _id), then the call is
+    updated only if still ``failed`` at the attempt read, so of concurrent restarts of one
+    call exactly one wins; the others get None. The claim is recorded in
+    the history as ``{stage: source, status, at}``. If ``send`` fails the claim is undone
+    and the exception propagates.
+    """
+    cuid = call["_id"]
+    stage = "validator" if replace is not None else restart_stage(call)
+    attempt = int(call.get("attempt") or 1)
+    new_attempt = attempt + 1
+    try:
+        _suffix, event_name, record = events.stage_input({**call, **(replace or {})}, stage,
+                                                         new_attempt)
+    except ValueError as exc:
+        raise NotRestartable(str(exc)) from None
+    status = events.STATUS_BEFORE[stage]
+    at = datetime.now(UTC)
+    # The claim of the new attempt: a unique _id makes exactly one taker win, also on
+    # stores whose findAndModify is not atomic under concurrency (FerretDB on SQLite).
+    claims = calls.database[RESTART_CLAIMS]
+    claim_id = f"{cuid}:{new_attempt}"
+    try:
+        await claims.insert_one({"_id": claim_id, "cuid": cuid, "attempt": new_attempt,
+                                 "stage": stage, "source": source, "at": at, "published": False})
+    except DuplicateKeyError:
+        return None
+    updated = await calls.update_one(
+        {"_id": cuid, "status": "failed",
+         "attempt": {"$in": [attempt, None]} if attempt == 1 else attempt},
+        {"$set": {**(replace or {}), "status": status, "attempt": new_attempt,
+                  "last_failure": call.get("failure")},
+         "$unset": {"failure": "", "csm_notified_at": ""},
+         "$push": {"history": {"stage": source, "status": status, "at": at}}},
+    )
+    if updated.matched_count == 0:  # changed since it was read
+        await claims.delete_one({"_id": claim_id})
+        return None
+    try:
+        await send(stage, event_name, record)
+    except Exception:
+        original = {k: call[k] for k in (replace or {}) if k in call}
+        await calls.update_one(
+            {"_id": cuid, "attempt": new_attempt},
+            {"$set": {**original, "status": "failed", "attempt": attempt,
+                      "failure": call.get("failure")},
+             "$pull": {"history": {"stage": source, "at": at}}},
+        )
+        await claims.delete_one({"_id": claim_id})
+        raise
+    await claims.update_one({"_id": claim_id}, {"$set": {"published": True}})
+    return Restart(cuid=cuid, attempt=new_attempt, stage=stage, status=status)
+
+
+async def republish_unpublished_restarts(calls: Any, send: Send, older_than: timedelta) -> int:
+    """Publish the input event of every restart claimed more than ``older_than`` ago whose
+    publication was never recorded (its process died between the claim and Kafka's
+    acknowledgement), so a restarted call is never left waiting; the number published.
+
+    Sending again what was in fact delivered is harmless: the event has the same id and
+    attempt, and a stage republishes its stored outcome for a redelivered event.
+    """
+    claims = calls.database[RESTART_CLAIMS]
+    published = 0
+    cutoff = datetime.now(UTC) - older_than
+    async for claim in claims.find({"published": False, "at": {"$lt": cutoff}}):
+        call = await calls.find_one({"_id": claim.get("cuid")})
+        if call is not None and int(call.get("attempt") or 1) == claim.get("attempt"):
+            _suffix, event_name, record = events.stage_input(call, claim["stage"], claim["attempt"])
+            await send(claim["stage"], event_name, record)
+            published += 1
+        await claims.update_one({"_id": claim["_id"]}, {"$set": {"published": True}})
+    return published
 
 
 async def run_replay(settings: Settings, flt: ReplayFilter, dry_run: bool) -> int:

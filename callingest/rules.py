@@ -1,86 +1,105 @@
-"""Campaign-configuration rules a call must satisfy, shared by the gateway and the validator.
+"""The configuration rules a call must satisfy: one function per rule, one text per problem.
 
-Each check returns problems as ``(error class, message)`` pairs in the spec's
-vocabulary; an empty list means the call passes.
+The gateway (``services.gateway.models``, while it validates a request) and the validator
+(:func:`call_problems`, for every CallSubmitted event, replays included) call the same
+functions on the same read model (:class:`~callingest.config_file.NetworkSettings`,
+:class:`~callingest.config_file.StoredCampaign`), so a problem reads the same whichever
+path found it: ``Validation failed: '<field>' <text>, '<field>' <text>`` for field rules
+(:func:`record_invalid`), the campaign's class and text for the campaign rule.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-LANGUAGE_CODES = ("en-US", "en-GB", "es-ES", "fr-FR")
+from callingest.config_file import LANGUAGE_CODES, NetworkSettings, StoredCampaign
+
 CAMPAIGN_CLASS = "call.advertiser_campaign_id_from_network"
-
-Problem = tuple[str, str]
-
-
-def transcription_enabled(campaign: dict[str, Any]) -> bool:
-    """Transcription runs when Signal AI is on or at least one voice signal is configured."""
-    return bool(campaign.get("signal_ai_enabled")) or int(campaign.get("voice_signals") or 0) > 0
+RECORD_INVALID_CLASS = "RecordInvalid"
 
 
-def campaign_problems(campaign: dict[str, Any] | None) -> list[Problem]:
+class Violation(ValueError):
+    """A call breaks a configuration rule; ``text`` follows the field's name."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+def campaign_problem(campaign: StoredCampaign | None) -> str | None:
     """The campaign must exist, be ExternalOnly, and have transcription enabled."""
     if campaign is None:
-        return [(CAMPAIGN_CLASS, "campaign not found")]
-    if campaign.get("type") != "ExternalOnly":
-        return [(CAMPAIGN_CLASS, "campaign must be for external calls only")]
-    if not transcription_enabled(campaign):
-        return [(CAMPAIGN_CLASS, "campaign must have transcription enabled")]
-    return []
-
-
-def network_language(network: dict[str, Any]) -> str:
-    return str(network.get("default_language_code") or "en-US")
-
-
-def language_problem(network: dict[str, Any], language_code: str | None) -> str | None:
-    """Why ``language_code`` cannot be used on this network, or None."""
-    if language_code is None:
-        return None
-    if language_code not in LANGUAGE_CODES:
-        return f"language_code must be one of {', '.join(LANGUAGE_CODES)}"
-    if not network.get("multi_language_enabled") and language_code != network_language(network):
-        return (f"language_code {language_code} requires multi-language processing; "
-                f"this network processes {network_language(network)}")
+        return "campaign not found"
+    if campaign.type != "ExternalOnly":
+        return "campaign must be for external calls only"
+    if not campaign.transcription_enabled:
+        return "campaign must have transcription enabled"
     return None
 
 
-def signal_names(network: dict[str, Any]) -> dict[str, str]:
-    """Configured signal names by lower-case name."""
-    return {str(n).lower(): str(n) for n in network.get("signals", [])}
+def language_code(network: NetworkSettings, value: str) -> str:
+    """The canonical spelling of ``value`` (matched case-insensitively), if the network
+    may process it."""
+    canonical = next((c for c in LANGUAGE_CODES if c.casefold() == value.strip().casefold()),
+                     None)
+    if canonical is None:
+        raise Violation("must be one of " + " ".join(LANGUAGE_CODES))
+    if not network.multi_language_enabled and canonical != network.default_language_code:
+        raise Violation(f"must be {network.default_language_code}: "
+                        "multiple language processing is not enabled for the network")
+    return canonical
 
 
-def custom_data_names(network: dict[str, Any]) -> dict[str, str]:
-    """Configured custom data field names by lower-case name."""
-    return {str(n).lower(): str(n) for n in network.get("custom_data_fields", [])}
+def signal_name(network: NetworkSettings, value: str) -> str:
+    """The configured spelling of the signal ``value``."""
+    name = network.signal(value)
+    if name is None:
+        raise Violation("is not a signal configured for the network")
+    return name
 
 
-def auth_config(network: dict[str, Any], config_id: str | None) -> dict[str, Any] | None:
-    """The network's recording auth config with this id, or None."""
-    if config_id is None:
-        return None
-    for config in network.get("recording_auth_configs", []):
-        if str(config.get("id")) == str(config_id):
-            return dict(config)
-    return None
+def custom_data_name(network: NetworkSettings, value: str) -> str:
+    """The configured spelling of the custom data field ``value``."""
+    name = network.custom_data_field(value)
+    if name is None:
+        raise Violation("is not a custom data field configured for the network")
+    return name
 
 
-def call_problems(network: dict[str, Any], call: dict[str, Any]) -> list[str]:
-    """Field problems of an already-parsed call against the network's current configuration."""
+def recording_auth_config_id(network: NetworkSettings, value: str) -> str:
+    """``value``, if it names a recording auth config of the network."""
+    if network.recording_auth_config(value) is None:
+        raise Violation("does not name a recording auth config of the network")
+    return value
+
+
+def field_problem(path: str, text: str) -> str:
+    """One problem of a field, as it appears in a ``RecordInvalid`` message."""
+    return f"'{path}' {text}" if path else text
+
+
+def record_invalid(problems: list[str]) -> str:
+    """The ``RecordInvalid`` message naming every problem."""
+    return "Validation failed: " + ", ".join(problems)
+
+
+def call_problems(network: NetworkSettings, call: dict[str, Any]) -> list[str]:
+    """The field problems of a CallSubmitted event against the network's configuration."""
     problems: list[str] = []
-    lang = language_problem(network, call.get("language_code"))
-    if lang:
-        problems.append(lang)
-    known_signals = signal_names(network)
-    for s in call.get("signals", []):
-        if str(s["name"]).lower() not in known_signals:
-            problems.append(f"signal '{s['name']}' is not configured for this network")
-    known_fields = custom_data_names(network)
-    for c in call.get("custom_data", []):
-        if str(c["name"]).lower() not in known_fields:
-            problems.append(f"custom data field '{c['name']}' is not configured for this network")
-    config_id = call.get("recording_auth_config_id")
-    if config_id is not None and auth_config(network, config_id) is None:
-        problems.append(f"recording_auth_config_id {config_id} does not exist in this network")
+
+    def check(path: str, rule: Any, value: Any) -> None:
+        try:
+            rule(network, str(value))
+        except Violation as exc:
+            problems.append(field_problem(path, exc.text))
+
+    if call.get("language_code") is not None:
+        check("call.language_code", language_code, call["language_code"])
+    if call.get("recording_auth_config_id") is not None:
+        check("call.recording_auth_config_id", recording_auth_config_id,
+              call["recording_auth_config_id"])
+    for i, signal in enumerate(call.get("signals") or []):
+        check(f"signals[{i}].name", signal_name, signal["name"])
+    for i, datum in enumerate(call.get("custom_data") or []):
+        check(f"custom_data[{i}].name", custom_data_name, datum["name"])
     return problems

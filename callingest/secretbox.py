@@ -154,6 +154,28 @@ def open_item(codec: SecretCodec, spec: SecretItems, document_id: Any,
     return opened
 
 
+def without_secrets(collection: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a stored document with every secret of :data:`SECRET_ITEMS` replaced by a
+    placeholder (``sealed:<kid>``, or ``unsealed`` for a value from before encryption): what
+    read models hold, so only the code that opens a secret ever has it."""
+    out = dict(doc)
+    for spec in SECRET_ITEMS:
+        if spec.collection != collection or not isinstance(doc.get(spec.array), list):
+            continue
+        out[spec.array] = [
+            {**item, **{name: _placeholder(item[name]) for name in spec.fields
+                        if item.get(name) is not None}} for item in doc[spec.array]]
+    return out
+
+
+def _placeholder(stored: Any) -> Any:
+    if isinstance(stored, list):
+        return [_placeholder(s) for s in stored]
+    if isinstance(stored, Mapping) and isinstance(stored.get("kid"), str):
+        return f"sealed:{stored['kid']}"
+    return "unsealed"
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 

@@ -7,7 +7,6 @@ variable (see :func:`load_settings`).
 from __future__ import annotations
 
 import sys
-from functools import lru_cache
 
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -97,8 +96,3 @@ def load_settings() -> Settings:
             print(f"callingest: bad setting {name}: {err['msg']}", file=sys.stderr)
         raise SystemExit(2) from None
 
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings (read once)."""
-    return load_settings()

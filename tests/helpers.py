@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from callingest import avro, events
 from callingest.kafka import Producer
@@ -90,6 +91,33 @@ def decoded(records: list[Any]) -> list[dict[str, Any]]:
     return [avro.decode(r.value)[1] for r in records]
 
 
+async def end_offsets(settings: Settings, topic: str) -> dict[TopicPartition, int]:
+    """The current end offset of every partition of ``topic`` (one past its last record)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.topic_partitions)]
+        return dict(await consumer.end_offsets(partitions))
+    finally:
+        await consumer.stop()
+
+
+async def committed_past(settings: Settings, stage: str, ends: dict[TopicPartition, int]) -> bool:
+    """True once ``stage``'s consumer group has committed at least ``ends`` on every partition:
+    it has processed (or deliberately skipped) every record before them. The positive signal
+    to wait for before asserting that something did *not* happen."""
+    group = f"{settings.topic_prefix}callingest-{stage}"  # as callingest.pipeline names it
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return all(end == 0 or (tp in committed and committed[tp].offset >= end)
+               for tp, end in ends.items())
+
+
 def mails_about(mail_dir: Path, cuid: str) -> list[Message]:
     """Messages in the SMTP sink that concern ``cuid``."""
     found = []
@@ -107,14 +135,35 @@ def apply_config(settings: Settings, path: Path | None = None) -> None:
                    capture_output=True, timeout=60)
 
 
-async def serve_recordings(handler: Any, shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, str]:
-    """A loopback HTTP server answering ``GET /rec/{name}`` with ``handler``: its runner
-    (clean it up) and the base URL of the recordings."""
+async def serve_recordings(handler: Any, shutdown_timeout: float = 60.0, *, prefix: str = "/rec",
+                           method: str = "GET") -> tuple[web.AppRunner, str]:
+    """The one loopback recording server of tests and benchmarks: an HTTP server on
+    127.0.0.1 (a free port) answering ``<method> <prefix>/{name}`` (``name`` may contain
+    slashes) with ``handler``. Returns its runner (clean it up) and the base URL of the
+    recordings, ``http://127.0.0.1:<port><prefix>``."""
     app = web.Application()
-    app.router.add_get("/rec/{name}", handler)
+    app.router.add_route(method, prefix + "/{name:.*}", handler)
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}/rec"
+    return runner, f"http://127.0.0.1:{port}{prefix}"
+
+
+def demo_call(external_id: str, recording_url: str = "http://127.0.0.1:9/none.wav",
+              **fields: Any) -> dict[str, Any]:
+    """The ``call`` object of a submission that is valid under the demo configuration
+    (deploy/examples/demo-config.yaml) and the tests' configurations: network 1001's
+    ExternalOnly campaign 85, the spec's example numbers and start time; ``fields``
+    override or add fields."""
+    return {
+        "external_call_unique_id": external_id,
+        "start_time": "2016-02-03 09:30:00 AM",
+        "destination_phone_number": 2165388265,
+        "calling_phone_number": 8779257383,
+        "advertiser_campaign_id_from_network": 85,
+        "call_direction": "inbound",
+        "recording_url": recording_url,
+        **fields,
+    }

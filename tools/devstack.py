@@ -2,7 +2,8 @@
 
 Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
 FerretDB on SQLite (.tools/bin/ferretdb), versitygw as the S3 store
-(.tools/bin/versitygw, posix backend), an aiosmtpd sink, and the six
+(.tools/bin/versitygw, posix backend), an aiosmtpd sink, the demo server
+(tools/demo_server.py: sample recordings and a webhook receiver), and the six
 services. Every process runs in its own session (process group) with its pid
 in ``.run/pids/<component>.pid`` and its output in ``.run/logs/<component>.log``.
 
@@ -37,6 +38,7 @@ DEMO_WEBHOOK_SECRET = "whsec_PIvvg3U/lvFqLDLyXUiQwgSPvwcyPr2p"
 
 SERVERS = ("kafka", "mongodb", "s3", "smtp")
 SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
+DEMO = "demo"  # tools/demo_server.py: sample recordings and a webhook receiver (make up only)
 SERVICE_PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083,
                  "notifier": 8084, "webhooks": 8085}
 
@@ -53,6 +55,7 @@ class Ports:
     s3: int = field(default_factory=lambda: _port("S3_PORT", 9000))
     smtp: int = field(default_factory=lambda: _port("SMTP_PORT", 1025))
     gateway: int = field(default_factory=lambda: _port("GATEWAY_PORT", 8080))
+    demo: int = field(default_factory=lambda: _port("DEMO_RECORDINGS_PORT", 8000))
 
     def of(self, component: str) -> int:
         if component in ("validator", "fetcher", "normalizer", "notifier", "webhooks"):
@@ -276,6 +279,33 @@ def start_smtp(ports: Ports) -> None:
 STARTERS = {"kafka": start_kafka, "mongodb": start_mongodb, "s3": start_s3, "smtp": start_smtp}
 
 
+def demo_url(ports: Ports) -> str:
+    return f"http://127.0.0.1:{ports.demo}"
+
+
+def demo_config(ports: Ports) -> Path:
+    """deploy/examples/demo-config.yaml with the demo server's address (its webhook receiver)
+    moved to ``DEMO_RECORDINGS_PORT``."""
+    source = ROOT / "deploy" / "examples" / "demo-config.yaml"
+    if ports.demo == 8000:
+        return source
+    RUN.mkdir(parents=True, exist_ok=True)
+    moved = RUN / "demo-config.yaml"
+    moved.write_text(source.read_text().replace("http://127.0.0.1:8000/", f"{demo_url(ports)}/"))
+    return moved
+
+
+def start_demo(ports: Ports) -> None:
+    """The demo server (``/call.wav``, ``/call.mp3``, ``POST /webhooks`` into .run/webhooks/)."""
+    if running_pid(DEMO) is None and port_open(ports.demo):
+        print(f"demo server: port {ports.demo} is taken by another process; using it")
+        return
+    if running_pid(DEMO) is None:
+        spawn(DEMO, [str(VENV_BIN / "python"), "-m", "tools.demo_server", "--port", str(ports.demo),
+                     "--dir", str(RUN / "webhooks")])
+    wait_for(lambda: _http_ok(f"{demo_url(ports)}/healthz"), DEMO, 20.0, DEMO)
+
+
 def kafka_ready(ports: Ports) -> bool:
     """True once the broker answers metadata requests (not just accepts TCP)."""
     if not port_open(ports.kafka):
@@ -349,7 +379,8 @@ def up(ports: Ports) -> None:
     started = time.monotonic()
     servers_up(ports)
     admin_init(ports)
-    apply_config(ports, ROOT / "deploy" / "examples" / "demo-config.yaml")
+    apply_config(ports, demo_config(ports))
+    start_demo(ports)
     for name in SERVICES:
         if running_pid(name) is None:
             start_service(name, ports)
@@ -358,25 +389,27 @@ def up(ports: Ports) -> None:
     wait_services(SERVICES, ports, max(20.0, 60.0 - (time.monotonic() - started)))
     base = f"http://127.0.0.1:{ports.gateway}"
     print(f"\nstack ready in {time.monotonic() - started:.1f} s; logs in {RUN / 'logs'}")
-    print(f"gateway: {base}\n")
+    print(f"gateway: {base}")
+    print(f"demo recordings: {demo_url(ports)}/call.wav, {demo_url(ports)}/call.mp3; "
+          f"webhook receiver: {demo_url(ports)}/webhooks (deliveries in {RUN / 'webhooks'})\n")
     print("try it:")
     print(f"""  curl -s -X POST '{base}/api/2022-03-01/calls.json' \\
     -H 'Content-Type: application/json' -H 'Authorization: Bearer demo-network-token' \\
     -d '{{"call": {{"external_call_unique_id": "demo-'$RANDOM'", "start_time": "2016-02-03 09:30:00 AM",
          "destination_phone_number": 2165388265, "calling_phone_number": 8779257383,
          "advertiser_campaign_id_from_network": 85, "call_direction": "inbound",
-         "recording_url": "http://127.0.0.1:8000/call.wav"}}}}'""")
+         "recording_url": "{demo_url(ports)}/call.wav"}}}}'""")
 
 
 def down() -> None:
-    for component in (*SERVICES, *reversed(SERVERS)):
+    for component in (*SERVICES, DEMO, *reversed(SERVERS)):
         if stop(component):
             print(f"stopped {component}")
 
 
 def status(ports: Ports) -> int:
     bad = 0
-    for component in (*SERVERS, *SERVICES):
+    for component in (*SERVERS, DEMO, *SERVICES):
         pid = running_pid(component)
         listening = port_open(ports.of(component))
         print(f"{component:11s} pid={pid or '-':<8} port={ports.of(component)} "

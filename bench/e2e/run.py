@@ -61,7 +61,7 @@ from callingest import mongo, s3  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
 from tests.conftest import Services, delete_topics  # noqa: E402
-from tests.helpers import serve_recordings  # noqa: E402
+from tests.helpers import demo_call, serve_recordings  # noqa: E402
 from tests.normalizer.audiogen import write_encoded, write_wav  # noqa: E402
 from tools import devstack  # noqa: E402
 
@@ -137,15 +137,9 @@ async def submit_all(gateway: str, rec: RecordingServer, subs: list[Submission],
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
 
         async def one(sub: Submission) -> None:
-            call = {
-                "external_call_unique_id": f"bench-e2e-{run_id}-{sub.index:06d}",
-                "start_time": "2016-02-03 09:30:00 AM",
-                "destination_phone_number": 2165388265,
-                "calling_phone_number": 8779257383,
-                "advertiser_campaign_id_from_network": 85,
-                "call_direction": sub.direction,
-                "recording_url": f"{rec.base}/{run_id}-{sub.index:06d}.{sub.kind}",
-            }
+            call = demo_call(f"bench-e2e-{run_id}-{sub.index:06d}",
+                             f"{rec.base}/{run_id}-{sub.index:06d}.{sub.kind}",
+                             call_direction=sub.direction)
             async with sem:
                 sub.started = time.time()
                 try:

@@ -3,10 +3,10 @@
 :func:`fetch_recording` is the whole download: http(s) through the SSRF-guarded aiohttp
 session (:mod:`callingest.ssrf`), ``s3://`` through aiobotocore, redirects followed by
 hand and checked hop by hop, the network's recording auth config applied, the format
-sniffed from the first bytes, and the body streamed into S3 - one PUT for a recording
-smaller than :data:`PART_SIZE`, a multipart upload (aborted on any failure) otherwise.
-Memory per download is bounded by about two parts (the buffer and the part being sent),
-whatever the recording's length. ``callingest_fetched_bytes_total`` counts every byte
+sniffed from the first bytes, and the body streamed into S3 by
+:func:`callingest.s3.upload` (one PUT up to its part size, a multipart upload aborted on
+any failure above). Memory per download is bounded by about two parts (the buffer and the
+part being sent), whatever the recording's length. ``callingest_fetched_bytes_total`` counts every byte
 read from a source, failed attempts included.
 
 Failures:
@@ -29,14 +29,13 @@ quote the full URL) are replaced by their type names.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
@@ -45,14 +44,14 @@ from yarl import URL
 from callingest import metrics
 from callingest.audioformat import SNIFF_BYTES, sniff_format
 from callingest.errors import PermanentError, TransientError
-from callingest.logging import get_logger, register_secret
+from callingest.logging import get_logger
+from callingest.s3 import upload as s3_upload
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, AddressRefused, check_url
+from services.fetcher.recording_auth import RecordingAuthConfig, apply_auth
 
 log = get_logger(__name__)
 
-#: Size of each multipart-upload part, and the largest recording stored with one PUT.
-PART_SIZE: Final = 8 * 1024 * 1024
 #: A transfer must deliver at least this many bytes per read-timeout window of waiting
 #: (a server trickling bytes slower than that is treated as timed out).
 MIN_BYTES_PER_READ_WINDOW: Final = 1024
@@ -65,40 +64,8 @@ CONTENT_TYPES: Final = {
     "ogg": "audio/ogg",
     "m4a": "audio/mp4",
 }
-AUTH_METHODS: Final = frozenset({"bearer_header", "query_param", "custom_header"})
 
 Sleep = Callable[[float], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class RecordingAuthConfig:
-    """A network's recording auth config; ``token`` is a secret and never shown."""
-
-    id: str
-    method: str
-    token: str
-    name: str | None = None
-
-    def __repr__(self) -> str:
-        return f"RecordingAuthConfig(id={self.id!r}, method={self.method!r}, name={self.name!r})"
-
-    @classmethod
-    def from_document(cls, doc: Mapping[str, Any]) -> RecordingAuthConfig:
-        """From an entry of ``networks.recording_auth_configs``; ValueError if unusable."""
-        method = str(doc.get("method", ""))
-        token = doc.get("token")
-        name = doc.get("name")
-        if method not in AUTH_METHODS:
-            raise ValueError(f"unknown recording auth method {method!r}")
-        if not isinstance(token, str) or not token:
-            raise ValueError("recording auth config has no token")
-        if method != "bearer_header" and not name:
-            raise ValueError(f"recording auth method {method} needs a name")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in token + str(name or "")):
-            raise ValueError("recording auth config contains control characters")
-        register_secret(token)
-        return cls(id=str(doc.get("id")), method=method, token=token,
-                   name=str(name) if name else None)
 
 
 @dataclass(frozen=True)
@@ -180,26 +147,6 @@ def parse_url(raw: str) -> URL:
         raise PermanentError("RecordingUrlRefused", "recording_url is not a valid URL") from None
 
 
-def apply_auth(url: URL, auth: RecordingAuthConfig | None) -> tuple[URL, dict[str, str]]:
-    """The URL and headers of the first request for ``auth`` (None: the URL as given).
-
-    ``query_param`` appends ``<name>=<token>`` to the query string (after any existing
-    parameters, leaving them untouched); the header methods return the header to send.
-    """
-    if auth is None:
-        return url, {}
-    if auth.method == "bearer_header":
-        return url, {"Authorization": f"Bearer {auth.token}"}
-    assert auth.name is not None
-    if auth.method == "custom_header":
-        return url, {auth.name: auth.token}
-    param = f"{quote(auth.name, safe='')}={quote(auth.token, safe='')}"
-    query = url.raw_query_string
-    joined = f"{query}&{param}" if query else param
-    base = str(url.with_query(None).with_fragment(None))
-    return URL(f"{base}?{joined}", encoded=True), {}
-
-
 def _origin(url: URL) -> tuple[str, str, int | None]:
     return ((url.scheme or "").lower(), (url.raw_host or "").lower(), url.port)
 
@@ -209,7 +156,7 @@ def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -408,28 +355,24 @@ async def _fetch_s3_once(recording_url: str, *, s3: Any, bucket: str, key: str,
         body.close()
 
 
-class _StoreFailed(Exception):
-    """The object store refused or failed an upload call."""
-
-
 async def _store(chunks: AsyncIterator[bytes], *, s3: Any, bucket: str, key: str,
                  policy: FetchPolicy, source: str) -> StoredRecording:
-    """Stream ``chunks`` into ``s3://bucket/key``; never more than about one part in memory."""
-    buffer = bytearray()
-    total = 0
+    """Stream ``chunks`` into ``s3://bucket/key`` (:func:`callingest.s3.upload`), counting
+    and limiting the bytes and sniffing the format from the first of them."""
     fmt: str | None = None
-    upload_id: str | None = None
-    parts: list[dict[str, Any]] = []
 
-    def sniff() -> str:
-        found = sniff_format(bytes(buffer[:SNIFF_BYTES]))
+    def sniff(head: bytes, total: int) -> str:
+        found = sniff_format(head[:SNIFF_BYTES])
         if found is None:
             what = "empty" if total == 0 else "not a recognized audio format"
             raise PermanentError("RecordingFormat", f"recording from {source} is {what} "
                                  "(supported: WAV, MP3, FLAC, OGG, M4A)")
         return found
 
-    try:
+    async def checked() -> AsyncIterator[bytes]:
+        nonlocal fmt
+        head = bytearray()
+        total = 0
         async for chunk in chunks:
             total += len(chunk)
             metrics.BYTES_FETCHED.inc(len(chunk))
@@ -438,54 +381,18 @@ async def _store(chunks: AsyncIterator[bytes], *, s3: Any, bucket: str, key: str
                     "RecordingTooLarge",
                     f"recording from {source} exceeds the {policy.max_bytes}-byte limit",
                 )
-            buffer += chunk
-            if fmt is None and len(buffer) >= SNIFF_BYTES:
-                fmt = sniff()
-            while len(buffer) >= PART_SIZE:
-                assert fmt is not None
-                if upload_id is None:
-                    created = await _s3_call(
-                        s3.create_multipart_upload, Bucket=bucket, Key=key,
-                        ContentType=CONTENT_TYPES[fmt], Metadata={"format": fmt},
-                    )
-                    upload_id = str(created["UploadId"])
-                part = bytes(buffer[:PART_SIZE])
-                del buffer[:PART_SIZE]
-                parts.append(await _upload_part(s3, bucket, key, upload_id, len(parts) + 1, part))
+            if fmt is None:
+                head += chunk[:SNIFF_BYTES - len(head)]
+                if len(head) >= SNIFF_BYTES:
+                    fmt = sniff(bytes(head), total)
+            yield chunk
         if fmt is None:
-            fmt = sniff()
-        if upload_id is None:
-            await _s3_call(s3.put_object, Bucket=bucket, Key=key, Body=bytes(buffer),
-                           ContentType=CONTENT_TYPES[fmt], Metadata={"format": fmt})
-        else:
-            if buffer:
-                parts.append(await _upload_part(s3, bucket, key, upload_id, len(parts) + 1,
-                                                bytes(buffer)))
-                buffer.clear()
-            await _s3_call(s3.complete_multipart_upload, Bucket=bucket, Key=key,
-                           UploadId=upload_id, MultipartUpload={"Parts": parts})
-            upload_id = None
-    except _StoreFailed as exc:
-        raise TransientError(f"object store unavailable: {exc}", "ObjectStoreUnavailable") from None
-    finally:
-        if upload_id is not None:
-            with contextlib.suppress(Exception):
-                await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
-    return StoredRecording(bucket=bucket, key=key, size_bytes=total, format=fmt)
+            fmt = sniff(bytes(head), total)
 
+    def attributes() -> dict[str, Any]:
+        assert fmt is not None
+        return {"ContentType": CONTENT_TYPES[fmt], "Metadata": {"format": fmt}}
 
-async def _upload_part(s3: Any, bucket: str, key: str, upload_id: str, number: int,
-                       body: bytes) -> dict[str, Any]:
-    response = await _s3_call(s3.upload_part, Bucket=bucket, Key=key, UploadId=upload_id,
-                              PartNumber=number, Body=body)
-    return {"PartNumber": number, "ETag": response["ETag"]}
-
-
-async def _s3_call(method: Callable[..., Awaitable[Any]], **kwargs: Any) -> Any:
-    try:
-        return await method(**kwargs)
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "error")
-        raise _StoreFailed(f"{method.__name__}: {code}") from None
-    except (BotoCoreError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-        raise _StoreFailed(f"{method.__name__}: {type(exc).__name__}") from None
+    size = await s3_upload(s3, bucket, key, checked(), attributes=attributes)
+    assert fmt is not None
+    return StoredRecording(bucket=bucket, key=key, size_bytes=size, format=fmt)

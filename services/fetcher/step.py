@@ -11,14 +11,16 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
+from callingest import s3 as s3io
 from callingest.audioformat import FORMATS, SNIFF_BYTES, sniff_format
+from callingest.config_file import NetworkSettings
 from callingest.errors import PermanentError, TransientError
 from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
-from callingest.s3 import object_exists, s3_client
+from callingest.s3 import s3_client
 from callingest.secretbox import (
     RECORDING_AUTH_CONFIGS,
     SecretCodec,
@@ -68,20 +70,25 @@ async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_
     """
     if config_id is None or config_id == "":
         return None
-    network = await db.networks.find_one(
-        {"_id": network_id}, {"recording_auth_configs": 1}
-    )
-    for doc in (network or {}).get("recording_auth_configs") or []:
-        if str(doc.get("id")) == str(config_id):
-            try:
-                return RecordingAuthConfig.from_document(
-                    open_item(keyring, RECORDING_AUTH_CONFIGS, network_id, doc))
-            except SecretUnavailable as exc:
-                raise TransientError(f"recording auth config {config_id}: {exc}",
-                                     "SecretKeyUnavailable") from None
-            except (ValueError, SecretInvalid) as exc:
-                raise PermanentError("RecordingAuthConfigInvalid",
-                                     f"recording auth config {config_id}: {exc}") from None
+    doc = await db.networks.find_one({"_id": network_id})
+    try:
+        network = NetworkSettings.from_document(doc) if doc is not None else None
+    except ValidationError:  # its text may quote a value
+        raise PermanentError("RecordingAuthConfigInvalid",
+                             f"the configuration of network {network_id} is invalid") from None
+    config = network.recording_auth_config(str(config_id)) if network is not None else None
+    if config is not None and doc is not None:
+        stored = next(c for c in doc["recording_auth_configs"] if str(c.get("id")) == config.id)
+        try:  # the read model holds no token: it is opened from the stored item, for this use
+            opened = open_item(keyring, RECORDING_AUTH_CONFIGS, network_id, stored)
+            return RecordingAuthConfig.from_document({**config.model_dump(),
+                                                      "token": opened["token"]})
+        except SecretUnavailable as exc:
+            raise TransientError(f"recording auth config {config_id}: {exc}",
+                                 "SecretKeyUnavailable") from None
+        except (ValueError, SecretInvalid) as exc:
+            raise PermanentError("RecordingAuthConfigInvalid",
+                                 f"recording auth config {config_id}: {exc}") from None
     raise PermanentError(
         "RecordingAuthConfigNotFound",
         f"network {network_id} has no recording auth config {config_id}",
@@ -90,18 +97,12 @@ async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_
 
 async def _already_stored(s3: Any, bucket: str, key: str) -> StoredRecording | None:
     """The recording stored by an earlier run of this (cuid, attempt), if any."""
-    try:
-        head = await object_exists(s3, bucket, key)
-        if head is None:
-            return None
-        fmt = (head.get("Metadata") or {}).get("format")
-        if fmt not in FORMATS:
-            obj = await s3.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{SNIFF_BYTES - 1}")
-            async with obj["Body"] as body:
-                fmt = sniff_format(await body.read())
-    except (ClientError, BotoCoreError) as exc:
-        raise TransientError(f"object store unavailable: {type(exc).__name__}",
-                             "ObjectStoreUnavailable") from None
+    head = await s3io.head(s3, bucket, key)
+    if head is None:
+        return None
+    fmt = (head.get("Metadata") or {}).get("format")
+    if fmt not in FORMATS:
+        fmt = sniff_format(await s3io.read_range(s3, bucket, key, 0, SNIFF_BYTES - 1))
     if fmt is None:
         return None  # not something this stage wrote: download again over it
     return StoredRecording(bucket=bucket, key=key, size_bytes=int(head["ContentLength"]),

@@ -17,7 +17,7 @@ from pymongo.errors import PyMongoError
 
 from callingest import mongo, s3
 from callingest.http import add_ops_routes
-from callingest.kafka import TopicScanner
+from callingest.kafka import PublishError, TopicScanner
 from callingest.logging import get_logger
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -26,7 +26,8 @@ from services.gateway.auth import FailureThrottle, TokenAuthenticator
 from services.gateway.calls import CallService, ConfigCache
 from services.gateway.middleware import error_middleware, metrics_middleware
 from services.gateway.openapi import build_openapi
-from services.gateway.publisher import CallPublisher, LazyProducer
+from services.gateway.publisher import CallPublisher, gateway_producer
+from services.gateway.republisher import Republisher
 from services.gateway.routes import setup_routes
 from services.gateway.views import MAX_BODY_BYTES
 from services.gateway.writer import CallWriter
@@ -56,9 +57,9 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
 async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Kafka producer (started lazily: the gateway serves 503s while Kafka is down)."""
     settings = app[keys.SETTINGS]
-    producer = LazyProducer(settings.kafka_bootstrap_servers)
-    with contextlib.suppress(Exception):
-        await producer.get()
+    producer = gateway_producer(settings.kafka_bootstrap_servers)
+    with contextlib.suppress(PublishError):
+        await producer.ensure_started()
     publisher = CallPublisher(app[keys.DB], app[keys.WRITER], producer, Topics(settings.topic_prefix),
                               TopicScanner(settings.kafka_bootstrap_servers, "gateway"))
     app[keys.PRODUCER] = producer
@@ -71,7 +72,7 @@ async def kafka_ctx(app: web.Application) -> AsyncIterator[None]:
         frozenset(settings.s3_allowed_source_buckets),
     )
     yield
-    await producer.close()
+    await producer.stop()
     await publisher.close()
 
 
@@ -85,7 +86,8 @@ async def s3_ctx(app: web.Application) -> AsyncIterator[None]:
 async def republisher_ctx(app: web.Application) -> AsyncIterator[None]:
     """Background task publishing calls left unpublished (Kafka was down when they came)."""
     after = app[keys.SETTINGS].republish_after_seconds
-    task = asyncio.create_task(app[keys.PUBLISHER].run_republisher(
+    republisher = Republisher(app[keys.DB], app[keys.PUBLISHER])
+    task = asyncio.create_task(republisher.run(
         max(after / 2, 0.5), after, scans=app[keys.SCANS_UNPUBLISHED]))
     yield
     task.cancel()
@@ -115,10 +117,10 @@ def init_app(settings: Settings, *, with_metrics: bool = True,
             mongo_ok = True
         except (PyMongoError, TimeoutError):
             mongo_ok = False
-        kafka_ok = app[keys.PRODUCER].ready
+        kafka_ok = app[keys.PRODUCER].started
         if not kafka_ok:
-            with contextlib.suppress(Exception):
-                await app[keys.PRODUCER].get()
+            with contextlib.suppress(PublishError):
+                await app[keys.PRODUCER].ensure_started()
                 kafka_ok = True
         return {"mongodb": mongo_ok, "kafka_producer": kafka_ok}
 

@@ -9,43 +9,57 @@ derived from that key, and the first submission inserts the call; the
 unique keys (_id, and the index on network_id + external_call_unique_id)
 make a concurrent second insert fail as a duplicate, after which the stored
 call's content hash decides: same content -> 202 with the stored cuid, other
-content -> 409. A 201 or 202 is only given once the call is stored and its
-CallSubmitted event is acknowledged by Kafka (and its receipt recorded).
+content -> 409, unless the stored call ``failed``: then the new content replaces
+it and is processed from the start (a correction, 201 with the same cuid).
+A 201 or 202 is only given once the call is stored and its CallSubmitted event
+is acknowledged by Kafka; a new call's receipt is written in the background
+after that (awaited only where a resubmission publishes it).
 
 The path of a new call only inserts (the call, then its receipt), batched by
-the :class:`~services.gateway.writer.CallWriter`: on the dev store every
-read or update of ``calls`` costs a scan of the collection.
+the :class:`~services.gateway.writer.CallWriter` (why: docs/architecture.md,
+"Publication").
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from cachetools import TTLCache
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import metrics, rules
+from callingest.config_file import NetworkSettings, StoredCampaign, load_campaign, load_network
+from callingest.kafka import PublishError
 from callingest.logging import get_logger
-from services.gateway.domain import Network, Principal, campaign_key
+from callingest.replay import NotRestartable, Restart, restart_failed_call
+from services.gateway.domain import Principal
 from services.gateway.errors import (
     CampaignError,
     Conflict,
     NotAuthorized,
+    NotFound,
+    RecordInvalid,
     ServiceUnavailable,
     UnauthorizedAdvertiser,
     UnauthorizedOperation,
 )
-from services.gateway.models import NormalizedCall, ValidationContext, validate_submission
+from services.gateway.models import ValidationContext
 from services.gateway.publisher import CallPublisher, KafkaUnavailable
+from services.gateway.validation import NormalizedCall, validate_submission
 from services.gateway.writer import CallWriter
 
 log = get_logger(__name__)
 
 Document = dict[str, Any]
 RETRY_AFTER_SECONDS = 5
+#: Entries of each configuration cache (networks; campaigns).
+CACHE_SIZE = 10_000
+
+# Fields of a stored call that a correction keeps (everything else is the new content).
+_KEPT_ON_CORRECTION = frozenset({"_id", "status", "attempt", "published", "created_at", "history"})
 
 
 CUID_NAMESPACE = uuid.UUID("0b6f5a52-3c1e-4f4e-8a3d-5f3a9c1e7d21")
@@ -57,41 +71,32 @@ def cuid_for(network_id: str, external_call_unique_id: str) -> str:
 
 
 class ConfigCache:
-    """Networks and campaigns read from MongoDB, cached for ``ttl`` seconds."""
+    """Networks and campaigns read from MongoDB, each cached for ``ttl`` seconds.
 
-    def __init__(self, db: AsyncDatabase[Document], ttl: float) -> None:
+    Both caches are bounded (``size`` entries, least recently used dropped):
+    a flood of unknown campaign ids cannot grow the gateway's memory.
+    """
+
+    def __init__(self, db: AsyncDatabase[Document], ttl: float, size: int = CACHE_SIZE) -> None:
         self._db = db
-        self._ttl = ttl
-        self._networks: dict[str, tuple[float, Network | None]] = {}
-        self._campaigns: dict[str, tuple[float, Document | None]] = {}
+        self._networks: TTLCache[str, NetworkSettings | None] = TTLCache(size, ttl)
+        self._campaigns: TTLCache[tuple[str, str], StoredCampaign | None] = TTLCache(size, ttl)
 
-    async def network(self, network_id: str) -> Network | None:
+    async def network(self, network_id: str) -> NetworkSettings | None:
         """The network ``network_id``, or None if it is not configured."""
-        now = time.monotonic()
-        cached = self._networks.get(network_id)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        doc = await self._db.networks.find_one({"_id": network_id})
-        network = Network.from_document(doc) if doc is not None else None
-        self._networks[network_id] = (now + self._ttl, network)
+        if network_id in self._networks:
+            return self._networks[network_id]
+        network = self._networks[network_id] = await load_network(self._db, network_id)
         return network
 
-    async def campaign(self, network_id: str, id_from_network: str) -> Document | None:
-        """The ``campaigns`` document of the network's campaign ``id_from_network``."""
-        key = campaign_key(network_id, id_from_network)
-        now = time.monotonic()
-        cached = self._campaigns.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        doc = await self._db.campaigns.find_one({"_id": key})
-        if doc is None:  # tolerate campaigns keyed otherwise: the pair is unique per network
-            doc = await self._db.campaigns.find_one(
-                {"network_id": network_id, "id_from_network": id_from_network}
-            )
-        if len(self._campaigns) > 10_000:
-            self._campaigns.clear()
-        self._campaigns[key] = (now + self._ttl, doc)
-        return doc
+    async def campaign(self, network_id: str, id_from_network: str) -> StoredCampaign | None:
+        """The network's campaign ``id_from_network``, or None if it is not configured."""
+        key = (network_id, id_from_network)
+        if key in self._campaigns:
+            return self._campaigns[key]
+        campaign = self._campaigns[key] = await load_campaign(self._db, network_id,
+                                                              id_from_network)
+        return campaign
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class CallService:
         self._publisher = publisher
         self._allowed_s3_buckets = allowed_s3_buckets
 
-    async def network_of(self, principal: Principal) -> Network:
+    async def network_of(self, principal: Principal) -> NetworkSettings:
         """The principal's network; 401 if it vanished, 403 if call ingestion is disabled."""
         network = await self._config.network(principal.network_id)
         if network is None:
@@ -131,10 +136,18 @@ class CallService:
     async def submit(self, principal: Principal, body: Document) -> Submission:
         """Check, validate, store and publish one call (see the module docstring)."""
         network = await self.network_of(principal)
-        campaign = await self._check_campaign(principal, network, body)
-        call = validate_submission(body, ValidationContext(network, self._allowed_s3_buckets))
+        campaign, problem = await self._check_campaign(principal, network, body)
         try:
-            return await self._store_and_publish(call, campaign)
+            call = validate_submission(body, ValidationContext(network, self._allowed_s3_buckets))
+        except RecordInvalid as exc:
+            if problem is None:
+                raise
+            # "package all of the issues together": the campaign's problem and the fields' in one 403
+            raise RecordInvalid([f"'{CampaignError.error_class}' {problem}", *exc.problems]) from None
+        if problem is not None:
+            raise CampaignError(problem)
+        try:
+            return await self._store_and_publish(call, campaign, principal)
         except KafkaUnavailable:
             metrics.CALLS_SUBMITTED.labels("unavailable").inc()
             raise ServiceUnavailable(
@@ -143,27 +156,26 @@ class CallService:
             ) from None
 
     async def _check_campaign(
-        self, principal: Principal, network: Network, body: Document
-    ) -> Document | None:
-        """403s of the campaign; None when the id is missing or malformed (validation names it).
+        self, principal: Principal, network: NetworkSettings, body: Document
+    ) -> tuple[StoredCampaign | None, str | None]:
+        """The campaign and its configuration problem (shared with the validator), if any;
+        ``(None, None)`` when the id is missing or malformed (validation names it).
 
-        Order: unknown campaign, another advertiser's campaign (scoped token),
-        then the campaign configuration rules shared with the validator.
+        Another advertiser's campaign (scoped token) is refused here at once (403
+        UnauthorizedAdvertiser); a configuration problem is reported by :meth:`submit`
+        together with the fields' problems.
         """
         call = body.get("call")
         raw = call.get("advertiser_campaign_id_from_network") if isinstance(call, dict) else None
         if isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).strip():
-            return None
+            return None, None
         campaign = await self._config.campaign(network.id, str(raw).strip())
-        if campaign is not None and not principal.may_use(str(campaign.get("advertiser_id"))):
+        if campaign is not None and not principal.may_use(campaign.advertiser_id):
             raise UnauthorizedAdvertiser()
-        problems = rules.campaign_problems(campaign)
-        if problems:
-            error_class, message = problems[0]
-            raise CampaignError(message, error_class=error_class)
-        return campaign
+        return campaign, rules.campaign_problem(campaign)
 
-    async def _store_and_publish(self, call: NormalizedCall, campaign: Document | None) -> Submission:
+    async def _store_and_publish(self, call: NormalizedCall, campaign: StoredCampaign | None,
+                                 principal: Principal) -> Submission:
         content_hash = call.content_hash
         doc = self._document(call, content_hash, campaign)
         if await self._writer.insert("calls", doc):
@@ -176,15 +188,72 @@ class CallService:
             {"network_id": call.network_id, "external_call_unique_id": call.external_call_unique_id}
         )
         if existing is None:  # the holder of the id vanished between insert and read
-            return await self._store_and_publish(call, campaign)
+            return await self._store_and_publish(call, campaign, principal)
         if existing.get("content_hash") != content_hash:
+            # Only a call the token may see can be corrected (a scoped token: its advertisers').
+            correctable = existing.get("status") == "failed" and principal.may_use(
+                str(existing.get("advertiser_id")))
+            corrected = await self._correct(existing, doc) if correctable else None
+            if corrected is not None:
+                return corrected
             metrics.CALLS_SUBMITTED.labels("conflict").inc()
             raise Conflict()
         await self._publisher.ensure_published(existing)
         metrics.CALLS_SUBMITTED.labels("duplicate").inc()
         return Submission(cuid=existing["_id"], created=False)
 
-    def _document(self, call: NormalizedCall, content_hash: str, campaign: Document | None) -> Document:
+    async def _correct(self, existing: Document, doc: Document) -> Submission | None:
+        """Replace a failed call's content with ``doc``'s and process it from the start (201).
+
+        If another correction or retry took the call first: 202 when the call now has
+        ``doc``'s content (a concurrent identical correction), else None (the caller answers 409).
+        """
+        replace = {k: v for k, v in doc.items() if k not in _KEPT_ON_CORRECTION}
+        if await self._restart(existing, "correction", replace) is not None:
+            metrics.CALLS_SUBMITTED.labels("corrected").inc()
+            log.info("failed call corrected", extra={"cuid": existing["_id"],
+                                                    "network_id": existing.get("network_id")})
+            return Submission(cuid=existing["_id"], created=True)
+        current = await self._calls.find_one({"_id": existing["_id"]})
+        if current is not None and current.get("content_hash") == doc["content_hash"]:
+            metrics.CALLS_SUBMITTED.labels("duplicate").inc()
+            return Submission(cuid=existing["_id"], created=False)
+        return None
+
+    async def _restart(self, call: Document, source: str,
+                       replace: Document | None = None) -> Restart | None:
+        """The shared restart of a failed call (callingest/replay.py); 503 if Kafka is down."""
+        try:
+            return await restart_failed_call(self._calls, call, self._publisher.send_stage_input,
+                                             source=source, replace=replace)
+        except (KafkaUnavailable, PublishError):
+            raise ServiceUnavailable(
+                "The call could not be queued for processing right now; retry the same request later.",
+                retry_after=RETRY_AFTER_SECONDS,
+            ) from None
+
+    async def retry(self, principal: Principal, cuid: str) -> Restart:
+        """POST calls/{cuid}/retry.json: a failed call resumes from the stage that failed.
+
+        404 for a call the principal cannot see, 409 for one that is not (or no longer) failed.
+        """
+        call = await self.find(principal, cuid)
+        if call is None:
+            raise NotFound("No such call.")
+        if call.get("status") != "failed":
+            raise Conflict(f"The call is {call.get('status')}, not failed; only a failed call "
+                           "can be retried.")
+        try:
+            restarted = await self._restart(call, "retry")
+        except NotRestartable as exc:
+            raise Conflict(f"The call cannot be retried: {exc}.") from None
+        if restarted is None:
+            raise Conflict("The call is already being processed again.")
+        log.info("failed call retried", extra={"cuid": cuid, "stage": restarted.stage})
+        return restarted
+
+    def _document(self, call: NormalizedCall, content_hash: str,
+                  campaign: StoredCampaign | None) -> Document:
         now = datetime.now(UTC)
         fields = call.canonical()
         return {
@@ -192,10 +261,10 @@ class CallService:
             **fields,
             "start_time": call.start_time,
             "content_hash": content_hash,
-            "advertiser_id": str(campaign["advertiser_id"]) if campaign is not None else None,
+            "advertiser_id": campaign.advertiser_id if campaign is not None else None,
             "status": "received",
             "attempt": 1,
-            "published": False,  # publication is recorded as a receipt (see publisher.py)
+            "published": False,  # publication is recorded as a receipt (see receipts.py)
             "created_at": now,
             "history": [{"stage": "gateway", "status": "received", "at": now}],
         }

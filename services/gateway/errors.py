@@ -7,6 +7,8 @@ contain tokens or recording URL query strings.
 
 from __future__ import annotations
 
+from callingest.rules import CAMPAIGN_CLASS, RECORD_INVALID_CLASS, record_invalid
+
 
 class ApiError(Exception):
     """An answer other than success, with the spec's error class and message."""
@@ -70,16 +72,16 @@ class UnauthorizedAdvertiser(Forbidden):
 class CampaignError(Forbidden):
     """403 under ``call.advertiser_campaign_id_from_network``."""
 
-    error_class = "call.advertiser_campaign_id_from_network"
+    error_class = CAMPAIGN_CLASS
 
 
 class RecordInvalid(Forbidden):
     """403: every problem of a request in one ``Validation failed: ...`` message."""
 
-    error_class = "RecordInvalid"
+    error_class = RECORD_INVALID_CLASS
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("Validation failed: " + ", ".join(problems))
+        super().__init__(record_invalid(problems))
         self.problems = problems
 
 
@@ -98,14 +100,16 @@ class MethodNotAllowed(ApiError):
 
 
 class Conflict(ApiError):
-    """409: the external_call_unique_id was already used with other content."""
+    """409: the external_call_unique_id was already used with other content, or a retry of a
+    call that is not failed."""
 
     status = 409
     error_class = "Conflict"
 
-    def __init__(self) -> None:
+    def __init__(self, invalid_data: str | None = None) -> None:
         super().__init__(
-            "The external_call_unique_id in the request has already been used for a different call."
+            invalid_data
+            or "The external_call_unique_id in the request has already been used for a different call."
         )
 
 

@@ -2,14 +2,13 @@
 
 The request models validate and normalize in one pass, given a
 :class:`ValidationContext` (the token's network) through pydantic's validation
-context; :func:`validate_submission` turns every problem pydantic collected
-into one ``RecordInvalid`` message. The same models generate the OpenAPI
+context; :func:`services.gateway.validation.validate_submission` turns every problem
+pydantic collected into one ``RecordInvalid`` message. The same models generate the OpenAPI
 document (``services.gateway.openapi``), so the document cannot drift.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,16 +20,14 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainValidator,
-    ValidationError,
     ValidationInfo,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from callingest.callview import format_utc
-from callingest.rules import LANGUAGE_CODES
-from services.gateway.domain import Network
-from services.gateway.errors import RecordInvalid
+from callingest import rules
+from callingest.config_file import LanguageCode as LanguageCodes
+from callingest.config_file import NetworkSettings
 from services.gateway.parsing import (
     FieldError,
     normalize_phone_number,
@@ -39,7 +36,7 @@ from services.gateway.parsing import (
 )
 
 MAX_ID_LENGTH = 255
-MAX_URL_LENGTH = 2048
+MAX_URL_LENGTH = 8192  # presigned URLs carrying session tokens pass 2,048
 MAX_NAME_LENGTH = 255
 MAX_CUSTOM_VALUE_LENGTH = 1024
 MAX_LIST_ITEMS = 100
@@ -49,7 +46,7 @@ MAX_LIST_ITEMS = 100
 class ValidationContext:
     """What validation needs besides the request: the network and the S3 buckets granted to us."""
 
-    network: Network
+    network: NetworkSettings
     allowed_s3_buckets: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -82,7 +79,7 @@ def _identifier(value: Any) -> str:
 
 def _start_time(value: Any, info: ValidationInfo) -> datetime:
     try:
-        return parse_start_time(_required(value), _context(info).network.timezone)
+        return parse_start_time(_required(value), _context(info).network.zone)
     except FieldError as exc:
         raise _problem(str(exc)) from None
 
@@ -124,45 +121,38 @@ def _recording_url(value: Any, info: ValidationInfo) -> str:
     raise _problem("must be an http or https URL")
 
 
+def _rule(rule: Any, value: str, info: ValidationInfo) -> str:
+    """``rule`` of :mod:`callingest.rules` (the validator's too) applied to ``value``."""
+    try:
+        result: str = rule(_context(info).network, value)
+    except rules.Violation as exc:
+        raise _problem(exc.text) from None
+    return result
+
+
 def _language_code(value: Any, info: ValidationInfo) -> str | None:
     if value is None:
         return None
-    network = _context(info).network
     if not isinstance(value, str):
         raise _problem("must be a string")
-    canonical = {code.casefold(): code for code in LANGUAGE_CODES}.get(value.strip().casefold())
-    if canonical is None:
-        raise _problem("must be one of " + " ".join(LANGUAGE_CODES))
-    if not network.multi_language_enabled and canonical != network.default_language_code:
-        raise _problem(
-            f"must be {network.default_language_code}: "
-            "multiple language processing is not enabled for the network"
-        )
-    return canonical
+    return _rule(rules.language_code, value, info)
 
 
 def _recording_auth_config_id(value: Any, info: ValidationInfo) -> str | None:
     if value is None:
         return None
-    config_id = _identifier(value)
-    if config_id not in _context(info).network.recording_auth_config_ids:
-        raise _problem("does not name a recording auth config of the network")
-    return config_id
+    return _rule(rules.recording_auth_config_id, _identifier(value), info)
 
 
-def _configured_name(value: Any, configured: dict[str, str], what: str) -> str:
-    """The configured spelling of the name ``value`` (matched case-insensitively)."""
+def _name(value: Any) -> str:
     value = _required(value)
     if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
         raise _problem("must be a string")
-    name = configured.get(value.strip().casefold())
-    if name is None:
-        raise _problem(f"is not a {what} configured for the network")
-    return name
+    return value
 
 
 def _signal_name(value: Any, info: ValidationInfo) -> str:
-    return _configured_name(value, _context(info).network.signals, "signal")
+    return _rule(rules.signal_name, _name(value), info)
 
 
 def _signal_value(value: Any) -> bool:
@@ -173,7 +163,7 @@ def _signal_value(value: Any) -> bool:
 
 
 def _custom_data_name(value: Any, info: ValidationInfo) -> str:
-    return _configured_name(value, _context(info).network.custom_data_fields, "custom data field")
+    return _rule(rules.custom_data_name, _name(value), info)
 
 
 def _custom_data_value(value: Any) -> str:
@@ -231,7 +221,7 @@ LanguageCode = Annotated[
     str | None,
     PlainValidator(
         _language_code,
-        json_schema_input_type=Literal["en-US", "en-GB", "es-ES", "fr-FR"] | None,
+        json_schema_input_type=LanguageCodes | None,
     ),
     Field(description="Defaults to the network's default language code (en-US when unset)."),
 ]
@@ -333,95 +323,3 @@ class ErrorResponse(BaseModel):
     """Every non-2xx answer."""
 
     errors: ErrorDetail
-
-
-# --------------------------------------------------------------------------- validation
-
-
-@dataclass(frozen=True)
-class NormalizedCall:
-    """A validated call in canonical form; ``content_hash`` decides 202 versus 409."""
-
-    network_id: str
-    external_call_unique_id: str
-    start_time: datetime
-    calling_phone_number: str
-    destination_phone_number: str
-    advertiser_campaign_id_from_network: str
-    call_direction: str
-    recording_url: str
-    recording_auth_config_id: str | None
-    language_code: str
-    signals: tuple[tuple[str, bool], ...]
-    custom_data: tuple[tuple[str, str], ...]
-
-    def canonical(self) -> dict[str, Any]:
-        """Every normalized field as JSON-ready values (start_time in ms precision, Z)."""
-        return {
-            "network_id": self.network_id,
-            "external_call_unique_id": self.external_call_unique_id,
-            "start_time": format_utc(self.start_time),
-            "calling_phone_number": self.calling_phone_number,
-            "destination_phone_number": self.destination_phone_number,
-            "advertiser_campaign_id_from_network": self.advertiser_campaign_id_from_network,
-            "call_direction": self.call_direction,
-            "recording_url": self.recording_url,
-            "recording_auth_config_id": self.recording_auth_config_id,
-            "language_code": self.language_code,
-            "signals": [{"name": n, "value": v} for n, v in self.signals],
-            "custom_data": [{"name": n, "value": v} for n, v in self.custom_data],
-        }
-
-    @property
-    def content_hash(self) -> str:
-        """sha256 of the canonical JSON; equal for resubmissions that differ only in form."""
-        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _path(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _describe(error: Any) -> str:
-    loc, kind = tuple(error["loc"]), error["type"]
-    path = _path(loc)
-    if kind == "missing":
-        return f"'{path}' is required"
-    if kind == "invalid":
-        return f"'{path}' {error['msg']}" if path else error["msg"]
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        return f"'{path}' must be an object" if path else "the request body must be a JSON object"
-    if kind == "list_type":
-        return f"'{path}' must be a list"
-    if kind == "too_long":
-        return f"'{path}' must have at most {MAX_LIST_ITEMS} items"
-    if kind in ("string_type", "string_too_long"):
-        return f"'{path}' must be a string"
-    return f"'{path}' is invalid"
-
-
-def validate_submission(body: Any, ctx: ValidationContext) -> NormalizedCall:
-    """The normalized call, or :class:`RecordInvalid` naming every problem of ``body``."""
-    try:
-        submission = CallSubmission.model_validate(body, context=ctx)
-    except ValidationError as exc:
-        raise RecordInvalid([_describe(e) for e in exc.errors()]) from None
-    call = submission.call
-    return NormalizedCall(
-        network_id=ctx.network.id,
-        external_call_unique_id=call.external_call_unique_id,
-        start_time=call.start_time,
-        calling_phone_number=call.calling_phone_number,
-        destination_phone_number=call.destination_phone_number,
-        advertiser_campaign_id_from_network=call.advertiser_campaign_id_from_network,
-        call_direction=call.call_direction,
-        recording_url=call.recording_url,
-        recording_auth_config_id=call.recording_auth_config_id,
-        language_code=call.language_code or ctx.network.default_language_code,
-        signals=tuple(sorted((s.name, s.value) for s in submission.signals)),
-        custom_data=tuple(sorted((d.name, d.value) for d in submission.custom_data)),
-    )

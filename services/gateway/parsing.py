@@ -31,12 +31,14 @@ _TIME = r"(?P<hour>\d{2})" + _CLOCK
 _OFFSET = r"(?P<zone>Z|(?P<sign>[+-])(?P<oh>\d{2})(?::?(?P<om>\d{2}))?)"
 
 # ISO 8601 with an explicit zone: 2016/04/11T13:00:00.000-07:00, 2016-08-08 11:03:31 -0700.
-_ISO_ZONED = re.compile(rf"{_DATE}[T ]{_TIME} ?{_OFFSET}", re.IGNORECASE)
+_ISO_ZONED = re.compile(rf"{_DATE}[T ]{_TIME} ?{_OFFSET}", re.IGNORECASE | re.ASCII)
 # Excel-compatible: 2016/04/11 13:00:00.000 PM, 2016-02-03 09:30:00 AM (network timezone).
-_EXCEL = re.compile(rf"{_DATE} (?P<hour>\d{{1,2}}){_CLOCK} ?(?P<meridiem>AM|PM)", re.IGNORECASE)
+_EXCEL = re.compile(rf"{_DATE} (?P<hour>\d{{1,2}}){_CLOCK} ?(?P<meridiem>AM|PM)",
+                    re.IGNORECASE | re.ASCII)
 # Zone-less: 2022-03-25 09:31:29 (network timezone).
-_LOCAL = re.compile(rf"{_DATE}[T ]{_TIME}", re.IGNORECASE)
-_DIGITS = re.compile(r"\d+")
+_LOCAL = re.compile(rf"{_DATE}[T ]{_TIME}", re.IGNORECASE | re.ASCII)
+# re.ASCII throughout: \d would otherwise match full-width and Arabic-Indic digits too.
+_DIGITS = re.compile(r"\d+", re.ASCII)
 
 _FORMAT_HINT = "is not a supported timestamp format"
 
@@ -149,6 +151,8 @@ def normalize_phone_number(value: Any) -> str:
     text = str(value).strip()
     if not text or len(text) > MAX_PHONE_INPUT_LENGTH:
         raise FieldError("is not a valid phone number")
+    if text.startswith("-"):  # -2165388265: a negative number, not a phone number
+        raise FieldError("must not be negative")
     return _normalize_phone_text(text)
 
 

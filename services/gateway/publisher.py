@@ -1,173 +1,67 @@
 """Publishing CallSubmitted for stored calls, once per call.
 
-Publication is recorded as a *receipt*: a document ``{_id: cuid, at}`` in
-``published_calls``, inserted (batched, through the :class:`CallWriter`)
-after Kafka acknowledged the event: in the background for a new call (its
-201 waits for the store and Kafka, not for the receipt; a receipt that could
-not be written is retried by the republisher loop, and one lost with the
-process only costs a read of the topic before the call is published again), awaited on
-the rarer paths (resubmission, republisher). A call is published when it has a
-receipt, or when its ``calls`` document says ``published: true`` (calls
-recorded by other services, and calls of before receipts). The gateway
-stores calls with ``published: false`` and never updates them: on the dev
-store (FerretDB on SQLite) every update of ``calls`` scans the collection,
-while inserts stay cheap. :func:`unpublished_cuids` is the one definition of
-"not yet published" (for tests and tools too).
+The parts (why the design has receipts and claims: docs/architecture.md, "Publication"):
 
-Who may publish (so that a call is published once while its publishers live):
+* :mod:`.receipts` - the record that an event was acknowledged, and "not yet published";
+* :mod:`.claims` - who may publish a call right now;
+* this module - the send itself, sends that timed out but may still be delivered, and
+  the check of the topic before a call is published again;
+* :mod:`.republisher` - the background loop for calls left unpublished.
 
-* the request that inserted the call holds an implicit claim for
-  :data:`CLAIM_SECONDS` from the call's ``created_at``; if its publication
-  fails it releases the claim by inserting an expired claim (generation 0);
-* anyone else (a resubmission, another worker, the background republisher)
-  must first take a claim: insert ``{_id: "<cuid>:<generation>", owner, until}``
-  into the small ``publish_claims`` collection, where the unique ``_id`` makes
-  exactly one taker win a generation; a generation whose claim expired is
-  skipped. After taking a claim the taker checks for a receipt again, so a
-  publication that finished meanwhile is not repeated.
+A send that Kafka did not acknowledge in time is not over: aiokafka keeps the message and
+may still deliver it (a broker that comes back). The request answers 503 at once, but its
+claim is kept, renewed, until aiokafka settles the send; delivered, the receipt is
+written; failed, the claim is released.
 
-A send that Kafka did not acknowledge in time is not over: aiokafka keeps the
-message and may still deliver it (a broker that comes back). The request
-answers 503 at once, but its claim is kept, renewed, until aiokafka settles
-the send; delivered, the receipt is written; failed, the claim is released.
-
-Publishing a call again (anyone but the inserting request) first reads the
-topic: the partition of the call's key, from the call's creation on. An
-event of the same id found there (a holder that died between Kafka's
-acknowledgement and the receipt) is not published again, only its receipt
-is written. So a call is published once also across a crash of the gateway.
+Publishing a call again (anyone but the inserting request) first reads the topic: the
+partition of the call's key, from the call's creation on. An event of the same id found
+there (a holder that died between Kafka's acknowledgement and the receipt) is not
+published again, only its receipt is written. So a call is published once also across a
+crash of the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
-from collections import OrderedDict
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import PyMongoError
 
-from callingest import avro, events, metrics
+from callingest import avro, events
 from callingest.kafka import Producer, PublishError, TopicScanner, event_id
 from callingest.logging import get_logger
 from callingest.topics import Topics
-from services.gateway.writer import CallWriter, WriterStopped, retry_busy
+from services.gateway.claims import CLAIM_SECONDS, Claims
+from services.gateway.receipts import SCAN_MARGIN, Receipts, aware
+from services.gateway.writer import CallWriter
 
 log = get_logger(__name__)
 
 Document = dict[str, Any]
 
-RECEIPTS = "published_calls"
-CLAIMS = "publish_claims"
 PUBLISH_TIMEOUT_SECONDS = 5.0
 # The producer's own delivery timeout equals PUBLISH_TIMEOUT_SECONDS and the gateway waits a
 # little longer, so that aiokafka (not our wait) decides: a publication answered with 503 has
 # been expired by aiokafka and is not delivered later behind the gateway's back.
 PUBLISH_WAIT_SECONDS = PUBLISH_TIMEOUT_SECONDS + 2.0
-CLAIM_SECONDS = 15.0
 # How long a claim is held (renewed) for a send aiokafka has not settled; aiokafka settles a
 # send within its request timeout once the broker answers, so this only bounds a stuck producer.
 MAX_HOLD_SECONDS = 120.0
-PRODUCER_RESTART_INTERVAL_SECONDS = 1.0
-FULL_SCAN_SECONDS = 60.0
-MAX_CLAIM_GENERATIONS = 10_000
-RECENT_MAX = 50_000  # cuids whose event this process saw acknowledged
-# The topic is read for an earlier copy of an event from this long before its call's
-# creation (clock differences between gateway hosts).
-SCAN_MARGIN = timedelta(seconds=10)
-EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 class KafkaUnavailable(Exception):
     """The event could not be acknowledged now; the call stays unpublished."""
 
 
-async def unpublished_cuids(
-    db: AsyncDatabase[Document], older_than: datetime | None = None,
-    created_since: datetime | None = None,
-) -> list[Document]:
-    """``{_id, created_at, attempt}`` of every stored call that is not published yet
-    (created at or after ``created_since`` and before ``older_than`` when given).
-
-    Without ``created_since`` it reads ``calls`` and ``published_calls`` whole: call it
-    rarely. With it, the calls created since then and the receipts written since then
-    (a receipt is written after its call's creation; :data:`SCAN_MARGIN` covers clocks).
-    """
-    calls_query: Document = {"published": False}
-    receipts_query: Document = {}
-    if created_since is not None:
-        calls_query["created_at"] = {"$gte": created_since}
-        receipts_query["at"] = {"$gte": created_since - SCAN_MARGIN}
-    receipts = {doc["_id"] async for doc in db[RECEIPTS].find(receipts_query, {"_id": 1})}
-    pending = []
-    async for doc in db.calls.find(calls_query, {"_id": 1, "created_at": 1, "attempt": 1}):
-        if doc["_id"] in receipts:
-            continue
-        if older_than is not None and _aware(doc.get("created_at")) >= older_than:
-            continue
-        pending.append(doc)
-    return pending
-
-
-def _aware(value: Any) -> datetime:
-    if not isinstance(value, datetime):
-        return EPOCH
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-class LazyProducer:
-    """A :class:`Producer` started on first use and restarted after a failed start.
-
-    The gateway must come up (and answer 503) while Kafka is down, so the
-    connection is not a precondition of serving.
-    """
-
-    def __init__(self, bootstrap_servers: str, service: str = "gateway") -> None:
-        self._bootstrap_servers = bootstrap_servers
-        self._service = service
-        self._producer: Producer | None = None
-        self._lock = asyncio.Lock()
-        self._last_attempt = 0.0
-
-    @property
-    def ready(self) -> bool:
-        return self._producer is not None and self._producer.started
-
-    async def get(self) -> Producer:
-        """The started producer; raises :class:`KafkaUnavailable` if Kafka cannot be reached."""
-        if self._producer is not None and self._producer.started:
-            return self._producer
-        async with self._lock:
-            if self._producer is not None and self._producer.started:
-                return self._producer
-            if time.monotonic() - self._last_attempt < PRODUCER_RESTART_INTERVAL_SECONDS:
-                raise KafkaUnavailable("Kafka is unavailable")
-            self._last_attempt = time.monotonic()
-            if self._producer is not None:  # its sender died (e.g. after a broker restart)
-                with contextlib.suppress(Exception):
-                    await self._producer.stop()
-                self._producer = None
-            producer = Producer(self._bootstrap_servers, self._service,
-                                request_timeout_ms=int(PUBLISH_TIMEOUT_SECONDS * 1000))
-            try:
-                await asyncio.wait_for(producer.start(), PUBLISH_TIMEOUT_SECONDS)
-            except Exception as exc:  # aiokafka raises several types on bootstrap failure
-                with contextlib.suppress(Exception):
-                    await producer.stop()
-                log.warning("Kafka producer cannot start", extra={"error": type(exc).__name__})
-                raise KafkaUnavailable("Kafka is unavailable") from None
-            self._producer = producer
-            return producer
-
-    async def close(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+def gateway_producer(bootstrap_servers: str) -> Producer:
+    """The gateway's producer: started on first use (the gateway serves 503s while Kafka is
+    down), its delivery timeout :data:`PUBLISH_TIMEOUT_SECONDS`."""
+    return Producer(bootstrap_servers, "gateway",
+                    request_timeout_ms=int(PUBLISH_TIMEOUT_SECONDS * 1000))
 
 
 class CallPublisher:
@@ -177,27 +71,42 @@ class CallPublisher:
         self,
         db: AsyncDatabase[Document],
         writer: CallWriter,
-        producer: LazyProducer,
+        producer: Producer,
         topics: Topics,
         scanner: TopicScanner,
     ) -> None:
-        self._db = db
         self._calls = db.calls
-        self._receipts = db[RECEIPTS]
-        self._claims = db[CLAIMS]
-        self._writer = writer
         self._producer = producer
         self._topics = topics
-        self.owner = uuid.uuid4().hex
-        self._in_flight: dict[str, asyncio.Future[None]] = {}
-        self._failed: set[str] = set()
-        self._recent: OrderedDict[str, None] = OrderedDict()
-        self._unwritten_receipts: dict[str, Document] = {}
         self._scanner = scanner
-        self._scan_from: datetime | None = None  # None: the next scan reads everything
+        self.owner = uuid.uuid4().hex
+        self.claims = Claims(db, self.owner)
+        self.receipts = Receipts(db, writer, self._receipt_written)
+        #: Calls whose publication failed in this process (retried by the republisher).
+        self.failed: set[str] = set()
+        self._in_flight: dict[str, asyncio.Future[None]] = {}
         # Sends that timed out and that aiokafka has not settled yet: cuid -> the task that
         # holds the call's claim until then; its result says whether the event was delivered.
         self._unsettled: dict[str, asyncio.Task[bool]] = {}
+
+    async def kafka(self) -> Producer:
+        """The started producer; raises :class:`KafkaUnavailable` if Kafka cannot be reached."""
+        try:
+            await self._producer.ensure_started()
+        except PublishError:
+            raise KafkaUnavailable("Kafka is unavailable") from None
+        return self._producer
+
+    def busy(self, cuid: str) -> bool:
+        """True while this process publishes ``cuid`` or waits for a send of it to settle."""
+        return cuid in self._in_flight or cuid in self._unsettled
+
+    async def send_stage_input(self, stage: str, event: str, record: Document) -> None:
+        """Publish the input event of ``stage`` now (a failed call processed again, see
+        callingest/replay.py); raises KafkaUnavailable or PublishError if not acknowledged."""
+        producer = await self.kafka()
+        await producer.send(events.input_topic(self._topics, stage), event, record,
+                            key=record["cuid"], timeout=PUBLISH_WAIT_SECONDS)
 
     async def publish_new(self, call: Document) -> None:
         """Publish a call this process just inserted (its implicit claim).
@@ -206,6 +115,11 @@ class CallPublisher:
         if Kafka does not acknowledge in time.
         """
         await self._publish(call, claim_id=None)
+
+    async def _receipt_written(self, cuid: str) -> None:
+        self.failed.discard(cuid)
+        with contextlib.suppress(PyMongoError):  # after the receipt, claims are moot
+            await self.claims.drop_all(cuid)
 
     async def _publish(self, call: Document, claim_id: str | None) -> None:
         """Produce the event of ``call`` (we hold its claim), then insert its receipt.
@@ -234,7 +148,7 @@ class CallPublisher:
     async def _send(self, call: Document, claim_id: str | None) -> None:
         cuid = call["_id"]
         try:
-            producer = await self._producer.get()
+            producer = await self.kafka()
             await producer.send(
                 self._topics.submitted,
                 "CallSubmitted",
@@ -243,22 +157,19 @@ class CallPublisher:
                 timeout=PUBLISH_WAIT_SECONDS,
             )
         except (PublishError, KafkaUnavailable) as exc:
-            self._failed.add(cuid)
+            self.failed.add(cuid)
             pending = exc.pending if isinstance(exc, PublishError) else None
             if pending is not None:  # aiokafka may still deliver it: keep the claim until it knows
                 self._unsettled[cuid] = asyncio.create_task(self._hold_until_settled(cuid, claim_id, pending))
             else:
                 with contextlib.suppress(PyMongoError):
-                    await self._release(cuid, claim_id)
+                    await self.claims.release(cuid, claim_id)
             raise KafkaUnavailable(str(exc)) from None
-        self._remember(cuid)
-        if claim_id is None and cuid not in self._failed:
-            # A new call: its receipt is written in the background, batched with others (the
-            # event is acknowledged; a lost receipt only means a read of the topic before the
-            # call would be published again).
-            self._write_receipt_later({"_id": cuid, "at": datetime.now(UTC)})
+        self.receipts.remember(cuid)
+        if claim_id is None and cuid not in self.failed:
+            self.receipts.write_later(cuid)  # a new call: batched, in the background
             return
-        await self._record_receipt(cuid)
+        await self.receipts.record(cuid)
 
     async def _hold_until_settled(self, cuid: str, claim_id: str | None,
                                   delivery: asyncio.Future[Any]) -> bool:
@@ -273,42 +184,25 @@ class CallPublisher:
                     log.warning("a timed-out publication is still not settled; claim released",
                                 extra={"cuid": cuid})
                     with contextlib.suppress(PyMongoError):
-                        await self._release(cuid, held)
+                        await self.claims.release(cuid, held)
                     return False
                 with contextlib.suppress(PyMongoError):
-                    renewal = {"cuid": cuid, "owner": self.owner,
-                               "until": datetime.now(UTC) + timedelta(seconds=CLAIM_SECONDS)}
-                    await retry_busy(functools.partial(
-                        self._claims.update_one, {"_id": held}, {"$set": renewal}, upsert=True))
+                    await self.claims.renew(cuid, held)
                 await asyncio.wait([delivery], timeout=CLAIM_SECONDS / 3)
             delivered = not delivery.cancelled() and delivery.exception() is None
             if delivered:
                 log.info("a timed-out publication was delivered after all", extra={"cuid": cuid})
-                self._remember(cuid)
-                await self._record_receipt_or_keep(cuid)
+                self.receipts.remember(cuid)
+                await self.receipts.record_or_keep(cuid)
             else:
                 with contextlib.suppress(PyMongoError):
-                    await self._release(cuid, held)
+                    await self.claims.release(cuid, held)
             return delivered
         finally:
             if self._unsettled.get(cuid) is asyncio.current_task():
                 del self._unsettled[cuid]
 
-    async def _record_receipt(self, cuid: str) -> None:
-        """Insert the receipt of ``cuid`` (store errors propagate) and drop its claims."""
-        await self._writer.insert(RECEIPTS, {"_id": cuid, "at": datetime.now(UTC)})
-        self._failed.discard(cuid)
-        with contextlib.suppress(PyMongoError):  # after the receipt, claims are moot
-            await retry_busy(lambda: self._claims.delete_many({"cuid": cuid}))
-
-    async def _record_receipt_or_keep(self, cuid: str) -> None:
-        """:meth:`_record_receipt`; a receipt the store refuses is kept for the republisher loop."""
-        try:
-            await self._record_receipt(cuid)
-        except PyMongoError:  # WriterStopped included
-            self._unwritten_receipts[cuid] = {"_id": cuid, "at": datetime.now(UTC)}
-
-    async def _delivered_before(self, calls: list[Document]) -> set[str]:
+    async def delivered_before(self, calls: list[Document]) -> set[str]:
         """The cuids among ``calls`` whose CallSubmitted (same event id) is on the topic already.
 
         Raises :class:`KafkaUnavailable` if the topic cannot be read.
@@ -318,7 +212,7 @@ class CallPublisher:
         producer = events.PRODUCER_OF_INPUT["validator"]  # CallSubmitted's event id, as events.py builds it
         expected = {call["_id"]: event_id(call["_id"], producer, int(call.get("attempt", 1)))
                     for call in calls}
-        since = min(_aware(call.get("created_at")) for call in calls) - SCAN_MARGIN
+        since = min(aware(call.get("created_at")) for call in calls) - SCAN_MARGIN
         try:
             records = await self._scanner.find(self._topics.submitted, expected, since)
         except PublishError as exc:
@@ -333,35 +227,6 @@ class CallPublisher:
                 found.add(cuid)
         return found
 
-    def _remember(self, cuid: str) -> None:
-        """Note that this process saw the event of ``cuid`` acknowledged (bounded memory)."""
-        self._recent[cuid] = None
-        if len(self._recent) > RECENT_MAX:
-            self._recent.popitem(last=False)
-
-    def _write_receipt_later(self, receipt: Document) -> None:
-        def written(future: asyncio.Future[bool]) -> None:
-            if future.cancelled() or future.exception() is not None:
-                self._unwritten_receipts[receipt["_id"]] = receipt
-                log.warning("receipt not written yet", extra={"cuid": receipt["_id"]})
-
-        try:
-            self._writer.enqueue(RECEIPTS, receipt, background=True).add_done_callback(written)
-        except WriterStopped:  # shutdown: the republisher loop or the next start writes it
-            self._unwritten_receipts[receipt["_id"]] = receipt
-
-    async def _release(self, cuid: str, claim_id: str | None) -> None:
-        """Give up our claim so that a resubmission may publish at once."""
-        if claim_id is None:  # the implicit claim of the inserter: mark generation 0 expired
-            with contextlib.suppress(DuplicateKeyError):
-                await retry_busy(
-                    lambda: self._claims.insert_one(
-                        {"_id": f"{cuid}:0", "cuid": cuid, "owner": self.owner, "until": EPOCH}
-                    )
-                )
-        else:
-            await retry_busy(lambda: self._claims.update_one({"_id": claim_id}, {"$set": {"until": EPOCH}}))
-
     async def close(self, timeout: float = 5.0) -> None:
         """Wait (up to ``timeout``) for unsettled sends (their producer was stopped first, so
         they are settled now or soon) and close the topic scanner."""
@@ -369,48 +234,16 @@ class CallPublisher:
             await asyncio.wait(list(self._unsettled.values()), timeout=timeout)
         await self._scanner.close()
 
-    async def is_published(self, call: Document) -> bool:
-        """True if the call has a receipt (or its document says it is published)."""
-        if call.get("published") or call["_id"] in self._recent:
-            return True
-        return await self._receipts.find_one({"_id": call["_id"]}, {"_id": 1}) is not None
-
-    async def claim(self, call: Document) -> str | None:
-        """Take the publish claim of ``call``: its claim id, or None if someone holds it."""
-        cuid = call["_id"]
-        for generation in range(MAX_CLAIM_GENERATIONS):
-            claim_id = f"{cuid}:{generation}"
-            now = datetime.now(UTC)
-            held = await self._claims.find_one({"_id": claim_id})
-            if held is not None:
-                if _aware(held.get("until")) > now:
-                    return None
-                continue  # expired or released: the next generation is free to take
-            if generation == 0 and _aware(call.get("created_at")) + timedelta(seconds=CLAIM_SECONDS) > now:
-                return None  # the inserting request is still publishing it
-            claim = {
-                "_id": claim_id,
-                "cuid": cuid,
-                "owner": self.owner,
-                "until": now + timedelta(seconds=CLAIM_SECONDS),
-            }
-            try:
-                await retry_busy(functools.partial(self._claims.insert_one, claim))
-            except DuplicateKeyError:
-                return None  # another taker won this generation
-            return claim_id
-        return None
-
-    async def _publish_if_unpublished(self, call: Document) -> bool:
+    async def publish_if_unpublished(self, call: Document) -> bool:
         """Claim and publish ``call`` unless published or claimed; True if we published it
         (or found it published on the topic)."""
-        await self._producer.get()  # Kafka known to be down: no claim, no scan
-        claim_id = await self.claim(call)
+        await self.kafka()  # Kafka known to be down: no claim, no scan
+        claim_id = await self.claims.take(call)
         if claim_id is None:
             return False
-        if await self.is_published(call):  # finished while we were taking the claim
+        if await self.receipts.is_published(call):  # finished while we were taking the claim
             with contextlib.suppress(PyMongoError):
-                await retry_busy(lambda: self._claims.delete_one({"_id": claim_id}))
+                await self.claims.drop(claim_id)
             return False
         if "recording_url" not in call:  # a projection: the event needs the whole call
             full = await self._calls.find_one({"_id": call["_id"]})
@@ -418,15 +251,15 @@ class CallPublisher:
                 return False
             call = full
         try:
-            delivered = call["_id"] in await self._delivered_before([call])
+            delivered = call["_id"] in await self.delivered_before([call])
         except KafkaUnavailable:
             with contextlib.suppress(PyMongoError):
-                await self._release(call["_id"], claim_id)
+                await self.claims.release(call["_id"], claim_id)
             raise
         if delivered:  # an earlier send reached Kafka after all: only its receipt is missing
             log.info("event found on the topic; not published again", extra={"cuid": call["_id"]})
-            self._remember(call["_id"])
-            await self._record_receipt_or_keep(call["_id"])
+            self.receipts.remember(call["_id"])
+            await self.receipts.record_or_keep(call["_id"])
             return True
         await self._publish(call, claim_id)
         return True
@@ -457,83 +290,10 @@ class CallPublisher:
                 if delivered:
                     return
                 continue
-            if await self.is_published(call):
+            if await self.receipts.is_published(call):
                 return
-            if await self._publish_if_unpublished(call):
+            if await self.publish_if_unpublished(call):
                 return
             if time.monotonic() > deadline:
                 raise KafkaUnavailable("the call is being published by another request")
             await asyncio.sleep(0.05)
-
-    async def republish_pending(self, older_than_seconds: float, limit: int = 1000) -> int:
-        """Publish calls left unpublished for ``older_than_seconds``; returns how many.
-
-        The first scan of a process reads ``calls`` and the receipts whole (the calls of a
-        gateway that stopped before us); later ones only what was created since the oldest
-        call the previous scan left unpublished, or since its cut-off (see
-        :func:`unpublished_cuids`). Sets the unpublished-calls gauge to what is left.
-        """
-        await self._producer.get()  # no claims are taken while Kafka is known to be down
-        cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
-        candidates = await unpublished_cuids(self._db, older_than=cutoff, created_since=self._scan_from)
-        candidates = [c for c in candidates if c["_id"] not in self._recent]
-        batch = [c for c in candidates[:limit] if c["_id"] not in self._unsettled]
-        done = await self._delivered_before(batch)
-        for cuid in done:  # sent by a gateway that stopped before writing the receipt
-            await self._record_receipt_or_keep(cuid)
-        for call in batch:
-            if call["_id"] in self._in_flight or call["_id"] in done:
-                continue
-            if await self._publish_if_unpublished(call):
-                done.add(call["_id"])
-                log.info("republished unpublished call", extra={"cuid": call["_id"]})
-        left = [c for c in candidates if c["_id"] not in done]
-        # The next scan starts at the oldest call still unpublished (claimed by another
-        # publisher, over the limit), or at this cut-off (less a margin for slow inserts).
-        self._scan_from = min([cutoff - SCAN_MARGIN, *(_aware(c.get("created_at")) for c in left)])
-        metrics.UNPUBLISHED_CALLS.set(len(left))
-        return len(done)
-
-    async def retry_failed(self) -> int:
-        """Publish the calls whose publication failed in this process (and write the
-        receipts that could not be written)."""
-        for cuid, receipt in list(self._unwritten_receipts.items()):
-            await self._writer.insert(RECEIPTS, receipt)
-            del self._unwritten_receipts[cuid]
-        if not self._failed:
-            return 0
-        await self._producer.get()  # no claims are taken while Kafka is known to be down
-        published = 0
-        for cuid in list(self._failed):
-            if cuid in self._unsettled:  # its claim is held until aiokafka settles the send
-                continue
-            call = await self._calls.find_one({"_id": cuid})
-            if call is None or await self.is_published(call):
-                self._failed.discard(cuid)
-                continue
-            if await self._publish_if_unpublished(call):
-                published += 1
-                log.info("republished unpublished call", extra={"cuid": cuid})
-        return published
-
-    async def run_republisher(self, interval_seconds: float, older_than_seconds: float,
-                              scans: bool = True) -> None:
-        """Forever (never raises): every ``interval_seconds`` retry this process's failed
-        publications; ``older_than_seconds`` after start and then every ``FULL_SCAN_SECONDS``
-        scan for any unpublished call (those of a crashed or stopped gateway): the whole
-        collection once, then what was created since (:meth:`republish_pending`). Scans are
-        rare because on the dev store (FerretDB on SQLite) every query reads the whole
-        collection. ``scans=False``: only the retries (another worker scans).
-        """
-        next_scan = time.monotonic() + older_than_seconds  # calls of before our start are due
-        while True:
-            await asyncio.sleep(interval_seconds)
-            try:
-                await self.retry_failed()
-                if scans and time.monotonic() >= next_scan:
-                    await self.republish_pending(older_than_seconds)
-                    next_scan = time.monotonic() + max(FULL_SCAN_SECONDS, older_than_seconds)
-            except KafkaUnavailable:
-                pass
-            except PyMongoError as exc:
-                log.warning("republisher cannot read calls", extra={"error": type(exc).__name__})

@@ -13,6 +13,8 @@ def setup_routes(app: web.Application) -> None:
     """The API routes of version 2022-03-01, and a 400 for every other version."""
     app.router.add_post(f"/api/{V}/calls.json", views.submit_call)
     app.router.add_put(f"/api/{V}/calls.json", views.submit_call)
+    app.router.add_get(f"/api/{V}/calls.json", views.list_calls)
+    app.router.add_post(f"/api/{V}/calls/{{cuid}}/retry.json", views.retry_call)
     app.router.add_get(f"/api/{V}/calls/{{cuid}}.json", views.get_call)
     app.router.add_get(f"/api/{V}/calls/{{cuid}}/recording.wav", views.get_recording)
     app.router.add_get(f"/api/{V}/openapi.json", views.openapi)

@@ -13,7 +13,7 @@ from aiohttp import hdrs, web
 from botocore.exceptions import ClientError
 
 from callingest.callview import call_view
-from services.gateway import keys
+from services.gateway import keys, listing
 from services.gateway.auth import request_token
 from services.gateway.domain import Principal
 from services.gateway.errors import (
@@ -24,6 +24,7 @@ from services.gateway.errors import (
     RecordInvalid,
     UnsupportedMediaType,
 )
+from services.gateway.listing import CallQuery
 
 API_VERSION = "2022-03-01"
 MAX_BODY_BYTES = 1024 * 1024
@@ -111,6 +112,24 @@ async def get_call(request: web.Request) -> web.Response:
     """GET /api/2022-03-01/calls/{cuid}.json: the call and its processing state."""
     call = await _visible_call(request)
     return web.json_response(call_view(call))
+
+
+async def list_calls(request: web.Request) -> web.Response:
+    """GET /api/2022-03-01/calls.json: the token's calls, newest first, one page."""
+    principal = await _principal(request)
+    await request.app[keys.CALL_SERVICE].network_of(principal)
+    query = CallQuery.parse(request.query)
+    calls, next_cursor = await listing.list_calls(request.app[keys.DB].calls, principal, query)
+    return web.json_response({"calls": [call_view(c) for c in calls], "next_cursor": next_cursor})
+
+
+async def retry_call(request: web.Request) -> web.Response:
+    """POST /api/2022-03-01/calls/{cuid}/retry.json: a failed call resumes from the failed stage."""
+    principal = await _principal(request)
+    service = request.app[keys.CALL_SERVICE]
+    await service.network_of(principal)
+    restarted = await service.retry(principal, request.match_info["cuid"])
+    return web.json_response({"cuid": restarted.cuid, "status": restarted.status}, status=202)
 
 
 async def get_recording(request: web.Request) -> web.StreamResponse:

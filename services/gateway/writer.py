@@ -1,20 +1,10 @@
 """One writer task per process for the hot-path writes: batched inserts.
 
-The dev and test store (FerretDB 1.24 on SQLite) makes every read, update
-and delete of a collection cost a scan of that collection: its ``_id``
-"pushdown" (``_ferretdb_sjson->'$._id' = ?``) does not match the expression
-of the ``_id`` index (``_ferretdb_sjson->"_id"``), so SQLite scans, and any
-other filter is applied in Go to every document. Only inserts stay cheap
-(the unique indexes are real SQLite indexes). SQLite also serializes
-writers per database and answers ``database is locked`` (SQLITE_BUSY) to a
-writer that waits too long.
-
-So the request path only *inserts*, and concurrent requests do not write
-themselves: they queue their documents here and one task applies them,
-grouped per collection into one ``insert_many(ordered=False)`` each. A
-busy database is retried briefly (:data:`BUSY_RETRY_DELAYS`); after that
-the error reaches the caller (the gateway answers 503 with Retry-After).
-On MongoDB proper this costs nothing and saves round trips.
+Concurrent requests do not write themselves: they queue their documents here and one task
+applies them, grouped per collection into one ``insert_many(ordered=False)`` each. A busy
+database is retried briefly (:data:`BUSY_RETRY_DELAYS`); after that the error reaches the
+caller (the gateway answers 503 with Retry-After). Why (FerretDB on SQLite scans on every
+read or update and serializes writers): docs/architecture.md, "Publication".
 """
 
 from __future__ import annotations

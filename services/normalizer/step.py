@@ -6,7 +6,8 @@ aiobotocore client) and ``"pool"`` (a :class:`~services.normalizer.pool.Transcod
 
 Per call: the raw object ``raw/<cuid>/<attempt>`` is streamed into a temp file, transcoded
 in a worker process into a second temp file, and uploaded to ``normalized/<cuid>.wav``
-(multipart above :data:`PART_SIZE`); memory stays at about one part whatever the duration.
+(:func:`callingest.s3.upload`: multipart above one part); memory stays at about one part
+whatever the duration.
 The object's metadata records which attempt and which raw object it came from, and what
 the transcoder measured, so a redelivery finds the work done and does not redo it.
 """
@@ -14,19 +15,16 @@ the transcoder measured, so a redelivery finds the work done and does not redo i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, BinaryIO
 
-import aiohttp
-from botocore.exceptions import BotoCoreError, ClientError
-
 from callingest import metrics
+from callingest import s3 as s3io
 from callingest.errors import PermanentError, TransientError
 from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
@@ -38,9 +36,6 @@ from services.normalizer.transcode import RECORDING_FIELDS
 log = get_logger(__name__)
 
 STAGE = "normalizer"
-#: Size of each multipart-upload part, and the largest normalized file stored with one PUT.
-PART_SIZE = 8 * 1024 * 1024
-_DOWNLOAD_CHUNK = 1024 * 1024
 _CONTENT_TYPE = "audio/wav"
 
 
@@ -123,7 +118,7 @@ async def _already_normalized(
     s3: Any, bucket: str, key: str, provenance: dict[str, str]
 ) -> dict[str, Any] | None:
     """The stored measurements if ``key`` holds this attempt's output, else None."""
-    head = await _s3_call(_head, s3, Bucket=bucket, Key=key)
+    head = await s3io.head(s3, bucket, key)
     if head is None:
         return None
     metadata = head.get("Metadata") or {}
@@ -138,106 +133,40 @@ async def _already_normalized(
     return stored
 
 
-async def _head(s3: Any, **kwargs: Any) -> dict[str, Any] | None:
-    try:
-        head: dict[str, Any] = await s3.head_object(**kwargs)
-        return head
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return None
-        raise
-
-
 async def _download(s3: Any, bucket: str, key: str, path: str) -> None:
     """Stream ``s3://bucket/key`` into ``path``, one chunk in memory at a time."""
     try:
-        obj = await s3.get_object(Bucket=bucket, Key=key)
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            raise PermanentError(
-                "RecordingMissing",
-                f"the fetched recording s3://{bucket}/{key} is no longer in the object store; "
-                "replay the call from the fetcher",
-            ) from None
-        raise _store_error("get_object", exc) from None
-    except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
-        raise _store_error("get_object", exc) from None
-    f = await _disk(open, path, "wb")
-    try:
-        async with obj["Body"] as body:
-            while chunk := await body.read(_DOWNLOAD_CHUNK):
-                await _disk(f.write, chunk)
-    except (BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
-        raise _store_error("get_object body", exc) from None
-    finally:
-        await _disk(f.close)
+        await s3io.download_to_file(s3, bucket, key, path)
+    except s3io.ObjectMissing:
+        raise PermanentError(
+            "RecordingMissing",
+            f"the fetched recording s3://{bucket}/{key} is no longer in the object store; "
+            "replay the call from the fetcher",
+        ) from None
+    except OSError as exc:
+        raise _disk_error(exc) from None
 
 
 async def _upload(s3: Any, bucket: str, key: str, path: str, metadata: dict[str, str]) -> None:
-    """Upload ``path`` to ``s3://bucket/key``; multipart (aborted on failure) above one part."""
-    size = await _disk(os.path.getsize, path)
+    """Upload ``path`` to ``s3://bucket/key`` (:func:`callingest.s3.upload`)."""
     f: BinaryIO = await _disk(open, path, "rb")
-    upload_id: str | None = None
+
+    async def parts() -> AsyncIterator[bytes]:
+        while part := await _disk(f.read, s3io.PART_SIZE):
+            yield part
+
     try:
-        if size <= PART_SIZE:
-            body = await _disk(f.read)
-            await _s3_call(
-                s3.put_object,
-                Bucket=bucket,
-                Key=key,
-                Body=body,
-                ContentType=_CONTENT_TYPE,
-                Metadata=metadata,
-            )
-            return
-        created = await _s3_call(
-            s3.create_multipart_upload,
-            Bucket=bucket,
-            Key=key,
-            ContentType=_CONTENT_TYPE,
-            Metadata=metadata,
-        )
-        upload_id = str(created["UploadId"])
-        parts: list[dict[str, Any]] = []
-        while part := await _disk(f.read, PART_SIZE):
-            number = len(parts) + 1
-            response = await _s3_call(
-                s3.upload_part,
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                PartNumber=number,
-                Body=part,
-            )
-            parts.append({"PartNumber": number, "ETag": response["ETag"]})
-        await _s3_call(
-            s3.complete_multipart_upload,
-            Bucket=bucket,
-            Key=key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": parts},
-        )
-        upload_id = None
+        await s3io.upload(s3, bucket, key, parts(),
+                          attributes=lambda: {"ContentType": _CONTENT_TYPE, "Metadata": metadata})
     finally:
         await _disk(f.close)
-        if upload_id is not None:
-            with contextlib.suppress(Exception):
-                await s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
 
 
-async def _s3_call(method: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
-    try:
-        return await method(*args, **kwargs)
-    except (ClientError, BotoCoreError, aiohttp.ClientError, TimeoutError) as exc:
-        raise _store_error(getattr(method, "__name__", "s3"), exc) from None
-
-
-def _store_error(operation: str, exc: Exception) -> TransientError:
-    if isinstance(exc, ClientError):
-        detail = exc.response.get("Error", {}).get("Code", "error")
-    else:
-        detail = type(exc).__name__
-    return TransientError(f"object store unavailable ({operation}: {detail})", "ObjectStoreUnavailable")
+def _disk_error(exc: OSError) -> TransientError:
+    return TransientError(
+        f"normalizer temp storage failed: {exc.strerror or type(exc).__name__}",
+        "NormalizerDiskError",
+    )
 
 
 async def _disk(fn: Callable[..., Any], *args: Any) -> Any:
@@ -245,7 +174,4 @@ async def _disk(fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args)
     except OSError as exc:
-        raise TransientError(
-            f"normalizer temp storage failed: {exc.strerror or type(exc).__name__}",
-            "NormalizerDiskError",
-        ) from None
+        raise _disk_error(exc) from None

@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from dataclasses import asdict, dataclass
 from typing import Any, BinaryIO, Final, cast
 
 import av
 import av.error
-import numpy as np
 
 from callingest.audioformat import SNIFF_BYTES, sniff_format
 from callingest.errors import PermanentError
-
-SAMPLE_RATE: Final = 8000
-CHANNELS: Final = 2
-SAMPLE_FORMAT: Final = "s16"
-BYTES_PER_FRAME: Final = CHANNELS * 2
+from services.normalizer.wav import (
+    BYTES_PER_FRAME,
+    CHANNELS,
+    MAX_DATA_BYTES,
+    SAMPLE_FORMAT,
+    SAMPLE_RATE,
+    WavSink,
+    wav_header,
+)
 
 #: Below this RMS level (dBFS, full scale = 32768) a channel counts as silent.
 SILENCE_THRESHOLD_DBFS: Final = -60.0
@@ -49,9 +51,6 @@ _OUT_FRAME_SAMPLES: Final = 8192
 # stream-info probe size (FFmpeg's 5 MB default costs ~0.5 s with big packets).
 _WAV_MAX_PACKET_BYTES: Final = 128 * 1024
 _WAV_PROBE_BYTES: Final = 32 * 1024
-# RIFF sizes are 32-bit: the data chunk must stay below 4 GiB (about 37 h of output).
-_MAX_DATA_BYTES: Final = 0xFFFFFFFF - 36
-_HEADER: Final = struct.Struct("<4sI4s4sIHHIIHH4sI")
 # A recording is corrupt when more packets than this fraction (plus a small allowance for a
 # damaged first or last frame) fail to decode.
 _MAX_BAD_PACKET_FRACTION: Final = 0.05
@@ -111,25 +110,6 @@ def dbfs(sum_squares: float, samples: int) -> float:
         return DBFS_FLOOR
     rms = math.sqrt(sum_squares / samples) / 32768.0
     return max(DBFS_FLOOR, 20.0 * math.log10(rms))
-
-
-def wav_header(data_bytes: int) -> bytes:
-    """The 44-byte canonical header of an 8 kHz, s16, 2-channel PCM WAV with ``data_bytes``."""
-    return _HEADER.pack(
-        b"RIFF",
-        36 + data_bytes,
-        b"WAVE",
-        b"fmt ",
-        16,
-        1,  # WAVE_FORMAT_PCM
-        CHANNELS,
-        SAMPLE_RATE,
-        SAMPLE_RATE * BYTES_PER_FRAME,
-        BYTES_PER_FRAME,
-        16,
-        b"data",
-        data_bytes,
-    )
 
 
 def transcode(
@@ -257,7 +237,7 @@ def _transcode_container(
 
     start = dst.tell()
     dst.write(wav_header(0))
-    sink = _WavSink(dst, swap)
+    sink = WavSink(dst, swap, too_long=_too_long)
     pipeline = _Resampling(sink)
     packets = 0
     bad_packets = 0
@@ -311,41 +291,6 @@ def _transcode_container(
     )
 
 
-class _WavSink:
-    """Resampled s16 stereo blocks -> the WAV data chunk, swapping channels if asked and
-    accumulating per-channel sums of squares (float64: exact to 2**53, ~200 h of audio)."""
-
-    def __init__(self, dst: BinaryIO, swap: bool) -> None:
-        self.dst = dst
-        self.swap = swap
-        self.samples = 0
-        self.sum_squares = [0.0] * CHANNELS
-
-    def write(self, frames: list[av.AudioFrame]) -> None:
-        for out in frames:
-            # Packed s16, L R L R ...; the plane may be padded past the last sample.
-            interleaved = np.frombuffer(
-                cast(Any, out.planes[0]), dtype=np.int16, count=out.samples * CHANNELS
-            )
-            if self.swap:
-                # One 32-bit word per stereo frame: rotating it by 16 bits swaps L and R,
-                # ~20x faster than a strided copy of pcm[:, ::-1].
-                words = interleaved.view(np.uint32)
-                interleaved = ((words << 16) | (words >> 16)).view(np.int16)
-            wide = interleaved.astype(np.float64)
-            left, right = wide[0::2], wide[1::2]
-            self.sum_squares[0] += float(left @ left)
-            self.sum_squares[1] += float(right @ right)
-            self.samples += interleaved.size // CHANNELS
-            if self.samples * BYTES_PER_FRAME > _MAX_DATA_BYTES:
-                limit_hours = _MAX_DATA_BYTES // BYTES_PER_FRAME // SAMPLE_RATE // 3600
-                raise RecordingError(
-                    "RecordingTooLong",
-                    f"the recording is longer than {limit_hours} h, the limit of a WAV file",
-                )
-            self.dst.write(interleaved.astype("<i2", copy=False).data)
-
-
 class _Resampling:
     """Decoded frames -> batches of at least :data:`_IN_BATCH_SAMPLES` (an ``AudioFifo``)
     -> ``AudioResampler`` -> sink.
@@ -356,7 +301,7 @@ class _Resampling:
     MP3s), the current resampler is drained and a new one started.
     """
 
-    def __init__(self, sink: _WavSink) -> None:
+    def __init__(self, sink: WavSink) -> None:
         self.sink = sink
         self.key: tuple[str, str, int, int] | None = None
         self.fifo: av.AudioFifo | None = None
@@ -395,6 +340,12 @@ class _Resampling:
         self.resampler = None
         self.fifo = None
         self.key = None
+
+
+def _too_long() -> RecordingError:
+    limit_hours = MAX_DATA_BYTES // BYTES_PER_FRAME // SAMPLE_RATE // 3600
+    return RecordingError("RecordingTooLong",
+                          f"the recording is longer than {limit_hours} h, the limit of a WAV file")
 
 
 def _channel_error(channels: int) -> RecordingError:

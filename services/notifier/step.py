@@ -11,6 +11,7 @@ from typing import Any
 from pymongo.errors import DuplicateKeyError
 
 from callingest import metrics
+from callingest.config_file import load_network
 from callingest.errors import TransientError
 from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
@@ -59,8 +60,8 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
     if await ctx.db.notifications.find_one({"_id": key}) is not None:
         metrics.NOTIFICATIONS.labels("duplicate").inc()
         return StepResult()
-    network = await ctx.db.networks.find_one({"_id": event["network_id"]}) or {}
-    to = network.get("csm_email")
+    network = await load_network(ctx.db, event["network_id"])
+    to = network.csm_email if network is not None else None
     if not to:
         log.warning("no csm_email configured; notification not sent",
                     extra={"cuid": cuid, "network_id": event["network_id"]})

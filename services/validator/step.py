@@ -13,6 +13,7 @@ from typing import Any
 from pymongo.errors import DuplicateKeyError
 
 from callingest import rules
+from callingest.config_file import load_campaign, load_network
 from callingest.errors import PermanentError
 from callingest.pipeline import StageContext, StepResult
 
@@ -21,25 +22,22 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
     """Pass the call on (CallValidated) or fail it permanently; idempotent per (cuid, attempt)."""
     if ctx.call is None:
         await _record_call(event, ctx)
-    network = await ctx.db.networks.find_one({"_id": event["network_id"]})
+    network = await load_network(ctx.db, event["network_id"])
     if network is None:
         raise PermanentError("UnknownNetwork", f"network {event['network_id']} is not configured")
-    if not network.get("call_ingestion_enabled", False):
+    if not network.call_ingestion_enabled:
         raise PermanentError(
             "UnauthorizedOperation",
             "You do not have permissions to perform the requested operation.",
         )
-    campaign = await ctx.db.campaigns.find_one({
-        "network_id": event["network_id"],
-        "id_from_network": str(event["advertiser_campaign_id_from_network"]),
-    })
-    problems = rules.campaign_problems(campaign)
-    if problems:
-        failure_class, message = problems[0]
-        raise PermanentError(failure_class, message)
+    campaign = await load_campaign(ctx.db, event["network_id"],
+                                   str(event["advertiser_campaign_id_from_network"]))
+    problem = rules.campaign_problem(campaign)
+    if problem:
+        raise PermanentError(rules.CAMPAIGN_CLASS, problem)
     field_problems = rules.call_problems(network, event)
     if field_problems:
-        raise PermanentError("RecordInvalid", "Validation failed: " + "; ".join(field_problems))
+        raise PermanentError(rules.RECORD_INVALID_CLASS, rules.record_invalid(field_problems))
     return StepResult(
         next_event={
             "recording_url": event["recording_url"],

@@ -3,7 +3,6 @@ served by a local HTTP server, normalized files checked channel by channel."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -22,7 +21,14 @@ from callingest import mongo
 from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
 from tests.conftest import ROOT, Services, delete_topics, make_settings, settings_env, wait_until
-from tests.helpers import apply_config, mails_about, serve_recordings
+from tests.helpers import (
+    apply_config,
+    committed_past,
+    demo_call,
+    end_offsets,
+    mails_about,
+    serve_recordings,
+)
 from tests.normalizer.audiogen import (
     LEFT_HZ,
     RIGHT_HZ,
@@ -85,15 +91,8 @@ class Stack:
 
     async def submit(self, recording: str, direction: str = "inbound",
                      auth_config: int | None = None, query: str = "") -> str:
-        call: dict[str, Any] = {
-            "external_call_unique_id": uuid.uuid4().hex,
-            "start_time": "2016-02-03 09:30:00 AM",
-            "destination_phone_number": 2165388265,
-            "calling_phone_number": 8779257383,
-            "advertiser_campaign_id_from_network": 85,
-            "call_direction": direction,
-            "recording_url": f"{self.recordings.base}/{recording}{query}",
-        }
+        call = demo_call(uuid.uuid4().hex, f"{self.recordings.base}/{recording}{query}",
+                         call_direction=direction)
         if auth_config is not None:
             call["recording_auth_config_id"] = auth_config
         async with self.http.post(f"{self.gateway}/api/2022-03-01/calls.json",
@@ -211,7 +210,9 @@ async def _failed_with_one_email(stack: Stack, cuid: str, stage: str, failure_cl
     assert call["failure"]["stage"] == stage
     assert call["failure"]["class"] == failure_class
     await wait_until(lambda: len(mails_about(mail_dir, cuid)) >= 1, what="notification email")
-    await asyncio.sleep(1.0)
+    ends = await end_offsets(stack.settings, stack.topics.failed)
+    await wait_until(lambda: committed_past(stack.settings, "notifier", ends),
+                     what="the notifier committed past the failure")
     assert len(mails_about(mail_dir, cuid)) == 1
     await wait_until(lambda: _notified(stack, cuid), what="csm_notified_at")
     async with stack.http.get(f"{stack.gateway}/api/2022-03-01/calls/{cuid}/recording.wav",

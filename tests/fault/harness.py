@@ -30,7 +30,7 @@ from callingest.service import prepare_infrastructure
 from callingest.settings import Settings
 from callingest.topics import Topics
 from tests.conftest import ROOT, TEST_LOGS, Services, delete_topics, wait_until
-from tests.helpers import apply_config, serve_recordings
+from tests.helpers import apply_config, demo_call, serve_recordings
 from tests.normalizer.audiogen import write_wav
 
 TOKEN = "demo-network-token"  # the demo configuration's network-wide token
@@ -143,18 +143,8 @@ class Pipeline:
         return self.services.running["gateway"].url
 
     def body(self, external_id: str, recording: str) -> dict[str, Any]:
-        return {
-            "oauth_token": TOKEN,
-            "call": {
-                "external_call_unique_id": external_id,
-                "start_time": "2016-02-03 09:30:00 AM",
-                "destination_phone_number": 2165388265,
-                "calling_phone_number": 8779257383,
-                "advertiser_campaign_id_from_network": 85,
-                "call_direction": "inbound",
-                "recording_url": f"{self.recordings.base}/{recording}",
-            },
-        }
+        return {"oauth_token": TOKEN,
+                "call": demo_call(external_id, f"{self.recordings.base}/{recording}")}
 
     async def submit(self, external_id: str, recording: str = "ok-1.wav",
                      timeout: float = 30.0, gateway: str | None = None) -> Answer:

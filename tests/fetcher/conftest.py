@@ -28,6 +28,7 @@ from callingest import s3
 from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.download import FetchPolicy
 from tests.conftest import make_settings
+from tests.helpers import serve_recordings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -155,13 +156,8 @@ class RecordingServer:
         return await handler(request)
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, base = await serve_recordings(self._dispatch, 0.1, prefix="", method="*")
+        self.port = URL(base).port or 0
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -285,8 +281,7 @@ class Store:
     port: int
 
     async def get(self, key: str) -> bytes | None:
-        from callingest.s3 import object_exists
-        if await object_exists(self.client, self.bucket, key) is None:
+        if await s3.head(self.client, self.bucket, key) is None:
             return None
         obj = await self.client.get_object(Bucket=self.bucket, Key=key)
         async with obj["Body"] as body:

@@ -16,9 +16,9 @@ from aiohttp import web
 
 from callingest import metrics
 from callingest.errors import PermanentError, TransientError
+from callingest.s3 import PART_SIZE
 from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.download import (
-    PART_SIZE,
     RecordingAuthConfig,
     StoredRecording,
     apply_auth,

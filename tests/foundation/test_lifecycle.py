@@ -20,8 +20,8 @@ from tools import devstack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-COMPONENTS = ("kafka", "mongodb", "s3", "smtp", "gateway", "validator", "fetcher", "normalizer",
-              "notifier")
+COMPONENTS = ("kafka", "mongodb", "s3", "smtp", "demo", "gateway", "validator", "fetcher",
+              "normalizer", "notifier")
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -47,6 +47,7 @@ def test_make_up_then_down(tmp_path: Path) -> None:
         "MONGODB_PORT": free_port(), "S3_PORT": free_port(), "SMTP_PORT": free_port(),
         "GATEWAY_PORT": free_port(), "VALIDATOR_PORT": free_port(), "FETCHER_PORT": free_port(),
         "NORMALIZER_PORT": free_port(), "NOTIFIER_PORT": free_port(),
+        "DEMO_RECORDINGS_PORT": free_port(),
     }
     env = {**os.environ, "CALLINGEST_RUN_DIR": str(run_dir),
            **{k: str(v) for k, v in ports.items()}}
@@ -66,6 +67,11 @@ def test_make_up_then_down(tmp_path: Path) -> None:
                     assert resp.status == 200, (name, path)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as resp:
                 assert json.loads(resp.read())["status"] == "ready"
+        demo = f"http://127.0.0.1:{ports['DEMO_RECORDINGS_PORT']}"
+        assert f"{demo}/call.wav" in up.stdout
+        for path, kind in (("/call.wav", b"RIFF"), ("/call.mp3", b"")):
+            with urllib.request.urlopen(f"{demo}{path}", timeout=5) as resp:
+                assert resp.status == 200 and resp.read().startswith(kind), path
         for component in COMPONENTS:
             assert (run_dir / "logs" / f"{component}.log").exists(), component
     finally:

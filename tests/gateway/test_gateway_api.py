@@ -19,6 +19,7 @@ from tests.gateway.conftest import (
     RECORDING_URL,
     EventReader,
 )
+from tests.helpers import demo_call
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -110,16 +111,12 @@ def fill(text: str, token: str = NETWORK_TOKEN) -> str:
 
 
 def call_body(external_id: str = "ext-1", **overrides: Any) -> dict[str, Any]:
-    call: dict[str, Any] = {
-        "external_call_unique_id": external_id,
+    call = demo_call(external_id, **{
+        "recording_url": RECORDING_URL,
         "start_time": "2016/04/11T13:00:00.000-07:00",
         "destination_phone_number": "+18885551212",
-        "calling_phone_number": 8779257383,
-        "advertiser_campaign_id_from_network": 85,
-        "call_direction": "inbound",
-        "recording_url": RECORDING_URL,
-    }
-    call.update(overrides)
+        **overrides,
+    })
     return {"call": call, "oauth_token": NETWORK_TOKEN}
 
 
@@ -433,7 +430,7 @@ async def test_bad_bodies_are_4xx_with_errors_body(gateway: Client) -> None:
     resp = await gateway.post(URL, data=chunks(), headers={"Content-Type": "application/json"})
     assert_error(resp.status, await resp.json(), 413, "PayloadTooLarge")
 
-    resp = await gateway.get(URL)
+    resp = await gateway.delete(URL)
     assert_error(resp.status, await resp.json(), 405, "MethodNotAllowed")
     resp = await gateway.get("/api/2022-03-01/nothing-here")
     assert_error(resp.status, await resp.json(), 404, "NotFound")
@@ -548,9 +545,18 @@ async def test_openapi_document_is_generated_from_the_models(gateway: Client) ->
     doc = await resp.json()
     assert doc["openapi"].startswith("3.1")
     paths = doc["paths"]
-    assert set(paths["/api/2022-03-01/calls.json"]) == {"post", "put"}
+    assert set(paths["/api/2022-03-01/calls.json"]) == {"post", "put", "get"}
     assert "/api/2022-03-01/calls/{cuid}.json" in paths
     assert "/api/2022-03-01/calls/{cuid}/recording.wav" in paths
+    assert set(paths["/api/2022-03-01/calls/{cuid}/retry.json"]) == {"post"}
+    # A submission's cuid links to the call, its recording, its retry and a resubmission.
+    for status in ("201", "202"):
+        links = paths["/api/2022-03-01/calls.json"]["post"]["responses"][status]["links"]
+        assert {name: link["operationId"] for name, link in links.items()} == {
+            "GetCall": "getCall", "GetRecording": "getRecording", "RetryCall": "retryCall",
+            "ResubmitCall": "submitCallPut"}
+        for name in ("GetCall", "GetRecording", "RetryCall"):
+            assert links[name]["parameters"] == {"cuid": "$response.body#/cuid"}
     from callingest.callview import CallView
     from services.gateway.models import CallIn, CallSubmission
 

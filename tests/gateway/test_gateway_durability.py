@@ -15,7 +15,7 @@ from callingest import avro, events
 from callingest.settings import Settings
 from services.gateway import keys
 from services.gateway import publisher as publisher_module
-from services.gateway.publisher import unpublished_cuids
+from services.gateway.receipts import unpublished_cuids
 from tests.conftest import free_port
 from tests.gateway.conftest import EventReader, poll, start_client
 from tests.gateway.test_gateway_api import call_body, get_call, post

@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from pymongo.errors import OperationFailure
 
 from services.gateway import keys, writer
-from services.gateway.publisher import unpublished_cuids
+from services.gateway.receipts import unpublished_cuids
 from tests.gateway.conftest import EventReader, poll
 from tests.gateway.test_gateway_api import call_body, post
 

@@ -15,10 +15,11 @@ from callingest import avro, metrics
 from callingest.errors import PermanentError
 from callingest.kafka import event_id
 from callingest.pipeline import StageContext
+from callingest.s3 import PART_SIZE
 from callingest.settings import Settings
 from callingest.topics import Topics
 from services.normalizer.pool import TranscodePool
-from services.normalizer.step import PART_SIZE, normalized_key, step
+from services.normalizer.step import normalized_key, step
 from tests.normalizer import audiogen
 from tests.normalizer.audiogen import LEFT_HZ, RIGHT_HZ
 

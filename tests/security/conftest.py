@@ -28,6 +28,7 @@ from tests.conftest import (
     make_settings,
     used_secret,
 )
+from tests.helpers import demo_call
 from tools import devstack
 
 TOKEN_A = used_secret(f"sec-a-{uuid.uuid4().hex}")
@@ -63,18 +64,9 @@ networks:
 
 
 def call_body(external_id: str, campaign: Any = 85, **fields: Any) -> dict[str, Any]:
-    return {
-        "call": {
-            "external_call_unique_id": external_id,
-            "start_time": "2016-02-03 09:30:00 AM",
-            "destination_phone_number": 2165388265,
-            "calling_phone_number": 8779257383,
-            "advertiser_campaign_id_from_network": campaign,
-            "call_direction": "inbound",
-            "recording_url": "http://127.0.0.1:9/rec.wav",
-            **fields,
-        }
-    }
+    return {"call": demo_call(external_id, **{"recording_url": "http://127.0.0.1:9/rec.wav",
+                                              "advertiser_campaign_id_from_network": campaign,
+                                              **fields})}
 
 
 @dataclass

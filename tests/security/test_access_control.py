@@ -32,8 +32,10 @@ def routes(cuid: str) -> list[tuple[str, str, dict[str, Any] | None]]:
     return [
         ("POST", f"{API}/calls.json", body),
         ("PUT", f"{API}/calls.json", body),
+        ("GET", f"{API}/calls.json", None),
         ("GET", f"{API}/calls/{cuid}.json", None),
         ("GET", f"{API}/calls/{cuid}/recording.wav", None),
+        ("POST", f"{API}/calls/{cuid}/retry.json", None),
     ]
 
 
@@ -157,3 +159,17 @@ async def test_secrets_are_absent_from_error_bodies_and_logs(gw: SecureGateway) 
     log = gw.log.read_text()
     for secret in (signature, guessed, TOKEN_A, TOKEN_B, AUTH_SECRET):
         assert secret not in log
+
+
+async def test_a_token_of_network_a_cannot_list_or_retry_calls_of_network_b(gw: SecureGateway) -> None:
+    a = {"Authorization": f"Bearer {TOKEN_A}"}
+    b = {"Authorization": f"Bearer {TOKEN_B}"}
+    status, raw, _ = await request(gw, "GET", f"{API}/calls.json", headers=b)
+    assert status == 200 and gw.cuid_b in raw.decode()
+    for query in ("", "?external_call_unique_id=b-1", "?status=normalized"):
+        status, raw, _ = await request(gw, "GET", f"{API}/calls.json{query}", headers=a)
+        assert status == 200 and gw.cuid_b not in raw.decode(), query
+    status, raw, _ = await request(gw, "POST", f"{API}/calls/{gw.cuid_b}/retry.json", headers=a)
+    assert status == 404 and json.loads(raw)["errors"]["class"] == "NotFound"
+    status, raw, _ = await request(gw, "POST", f"{API}/calls/{gw.cuid_b}/retry.json", headers=b)
+    assert status == 409 and json.loads(raw)["errors"]["class"] == "Conflict"  # normalized

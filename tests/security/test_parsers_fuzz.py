@@ -22,13 +22,14 @@ from hypothesis import strategies as st
 
 from callingest import avro, events
 from callingest.audioformat import FORMATS, sniff_format
+from callingest.config_file import NetworkSettings as Network
 from callingest.ssrf import AddressPolicy, AddressRefused, parse_ip_host
 from services.fetcher.download import _retry_after, redact_url
 from services.gateway.auth import request_token
-from services.gateway.domain import Network
 from services.gateway.errors import RecordInvalid
-from services.gateway.models import ValidationContext, validate_submission
+from services.gateway.models import ValidationContext
 from services.gateway.parsing import FieldError, parse_signal_value
+from services.gateway.validation import validate_submission
 from tests.helpers import call_doc
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

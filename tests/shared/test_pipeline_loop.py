@@ -16,7 +16,7 @@ from callingest.pipeline import Stage, StageContext, StageRunner, StepResult, _P
 from callingest.settings import Settings
 from callingest.topics import Topics
 from tests.conftest import wait_until
-from tests.helpers import call_doc, decoded, read_topic, submit
+from tests.helpers import call_doc, committed_past, decoded, end_offsets, read_topic, submit
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -145,7 +145,9 @@ async def test_events_of_an_earlier_attempt_are_skipped(settings: Settings, db: 
     step = Recorder({})
     async with running(settings, topics, step):
         await submit(settings, db, doc)  # CallSubmitted built with attempt 1
-        await asyncio.sleep(4)
+        ends = await end_offsets(settings, topics.submitted)
+        await wait_until(lambda: committed_past(settings, "validator", ends),
+                         what="the consumer committed past the event")
     assert step.calls == []
     assert await status_of(db, doc["_id"]) == "received"
 

@@ -333,3 +333,22 @@ async def test_a_new_kind_of_secret_is_one_place_entry_lists_of_secrets_included
     assert open_item(NEW, webhooks, "w1", stored[0]) == doc["webhooks"][0]
     with pytest.raises(SecretInvalid):  # a previous secret moved to another webhook does not open
         open_item(NEW, webhooks, "w1", {**stored[1], "previous_secrets": stored[0]["previous_secrets"]})
+
+
+@pytest.mark.mongo
+async def test_the_read_model_every_service_loads_holds_no_secret(db: Any) -> None:
+    """Gateway, validator, notifier and fetcher read networks through load_network: it holds
+    neither the token nor its sealed form, only which key sealed it."""
+    await _configure(db, 1, "read", OLD)
+    await db.networks.insert_one({"_id": "legacy", "name": "L", "call_ingestion_enabled": True,
+                                  "recording_auth_configs": [
+                                      {"id": "7", "method": "bearer_header", "token": "read-legacy"}]})
+    stored = await db.networks.find_one({"_id": "n000"})
+    network = await config_file.load_network(db, "n000")
+    assert network is not None
+    held = json.dumps(network.model_dump(), default=str)
+    assert "read-0" not in held
+    assert not any(c["token"]["ct"] in held for c in stored["recording_auth_configs"])
+    assert {c.token for c in network.recording_auth_configs} == {"sealed:old1"}
+    legacy = await config_file.load_network(db, "legacy")
+    assert legacy is not None and legacy.recording_auth_configs[0].token == "unsealed"

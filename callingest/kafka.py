@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, OutOfOrderSequenceNumber, UnknownProducerId
 from aiokafka.partitioner import DefaultPartitioner
 
-from callingest import avro, metrics
+from callingest import avro, metrics, tracing
 from callingest.logging import get_logger
 
 log = get_logger(__name__)
@@ -166,7 +166,10 @@ class Producer:
         headers: Sequence[tuple[str, bytes]] = (),
         timeout: float | None = None,
     ) -> None:
-        """Publish already-encoded bytes; same acknowledgement contract as :meth:`send`."""
+        """Publish already-encoded bytes; same acknowledgement contract as :meth:`send`.
+
+        The current trace context is added to ``headers`` (W3C ``traceparent``).
+        """
         if self._started and self._sender_dead():
             try:
                 await self._restart()
@@ -175,7 +178,8 @@ class Producer:
                 raise PublishError(f"Kafka producer restart failed: {type(exc).__name__}") from exc
         fut: asyncio.Future[Any] | None = None
         try:
-            fut = await self._producer.send(topic, value=value, key=key.encode(), headers=list(headers))
+            fut = await self._producer.send(topic, value=value, key=key.encode(),
+                                           headers=tracing.kafka_headers(headers))
             # Shielded: a timeout must not cancel the delivery future, since cancelling it does
             # not take the message back; the caller gets it as ``PublishError.pending``.
             await asyncio.wait_for(asyncio.shield(fut), timeout)

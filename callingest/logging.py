@@ -1,7 +1,9 @@
 """Structured JSON logs, one object per line, with secrets scrubbed.
 
 Every line that concerns a call carries ``cuid`` (and ``event_id`` when an
-event is being handled): pass them in ``extra``. Scrubbing is a last line of
+event is being handled): pass them in ``extra``. Lines written inside a trace
+(a request, a stage's processing of an event) carry its ``trace_id``.
+Scrubbing is a last line of
 defence: code must not log secrets in the first place, but URL query strings,
 userinfo and Authorization values are removed from every rendered line, and
 values registered with :func:`register_secret` are masked wherever they appear.
@@ -16,6 +18,8 @@ import sys
 import threading
 import time
 from typing import Any
+
+from callingest import tracing
 
 _URL_SECRETS = re.compile(
     r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)"  # scheme
@@ -76,13 +80,19 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS and not key.startswith("_"):
                 entry[key] = value
+        if "trace_id" not in entry:
+            trace_id = tracing.current_trace_id()
+            if trace_id is not None:
+                entry["trace_id"] = trace_id
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return scrub(json.dumps(entry, default=str))
 
 
 def configure(service: str, level: str = "INFO") -> None:
-    """Send every logger's records to stderr as JSON lines; idempotent."""
+    """Send every logger's records to stderr as JSON lines, and set up tracing
+    (:func:`callingest.tracing.configure`); idempotent."""
+    tracing.configure(service)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

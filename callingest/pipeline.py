@@ -43,7 +43,7 @@ from aiokafka.structs import ConsumerRecord
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from callingest import avro, metrics
+from callingest import avro, metrics, tracing
 from callingest.errors import PermanentError, TransientError
 from callingest.kafka import Producer, PublishError, event_id
 from callingest.logging import get_logger
@@ -287,6 +287,11 @@ class StageRunner:
                 delay = min(delay * 2, 10.0)
 
     async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
+        """One message in a span that continues the trace in its headers."""
+        with tracing.consumer_span(self.stage.name, tp.topic, record.headers):
+            await self._handle_traced(tp, record)
+
+    async def _handle_traced(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         started = time.perf_counter()
         try:
             _event_name, event = avro.decode(record.value)
@@ -295,6 +300,7 @@ class StageRunner:
             return
         self._consecutive_dead_letters = 0
         cuid = event["cuid"]
+        tracing.set_cuid(cuid)
         attempt = int(event.get("attempt", 1))
         extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": self.stage.name}
         call = await self.db.calls.find_one({"_id": cuid})
@@ -335,6 +341,8 @@ class StageRunner:
                 self._observe(tp, started, "retry")
             return
         await self._succeed(event, result)
+        if result.terminal and result.status == "normalized" and call is not None:
+            metrics.observe_normalized(call)
         self._observe(tp, started, "ok")
         log.info("step done", extra={**extra, "status": result.status})
 

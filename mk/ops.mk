@@ -31,7 +31,7 @@ render: kustomize
 	done
 
 # The operations tests alone (manifests, alerts, dashboard, Dockerfile); part of `make test`.
-test-ops: kustomize
+test-ops: kustomize prometheus
 	.venv/bin/pytest tests/ops
 
 # `make setup` builds kustomize too (the manifest tests in `make test` need it).

@@ -97,6 +97,18 @@ def ports() -> devstack.Ports:
 
 
 @pytest.fixture(scope="session")
+def promql(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A Prometheus server without targets, for its PromQL parser and evaluator
+    (tests/ops/prometheus.py)."""
+    from tests.ops.prometheus import PrometheusServer, require_prometheus
+
+    require_prometheus()
+    server = PrometheusServer(tmp_path_factory.mktemp("promql"), free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def servers(ports: devstack.Ports) -> Iterator[devstack.Ports]:
     """The four servers, running for the whole session."""
     started = devstack.servers_up(ports)
@@ -217,6 +229,24 @@ class ServiceProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def wait_process_ready(name: str, proc: subprocess.Popen[bytes], url: str,
+                       log_text: Any, timeout: float) -> None:
+    """Wait until ``url`` answers 200; RuntimeError with the log's tail if ``proc`` exits first
+    or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{name} not ready after {timeout} s:\n{log_text()[-3000:]}")
+
+
 @dataclass
 class Services:
     """Starts ``callingest serve <name>`` processes for a test and stops them afterwards."""
@@ -240,18 +270,8 @@ class Services:
         out.close()
         service = ServiceProcess(name, port, proc, log)
         self.running[name] = service
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{service.log_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{service.url}/readyz", timeout=1.0) as resp:
-                    if resp.status == 200:
-                        return service
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"{name} not ready after {timeout} s:\n{service.log_text()[-3000:]}")
+        wait_process_ready(name, proc, f"{service.url}/readyz", service.log_text, timeout)
+        return service
 
     def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
         service = self.running.pop(name, None)

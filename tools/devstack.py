@@ -3,8 +3,9 @@
 Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
 FerretDB on SQLite (.tools/bin/ferretdb), versitygw as the S3 store
 (.tools/bin/versitygw, posix backend), an aiosmtpd sink, the demo server
-(tools/demo_server.py: sample recordings and a webhook receiver), and the six
-services. Every process runs in its own session (process group) with its pid
+(tools/demo_server.py: sample recordings and a webhook receiver), the six
+services, and Prometheus scraping them (.tools/bin/prometheus; tools/prometheus.py).
+Every process runs in its own session (process group) with its pid
 in ``.run/pids/<component>.pid`` and its output in ``.run/logs/<component>.log``.
 
 Usage: ``python -m tools.devstack up|down|status|servers-up|servers-down``.
@@ -39,6 +40,7 @@ DEMO_WEBHOOK_SECRET = "whsec_PIvvg3U/lvFqLDLyXUiQwgSPvwcyPr2p"
 SERVERS = ("kafka", "mongodb", "s3", "smtp")
 SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
 DEMO = "demo"  # tools/demo_server.py: sample recordings and a webhook receiver (make up only)
+PROMETHEUS = "prometheus"  # scrapes every service (tools/prometheus.py; make up only)
 SERVICE_PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083,
                  "notifier": 8084, "webhooks": 8085}
 
@@ -56,6 +58,7 @@ class Ports:
     smtp: int = field(default_factory=lambda: _port("SMTP_PORT", 1025))
     gateway: int = field(default_factory=lambda: _port("GATEWAY_PORT", 8080))
     demo: int = field(default_factory=lambda: _port("DEMO_RECORDINGS_PORT", 8000))
+    prometheus: int = field(default_factory=lambda: _port("PROMETHEUS_PORT", 9090))
 
     def of(self, component: str) -> int:
         if component in ("validator", "fetcher", "normalizer", "notifier", "webhooks"):
@@ -375,6 +378,17 @@ def apply_config(ports: Ports, path: Path) -> None:
                    env={**os.environ, **service_env(ports)})
 
 
+def start_prometheus(ports: Ports, timeout: float = 30.0) -> None:
+    """Prometheus on ``ports.prometheus`` scraping every service, with the project's rules."""
+    from tools import prometheus
+
+    directory = RUN / "prometheus"
+    config = prometheus.write_config(directory, {name: ports.of(name) for name in SERVICES})
+    spawn(PROMETHEUS, prometheus.server_argv(config, directory / "data", ports.prometheus))
+    wait_for(lambda: _http_ok(f"http://127.0.0.1:{ports.prometheus}/-/ready"), "prometheus",
+             timeout, "prometheus")
+
+
 def up(ports: Ports) -> None:
     started = time.monotonic()
     servers_up(ports)
@@ -387,11 +401,14 @@ def up(ports: Ports) -> None:
     # The 60 s budget covers the whole stack; on a loaded machine the servers may eat most of
     # it, so the services always get at least 20 s of their own.
     wait_services(SERVICES, ports, max(20.0, 60.0 - (time.monotonic() - started)))
+    if running_pid(PROMETHEUS) is None:
+        start_prometheus(ports, max(10.0, 60.0 - (time.monotonic() - started)))
     base = f"http://127.0.0.1:{ports.gateway}"
     print(f"\nstack ready in {time.monotonic() - started:.1f} s; logs in {RUN / 'logs'}")
     print(f"gateway: {base}")
     print(f"demo recordings: {demo_url(ports)}/call.wav, {demo_url(ports)}/call.mp3; "
-          f"webhook receiver: {demo_url(ports)}/webhooks (deliveries in {RUN / 'webhooks'})\n")
+          f"webhook receiver: {demo_url(ports)}/webhooks (deliveries in {RUN / 'webhooks'})")
+    print(f"prometheus: http://127.0.0.1:{ports.prometheus}/api/v1/targets\n")
     print("try it:")
     print(f"""  curl -s -X POST '{base}/api/2022-03-01/calls.json' \\
     -H 'Content-Type: application/json' -H 'Authorization: Bearer demo-network-token' \\
@@ -402,14 +419,14 @@ def up(ports: Ports) -> None:
 
 
 def down() -> None:
-    for component in (*SERVICES, DEMO, *reversed(SERVERS)):
+    for component in (PROMETHEUS, *SERVICES, DEMO, *reversed(SERVERS)):
         if stop(component):
             print(f"stopped {component}")
 
 
 def status(ports: Ports) -> int:
     bad = 0
-    for component in (*SERVERS, DEMO, *SERVICES):
+    for component in (*SERVERS, DEMO, *SERVICES, PROMETHEUS):
         pid = running_pid(component)
         listening = port_open(ports.of(component))
         print(f"{component:11s} pid={pid or '-':<8} port={ports.of(component)} "

@@ -3,7 +3,7 @@
 Runs against the dev stack's servers (``make up`` or ``python -m tools.devstack servers-up``)
 with its own database and topic prefix, both removed afterwards:
 
-    .venv/bin/python bench/gateway/run.py [--workers N [N ...]] [--duration S]
+    .venv/bin/python bench/gateway/run.py [--workers N [N ...]] [--duration S] [--tracing R]
 
 For each target (bare handler; for each worker count the gateway with and without the
 metrics middleware, each on an empty database of its own; the bare handler again) it
@@ -11,6 +11,10 @@ runs wrk at concurrency 64 and 4 with ``submit.lua`` (every request a new call) 
 a 3 s warm-up, and prints a Markdown table (ratios against the mean of the two bare
 runs, since the machine is shared and its load drifts) and the metrics middleware's
 cost; raw wrk output goes to ``bench/results/``.
+
+``--tracing R`` measures tracing instead of the metrics middleware: R rounds, for each
+worker count, of the gateway with tracing off (``OTEL_SDK_DISABLED=true``) then on (spans
+exported over OTLP/HTTP to ``otlp_sink.py`` on loopback), and prints tracing's cost.
 """
 
 from __future__ import annotations
@@ -114,14 +118,24 @@ def wrk(port: int, connections: int, duration: int, run_id: str, log: Path) -> d
     return result
 
 
-def measure(name: str, port: int, duration: int, log: Path) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(name: str, port: int, duration: int, log: Path, pid: int | None = None) -> dict[str, Any]:
+    """wrk at c=64 and c=4 after a warm-up; with ``pid``, also the CPU time that process spent
+    per request (``cpu_us``): unlike throughput, hardly moved by the load of other processes."""
     run_id = uuid.uuid4().hex[:8]
     wrk(port, 64, 3, f"warm{run_id}", log)
-    return {
-        "target": name,
-        "c64": wrk(port, 64, duration, f"c64{run_id}", log),
-        "c4": wrk(port, 4, duration, f"c4{run_id}", log),
-    }
+    result: dict[str, Any] = {"target": name}
+    for key, connections in (("c64", 64), ("c4", 4)):
+        before = cpu_seconds(pid) if pid is not None else 0.0
+        result[key] = wrk(port, connections, duration, f"{key}{run_id}", log)
+        if pid is not None:
+            result[key]["cpu_us"] = (cpu_seconds(pid) - before) * 1e6 / result[key]["requests"]
+    return result
 
 
 async def cleanup(settings: Settings) -> int:
@@ -163,8 +177,13 @@ def measure_bare(label: str, duration: int, log: Path) -> dict[str, Any]:
         stop(bare)
 
 
-def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path) -> dict[str, Any]:
-    """One gateway target on a database and topics of its own (so every target starts empty)."""
+def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path,
+                    tracing: str | None = None) -> dict[str, Any]:
+    """One gateway target on a database and topics of its own (so every target starts empty).
+
+    ``tracing``: None (the default set-up: spans made, none exported), "off" (no spans) or
+    "on" (spans exported over OTLP/HTTP to a loopback sink).
+    """
     tag = uuid.uuid4().hex[:8]
     settings = Settings(mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.")
     asyncio.run(prepare(settings))
@@ -173,6 +192,14 @@ def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path) ->
         "TOPIC_PREFIX": settings.topic_prefix,
         "GATEWAY_WORKERS": str(workers),
     }
+    sink = None
+    if tracing == "off":
+        env["OTEL_SDK_DISABLED"] = "true"
+    elif tracing == "on":
+        sink_port = free_port()
+        sink = start([PYTHON, str(HERE / "otlp_sink.py"), str(sink_port)], {},
+                     log.with_suffix(".otlp.log"))
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
     try:
         port = free_port()
         cmd = [PYTHON, str(HERE / "serve_gateway.py")] + ([] if metrics_on else ["--no-metrics"])
@@ -180,9 +207,13 @@ def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path) ->
         try:
             wait_ready(f"http://127.0.0.1:{port}/readyz")
             label = f"gateway, {workers} worker(s), metrics {'on' if metrics_on else 'off'}"
-            result = measure(label, port, duration, log)
+            if tracing is not None:
+                label += f", tracing {tracing}"
+            result = measure(label, port, duration, log, gateway.pid if workers == 1 else None)
         finally:
             stop(gateway)
+            if sink is not None:
+                stop(sink)
     finally:
         result_published = asyncio.run(cleanup(settings))
     result["published"] = result_published
@@ -196,14 +227,21 @@ def main() -> int:
         help="gateway worker counts to measure (each with and without metrics)",
     )
     parser.add_argument("--duration", type=int, default=15)
+    parser.add_argument("--tracing", type=int, default=0, metavar="ROUNDS",
+                        help="measure tracing off/on (ROUNDS alternations) instead of metrics on/off")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / f"gateway-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.log"
     # The bare handler runs first and last: the machine is shared, its load drifts.
     results = [measure_bare("bare aiohttp handler (1 process), before", args.duration, log)]
     for workers in args.workers:
-        for metrics_on in (True, False):
-            results.append(measure_gateway(workers, metrics_on, args.duration, log))
+        if args.tracing:
+            for _ in range(args.tracing):
+                for tracing in ("off", "on"):
+                    results.append(measure_gateway(workers, True, args.duration, log, tracing))
+        else:
+            for metrics_on in (True, False):
+                results.append(measure_gateway(workers, metrics_on, args.duration, log))
     results.append(measure_bare("bare aiohttp handler (1 process), after", args.duration, log))
     bare_rps = (results[0]["c64"]["rps"] + results[-1]["c64"]["rps"]) / 2
     lines = [
@@ -216,9 +254,30 @@ def main() -> int:
         "",
     ]
     gateways = [r for r in results if "published" in r]
-    for on, off in zip(gateways[::2], gateways[1::2], strict=True):
-        cost = 1 - on["c64"]["rps"] / off["c64"]["rps"]
-        lines.append(f"metrics middleware cost ({on['target']}): {cost:+.1%} of c=64 throughput")
+    if args.tracing:
+        for workers in args.workers:
+            label = f"gateway, {workers} worker(s), metrics on, tracing"
+            for c in ("c64", "c4"):
+                rps_off = [r[c]["rps"] for r in gateways if r["target"] == f"{label} off"]
+                rps_on = [r[c]["rps"] for r in gateways if r["target"] == f"{label} on"]
+                cost = 1 - sum(rps_on) / sum(rps_off)
+                lines.append(f"tracing cost ({workers} worker(s), {c}): {cost:+.1%} of throughput "
+                             f"(mean of {len(rps_on)} runs on / {len(rps_off)} off: "
+                             f"{sum(rps_on) / len(rps_on):.0f} / {sum(rps_off) / len(rps_off):.0f} req/s)")
+                cpu_off = [r[c]["cpu_us"] for r in gateways
+                           if r["target"] == f"{label} off" and "cpu_us" in r[c]]
+                cpu_on = [r[c]["cpu_us"] for r in gateways
+                          if r["target"] == f"{label} on" and "cpu_us" in r[c]]
+                if cpu_on and cpu_off:
+                    mean_on, mean_off = sum(cpu_on) / len(cpu_on), sum(cpu_off) / len(cpu_off)
+                    lines.append(f"  gateway CPU per submission ({c}): on {mean_on:.0f} us, off "
+                                 f"{mean_off:.0f} us: tracing costs {mean_on / mean_off - 1:+.1%} "
+                                 f"(runs on: {', '.join(f'{v:.0f}' for v in cpu_on)}; "
+                                 f"off: {', '.join(f'{v:.0f}' for v in cpu_off)})")
+    else:
+        for on, off in zip(gateways[::2], gateways[1::2], strict=True):
+            cost = 1 - on["c64"]["rps"] / off["c64"]["rps"]
+            lines.append(f"metrics middleware cost ({on['target']}): {cost:+.1%} of c=64 throughput")
     requests = sum(r["c64"]["requests"] + r["c4"]["requests"] for r in gateways)
     published = sum(r["published"] for r in gateways)
     lines.append(f"gateway calls published (receipts) / measured requests: {published} / {requests} "

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
-from callingest import mongo, s3
+from callingest import mongo, s3, tracing
 from callingest.http import add_ops_routes
 from callingest.kafka import PublishError, TopicScanner
 from callingest.logging import get_logger
@@ -24,7 +24,7 @@ from callingest.topics import Topics
 from services.gateway import keys
 from services.gateway.auth import FailureThrottle, TokenAuthenticator
 from services.gateway.calls import CallService, ConfigCache
-from services.gateway.middleware import error_middleware, metrics_middleware
+from services.gateway.middleware import error_middleware, metrics_middleware, route_label
 from services.gateway.openapi import build_openapi
 from services.gateway.publisher import CallPublisher, gateway_producer
 from services.gateway.republisher import Republisher
@@ -102,7 +102,9 @@ def init_app(settings: Settings, *, with_metrics: bool = True,
     ``scans_unpublished=False``: this process only retries its own failed publications and
     leaves the scans for calls of stopped gateways to another (one worker of several).
     """
-    middlewares: list[Any] = [metrics_middleware] if with_metrics else []
+    middlewares: list[Any] = [tracing.http_server_middleware(route_label)]
+    if with_metrics:
+        middlewares.append(metrics_middleware)
     middlewares.append(error_middleware)
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[keys.SETTINGS] = settings

@@ -30,7 +30,7 @@ from typing import Any
 from cachetools import TTLCache
 from pymongo.asynchronous.database import AsyncDatabase
 
-from callingest import metrics, rules
+from callingest import metrics, rules, tracing
 from callingest.config_file import NetworkSettings, StoredCampaign, load_campaign, load_network
 from callingest.kafka import PublishError
 from callingest.logging import get_logger
@@ -178,6 +178,7 @@ class CallService:
                                  principal: Principal) -> Submission:
         content_hash = call.content_hash
         doc = self._document(call, content_hash, campaign)
+        tracing.set_cuid(doc["_id"])
         if await self._writer.insert("calls", doc):
             await self._publisher.publish_new(doc)
             metrics.CALLS_SUBMITTED.labels("created").inc()
@@ -267,6 +268,8 @@ class CallService:
             "published": False,  # publication is recorded as a receipt (see receipts.py)
             "created_at": now,
             "history": [{"stage": "gateway", "status": "received", "at": now}],
+            # the submission's trace: its event carries it even when published later
+            "trace_context": tracing.current_carrier(),
         }
 
     async def find(self, principal: Principal, cuid: str) -> Document | None:

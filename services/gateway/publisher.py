@@ -31,7 +31,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from callingest import avro, events
+from callingest import avro, events, tracing
 from callingest.kafka import Producer, PublishError, TopicScanner, event_id
 from callingest.logging import get_logger
 from callingest.topics import Topics
@@ -149,13 +149,14 @@ class CallPublisher:
         cuid = call["_id"]
         try:
             producer = await self.kafka()
-            await producer.send(
-                self._topics.submitted,
-                "CallSubmitted",
-                events.call_submitted(call, int(call.get("attempt", 1))),
-                key=cuid,
-                timeout=PUBLISH_WAIT_SECONDS,
-            )
+            with tracing.attached(call.get("trace_context")):
+                await producer.send(
+                    self._topics.submitted,
+                    "CallSubmitted",
+                    events.call_submitted(call, int(call.get("attempt", 1))),
+                    key=cuid,
+                    timeout=PUBLISH_WAIT_SECONDS,
+                )
         except (PublishError, KafkaUnavailable) as exc:
             self.failed.add(cuid)
             pending = exc.pending if isinstance(exc, PublishError) else None

@@ -46,7 +46,7 @@ async def unpublished_cuids(
     db: AsyncDatabase[Document], older_than: datetime | None = None,
     created_since: datetime | None = None,
 ) -> list[Document]:
-    """``{_id, created_at, attempt}`` of every stored call that is not published yet
+    """``{_id, created_at, attempt, trace_context}`` of every stored call that is not published yet
     (created at or after ``created_since`` and before ``older_than`` when given).
 
     Without ``created_since`` it reads ``calls`` and ``published_calls`` whole: call it
@@ -60,7 +60,8 @@ async def unpublished_cuids(
         receipts_query["at"] = {"$gte": created_since - SCAN_MARGIN}
     receipts = {doc["_id"] async for doc in db[RECEIPTS].find(receipts_query, {"_id": 1})}
     pending = []
-    async for doc in db.calls.find(calls_query, {"_id": 1, "created_at": 1, "attempt": 1}):
+    async for doc in db.calls.find(calls_query, {"_id": 1, "created_at": 1, "attempt": 1,
+                                                 "trace_context": 1}):
         if doc["_id"] in receipts:
             continue
         if older_than is not None and aware(doc.get("created_at")) >= older_than:

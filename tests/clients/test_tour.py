@@ -3,9 +3,6 @@
 The stack runs from this checkout with its own run directory, ports, topic prefix and
 database (on the session's servers, which `make up` reuses); `make down` stops it. The
 README's addresses and `.run/` paths are rewritten to that stack's, nothing else.
-
-The webhook step needs the webhooks branch (the demo configuration's webhook pointing at
-the demo server's ``/webhooks``): enable it with ``TOUR_WEBHOOKS = True``.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from tools import devstack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(420)]
 
-TOUR_WEBHOOKS = False  # the lead turns this on once the webhooks branch is merged
 STEP_TIMEOUT = 120
 
 
@@ -55,7 +51,7 @@ def stack(servers: devstack.Ports, tmp_path: Path) -> Iterator[dict[str, Any]]:
         "S3_PORT": str(servers.s3), "SMTP_PORT": str(servers.smtp),
         "GATEWAY_PORT": str(gateway), "DEMO_RECORDINGS_PORT": str(demo),
         **{f"{name.upper()}_PORT": str(free_port())
-           for name in ("validator", "fetcher", "normalizer", "notifier")},
+           for name in ("validator", "fetcher", "normalizer", "notifier", "webhooks")},
         "TOPIC_PREFIX": f"tour{tag}.", "MONGODB_DATABASE": f"tour_{tag}",
     }
     up = subprocess.run(["make", "up"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -81,8 +77,6 @@ def localize(block: str, stack: dict[str, Any], mail_dir: Path) -> str:
 
 def test_readme_tour(stack: dict[str, Any], mail_dir: Path, tmp_path: Path) -> None:
     blocks = tour_blocks((ROOT / "README.md").read_text())
-    if not TOUR_WEBHOOKS:
-        blocks = [b for b in blocks if ".run/webhooks" not in b]
     # The printed curl example of `make up` reaches the demo server too.
     printed = stack["up"].split("try it:", 1)[1]
     assert f"http://127.0.0.1:{stack['demo']}/call.wav" in printed
@@ -108,10 +102,9 @@ def test_readme_tour(stack: dict[str, Any], mail_dir: Path, tmp_path: Path) -> N
     assert f'{{"cuid": "{broken}"}} HTTP 201' in fix
     assert "('fetcher', 'failed'), ('correction', 'received')" in fix
     assert fix.rstrip().endswith("HTTP 409") and '"class": "Conflict"' in fix
-    if TOUR_WEBHOOKS:
-        hook = steps[5].lower()
-        assert '"webhook-id":' in hook and '"webhook-signature": "v1,' in hook
-        assert '"webhook-timestamp":' in hook
+    hook = steps[5].lower()
+    assert '"webhook-id":' in hook and '"webhook-signature": "v1,' in hook
+    assert '"webhook-timestamp":' in hook
 
 
 def test_make_up_points_the_demo_config_at_the_demo_port(tmp_path: Path,

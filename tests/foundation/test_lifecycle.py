@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -20,8 +21,7 @@ from tools import devstack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-COMPONENTS = ("kafka", "mongodb", "s3", "smtp", "demo", "gateway", "validator", "fetcher",
-              "normalizer", "notifier")
+COMPONENTS = (*devstack.SERVERS, devstack.DEMO, *devstack.SERVICES, devstack.PROMETHEUS)
 
 
 def _processes_mentioning(text: str) -> list[str]:
@@ -46,8 +46,9 @@ def test_make_up_then_down(tmp_path: Path) -> None:
         "KAFKA_PORT": free_port(), "KAFKA_CONTROLLER_PORT": free_port(),
         "MONGODB_PORT": free_port(), "S3_PORT": free_port(), "SMTP_PORT": free_port(),
         "GATEWAY_PORT": free_port(), "VALIDATOR_PORT": free_port(), "FETCHER_PORT": free_port(),
-        "NORMALIZER_PORT": free_port(), "NOTIFIER_PORT": free_port(),
+        "NORMALIZER_PORT": free_port(), "NOTIFIER_PORT": free_port(), "WEBHOOKS_PORT": free_port(),
         "DEMO_RECORDINGS_PORT": free_port(),
+        "PROMETHEUS_PORT": free_port(),
     }
     env = {**os.environ, "CALLINGEST_RUN_DIR": str(run_dir),
            **{k: str(v) for k, v in ports.items()}}
@@ -60,7 +61,7 @@ def test_make_up_then_down(tmp_path: Path) -> None:
         assert time.monotonic() - started < 120
         assert f"http://127.0.0.1:{ports['GATEWAY_PORT']}" in up.stdout
         assert "curl" in up.stdout
-        for name in ("gateway", "validator", "fetcher", "normalizer", "notifier"):
+        for name in devstack.SERVICES:
             port = ports[f"{name.upper()}_PORT"]
             for path in ("/healthz", "/readyz", "/metrics"):
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
@@ -74,6 +75,7 @@ def test_make_up_then_down(tmp_path: Path) -> None:
                 assert resp.status == 200 and resp.read().startswith(kind), path
         for component in COMPONENTS:
             assert (run_dir / "logs" / f"{component}.log").exists(), component
+        _check_prometheus(ports)
     finally:
         down = subprocess.run(["make", "-s", "down"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
@@ -81,3 +83,33 @@ def test_make_up_then_down(tmp_path: Path) -> None:
     for name, port in ports.items():
         assert not devstack.port_open(port), f"{name} {port} still listening after make down"
     assert _processes_mentioning(str(run_dir)) == []
+
+
+def _prometheus_api(port: int, path: str) -> object:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}", timeout=5) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def _check_prometheus(ports: dict[str, int]) -> None:
+    """Prometheus of `make up` scrapes every service and has the project's rules loaded."""
+    from tests.ops.prometheus import alert_names, record_names
+
+    port = ports["PROMETHEUS_PORT"]
+    services = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+    deadline = time.monotonic() + 60
+    while True:
+        targets = _prometheus_api(port, "targets")["activeTargets"]  # type: ignore[index]
+        up = {t["labels"]["job"]: t["scrapeUrl"] for t in targets if t["health"] == "up"}
+        if len(up) == len(services) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert up == {f"callingest-{name}": f"http://127.0.0.1:{ports[name.upper() + '_PORT']}/metrics"
+                  for name in services}
+    groups = _prometheus_api(port, "rules")["groups"]  # type: ignore[index]
+    loaded = [rule for group in groups for rule in group["rules"]]
+    assert sorted(r["name"] for r in loaded if r["type"] == "alerting") == sorted(alert_names())
+    assert {r["name"] for r in loaded if r["type"] == "recording"} == record_names()
+    result = _prometheus_api(port, "query?query=" + urllib.parse.quote("sum by (job) (up)"))
+    assert len(result["result"]) == len(services)  # type: ignore[index]

@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     webhook_max_in_flight: int = Field(64, ge=1)
     webhook_poll_interval_seconds: float = Field(1.0, gt=0)
 
+    #: Data keys sealing stored credentials, ``kid:base64key,...`` newest first (callingest.secretbox).
+    secret_keys: SecretStr | None = None
+
     public_base_url: str = "http://127.0.0.1:8080"
     log_level: str = "INFO"
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from callingest import config_file, mongo
 from callingest.infra import prepare_infrastructure
+from callingest.secretbox import Keyring
 from callingest.settings import Settings
+from tools import devstack
 
 # The benchmarks run on the dev stack: its defaults, in this process and the services it starts.
 os.environ.setdefault("CALLINGEST_ENV", "dev")
@@ -21,6 +23,7 @@ async def prepare(settings: Settings) -> None:
     await prepare_infrastructure(settings)
     client = mongo.open_client(settings)
     try:
-        await config_file.apply(mongo.database(client, settings), config_file.load(DEMO_CONFIG))
+        await config_file.apply(mongo.database(client, settings), config_file.load(DEMO_CONFIG),
+                                Keyring.parse(devstack.dev_secret_keys()))
     finally:
         await client.close()

@@ -58,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     admin_sub = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     admin_sub.add_parser("init", help="create topics, indexes and the bucket (idempotent)",
                          description="Create every Kafka topic, MongoDB index and the S3 bucket.")
+    admin_sub.add_parser(
+        "rotate-secrets", help="re-encrypt every stored secret with the newest key",
+        description="Re-encrypt every stored secret (recording auth-config tokens, ...) with the "
+        "first key of SECRET_KEYS. Idempotent and resumable: run it again after an interruption.")
+    keygen = admin_sub.add_parser(
+        "generate-secret-key", help="print a new SECRET_KEYS entry (kid:base64key)",
+        description="Print a new random 256-bit data key as a SECRET_KEYS entry.")
+    keygen.add_argument("--kid", help="key id (default: random)")
     return parser
 
 
@@ -99,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         flt = ReplayFilter(cuids=args.cuid, stage=args.stage, since=args.since,
                            failure_class=args.failure_class)
         return asyncio.run(run_replay(settings, flt, dry_run=args.dry_run))
+    if args.command == "admin" and args.admin_command == "rotate-secrets":
+        from callingest.rotation import run_rotation
+
+        return asyncio.run(run_rotation(settings))
+    if args.command == "admin" and args.admin_command == "generate-secret-key":
+        from callingest.secretbox import generate_key_entry
+
+        print(generate_key_entry(args.kid))
+        return 0
     if args.command == "admin":
         return asyncio.run(_admin_init(settings))
     return 2
@@ -106,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _config_apply(settings: Any, path: Path) -> int:
     from callingest import config_file, mongo
+    from callingest.secretbox import load_keyring
 
+    keyring = load_keyring(settings)
     try:
         config = config_file.load(path)
     except config_file.ConfigError as exc:
@@ -115,7 +134,7 @@ async def _config_apply(settings: Any, path: Path) -> int:
     client = mongo.open_client(settings)
     try:
         db = mongo.database(client, settings)
-        changes = await config_file.apply(db, config)
+        changes = await config_file.apply(db, config, keyring)
     finally:
         await client.close()
     for line in changes:

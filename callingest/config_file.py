@@ -2,7 +2,8 @@
 
 The whole file is validated before anything is written, so a bad file
 changes nothing. Errors name the file, the path of the field and the problem.
-Tokens are stored as SHA-256 hashes, never in clear.
+API tokens are stored as SHA-256 hashes, recording auth-config tokens and webhook secrets
+sealed with the data key (:mod:`callingest.secretbox`); none is stored or printed in clear.
 
 The same models are the read model of the stored configuration: every service reads a
 network with :func:`load_network` (a :class:`NetworkSettings`) and a campaign with
@@ -30,6 +31,7 @@ from pydantic import (
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import webhooks
+from callingest.secretbox import SecretCodec, seal_document, without_secrets
 
 #: The language codes the platform transcribes (the spec's list).
 LanguageCode = Literal["en-US", "en-GB", "es-ES", "fr-FR"]
@@ -180,6 +182,7 @@ class NetworkSettings(_Strict):
     def from_document(cls, doc: dict[str, Any]) -> NetworkSettings:
         """The network of a ``networks`` document; fields it does not store take their
         defaults, except call ingestion, which is off unless the document enables it."""
+        doc = without_secrets("networks", doc)  # the read model never holds a secret
         fields = {k: v for k, v in doc.items() if k in cls.model_fields and k != "id"}
         fields["id"] = doc["_id"]
         fields.setdefault("call_ingestion_enabled", False)
@@ -316,7 +319,8 @@ def _path(loc: tuple[Any, ...], data: Any) -> str:
 
 
 def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
-    """The MongoDB documents ``config`` describes, by collection."""
+    """The MongoDB documents ``config`` describes, by collection; secrets still in clear
+    (:func:`apply` seals them before writing)."""
     networks, tokens, campaigns = [], [], []
     for n in config.networks:
         networks.append({
@@ -331,10 +335,8 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
             "custom_data_fields": n.custom_data_fields,
             "recording_auth_configs": [c.model_dump() for c in n.recording_auth_configs],
             "advertisers": [a.id for a in n.advertisers],
-            "webhooks": [{"id": w.id, "url": w.url, "events": w.events,
-                          "secret": webhooks.seal_secret(w.secret),
-                          "previous_secrets": [webhooks.seal_secret(p) for p in w.previous_secrets]}
-                         for w in n.webhooks],
+            "webhooks": [{"id": w.id, "url": w.url, "events": w.events, "secret": w.secret,
+                          "previous_secrets": list(w.previous_secrets)} for w in n.webhooks],
         })
         for t in n.api_tokens:
             tokens.append({"_id": hash_token(t.token), "network_id": n.id,
@@ -353,12 +355,15 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
     return {"networks": networks, "api_tokens": tokens, "campaigns": campaigns}
 
 
-async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile) -> list[str]:
-    """Upsert every document of ``config``; returns one line per created or changed document."""
+async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile,
+                codec: SecretCodec) -> list[str]:
+    """Upsert every document of ``config``, its secrets sealed by ``codec``; returns one line
+    per created or changed document."""
     changes: list[str] = []
     for collection, docs in documents(config).items():
         for doc in docs:
             existing = await db[collection].find_one({"_id": doc["_id"]})
+            doc = seal_document(codec, collection, doc, existing)
             label = _label(collection, doc)
             if existing is None:
                 await db[collection].insert_one(doc)

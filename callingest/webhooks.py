@@ -6,10 +6,9 @@ Webhooks follow the Standard Webhooks specification (standardwebhooks.com): each
 of this attempt) and ``webhook-signature`` (``v1,<base64 HMAC-SHA256>`` of
 ``"<id>.<timestamp>.<body>"`` keyed with the base64-decoded part of the ``whsec_`` secret).
 
-The configuration (``callingest config apply``) validates secrets with :func:`secret_key`
-and stores them through :func:`seal_secret`; the deliverer reads them back through
-:func:`open_secret`. Those two functions are the only places a webhook secret is written
-for storage or read from it (encryption at rest plugs in there).
+The configuration (``callingest config apply``) validates secrets with :func:`secret_key`;
+they are stored sealed (:data:`callingest.secretbox.WEBHOOKS`) and only the deliverer opens
+them, at the moment it signs.
 """
 
 from __future__ import annotations
@@ -45,16 +44,6 @@ def secret_key(secret: str) -> bytes:
                          f"(base64 after {SECRET_PREFIX!r}); generate one with "
                          "\"whsec_$(openssl rand -base64 32)\"")
     return key
-
-
-def seal_secret(secret: str) -> str:
-    """The form a webhook secret is stored in (the one place it is written for storage)."""
-    return secret
-
-
-def open_secret(stored: str) -> str:
-    """The secret back from its stored form (the one place it is read from storage)."""
-    return stored
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:

@@ -27,6 +27,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import SecretStr
 
 from callingest import mongo, s3
+from callingest.secretbox import Keyring
 from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
 from tools import devstack
@@ -43,7 +44,10 @@ os.environ.setdefault("CALLINGEST_ENV", "dev")
 USED_SECRETS: set[str] = {
     "demo-network-token", "demo-advertiser-token", "disabled-network-token", "s3cr3t",
     devstack.S3_SECRET_KEY, devstack.DEMO_WEBHOOK_SECRET,
+    devstack.dev_secret_keys().partition(":")[2],
 }
+#: The data keys of the dev stack (``SECRET_KEYS`` of every test's settings).
+DEV_KEYRING = Keyring.parse(devstack.dev_secret_keys())
 
 
 def used_secret(value: str) -> str:
@@ -136,6 +140,7 @@ def make_settings(ports: devstack.Ports, **overrides: Any) -> Settings:
         "fetch_read_timeout_seconds": 2.0,
         "shutdown_grace_seconds": 5.0,
         "republish_after_seconds": 1.0,
+        "secret_keys": SecretStr(devstack.dev_secret_keys()),
     }
     values.update(overrides)
     return Settings(**values)

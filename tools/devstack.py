@@ -66,10 +66,18 @@ class Ports:
         return int(getattr(self, component))
 
 
+def dev_secret_keys() -> str:
+    """``SECRET_KEYS`` of the dev stack, the tests and the benchmarks (generated into .run/ once)."""
+    from callingest.secretbox import dev_keys
+
+    return dev_keys(RUN)
+
+
 def service_env(ports: Ports) -> dict[str, str]:
     """Environment for the services so they reach the dev stack's servers (dev profile)."""
     return {
         "CALLINGEST_ENV": "dev",
+        "SECRET_KEYS": dev_secret_keys(),
         "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{ports.kafka}",
         "MONGODB_URI": f"mongodb://127.0.0.1:{ports.mongodb}/",
         "S3_ENDPOINT_URL": f"http://127.0.0.1:{ports.s3}",

@@ -346,6 +346,7 @@ def bench_settings(ports: devstack.Ports, tag: str) -> Settings:
         s3_secret_access_key=SecretStr(devstack.S3_SECRET_KEY),
         smtp_port=ports.smtp,
         allow_loopback_recordings=True,
+        secret_keys=SecretStr(devstack.dev_secret_keys()),
     )
 
 

@@ -38,9 +38,6 @@ quote the full URL) are replaced by their type names.
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import random
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -59,6 +56,7 @@ from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, AddressRefused, check_url
 from services.fetcher.budget import ByteBudget
 from services.fetcher.hosts import HostGuard, Outcome, refusals_as_step_errors
+from services.fetcher.pacing import backoff_delay, retry_after_seconds, watchdog
 from services.fetcher.recording_auth import RecordingAuthConfig, apply_auth
 from services.fetcher.urls import origin, parse_url, redact_origin, redact_url
 
@@ -138,27 +136,6 @@ class _Retryable(Exception):
         self.failure_class = failure_class
         self.message = message
         self.retry_after = retry_after
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or HTTP-date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def backoff_delay(attempt: int, base: float, cap: float) -> float:
-    """Full-jitter exponential backoff before attempt ``attempt + 1`` (attempt counts from 1)."""
-    return random.uniform(0.0, min(cap, base * (2 ** (attempt - 1))))
 
 
 async def fetch_recording(
@@ -264,7 +241,7 @@ async def _fetch_http_once(recording_url: str, *, auth: RecordingAuthConfig | No
                         "RecordingTooLarge",
                         f"recording is {length} bytes, over the {policy.max_bytes}-byte limit",
                     )
-                chunks = _watchdog(resp.content.iter_any(), policy.read_timeout,
+                chunks = watchdog(resp.content.iter_any(), policy.read_timeout,
                                    policy.min_bytes_per_second)
                 if policy.memory is None:
                     return await _store(chunks, s3=s3, bucket=bucket, key=key, policy=policy,
@@ -298,33 +275,10 @@ def _raise_for_status(status: int, headers: Mapping[str, str], shown: str) -> No
     if 200 <= status < 300:
         return
     if status >= 500 or status in RETRYABLE_4XX:
-        retry_after = _retry_after(headers.get("Retry-After")) if status in (429, 503) else None
+        retry_after = retry_after_seconds(headers.get("Retry-After")) if status in (429, 503) else None
         failure = "RecordingRateLimited" if status == 429 else "RecordingServerError"
         raise _Retryable(failure, f"HTTP {status} from {shown}", retry_after)
     raise PermanentError("RecordingUnavailable", f"HTTP {status} from {shown}")
-
-
-async def _watchdog(chunks: AsyncIterator[bytes], window: float,
-                    min_bytes_per_second: float) -> AsyncIterator[bytes]:
-    """``chunks``, but raise TimeoutError when ``window`` seconds of waiting brought fewer
-    than ``min_bytes_per_second * window`` bytes (a trickle that per-read timeouts miss).
-    Only time spent waiting for the source counts, not time spent uploading."""
-    least = min_bytes_per_second * window
-    waited = 0.0
-    received = 0
-    while True:
-        started = time.monotonic()
-        try:
-            chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        waited += time.monotonic() - started
-        received += len(chunk)
-        if waited >= window:
-            if received < least:
-                raise TimeoutError("source too slow")
-            waited, received = 0.0, 0
-        yield chunk
 
 
 async def _fetch_s3_once(recording_url: str, *, s3: Any, bucket: str, key: str,

@@ -8,6 +8,7 @@ from typing import Any
 
 from callingest.infra import bucket_check
 from callingest.pipeline import Stage
+from callingest.secretbox import load_keyring
 from callingest.service import run_stage_service
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -30,4 +31,5 @@ async def stage(settings: Settings, db: Any, topics: Topics) -> AsyncIterator[St
 
 
 async def serve(settings: Settings) -> None:
+    load_keyring(settings)  # a missing SECRET_KEYS stops the service before it starts anything
     await run_stage_service(STAGE, stage, settings)

@@ -1,9 +1,10 @@
 """The fetcher stage: CallValidated in, the recording stored in S3, RecordingFetched out.
 
 Wiring (see :func:`open_resources`): the stage's ``resources`` hold ``"http"`` (an
-SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client), ``"address_policy"``
-and ``"hosts"`` (the per-host caps and circuit breakers, :mod:`services.fetcher.hosts`);
-:func:`step` reads them from ``ctx.resources``.
+SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client), ``"address_policy"``,
+``"hosts"`` (the per-host caps and circuit breakers, :mod:`services.fetcher.hosts`),
+``"memory"`` (the byte budget of recording bodies) and ``"keyring"`` (opens sealed
+auth-config tokens); :func:`step` reads them from ``ctx.resources``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import s3 as s3io
 from callingest.audioformat import FORMATS, SNIFF_BYTES, sniff_format
-from callingest.config_file import load_network
-from callingest.errors import PermanentError
+from callingest.config_file import NetworkSettings
+from callingest.errors import PermanentError, TransientError
 from callingest.logging import get_logger
 from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import s3_client
+from callingest.secretbox import (
+    RECORDING_AUTH_CONFIGS,
+    SecretCodec,
+    SecretInvalid,
+    SecretUnavailable,
+    load_keyring,
+    open_item,
+)
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.budget import ByteBudget
@@ -47,6 +56,7 @@ def raw_key(cuid: str, attempt: int) -> str:
 @asynccontextmanager
 async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     """The ``resources`` the fetcher stage needs, open for the life of the service."""
+    keyring = load_keyring(settings)
     address_policy = AddressPolicy(allow_loopback=settings.allow_loopback_recordings)
     memory = ByteBudget(settings.fetch_memory_budget_bytes)
     hosts = HostGuard(settings.fetch_max_per_host, settings.fetch_circuit_failure_threshold,
@@ -56,28 +66,38 @@ async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
     async with s3_client(settings) as s3, guarded_session(
             address_policy, limit=settings.fetcher_max_in_flight) as http:
         yield {"http": http, "s3": s3, "address_policy": address_policy, "hosts": hosts,
-               "memory": memory}
+               "memory": memory, "keyring": keyring}
 
 
 async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_id: str,
-                                     config_id: str | None) -> RecordingAuthConfig | None:
-    """The network's recording auth config ``config_id`` (None when the call names none).
+                                     config_id: str | None,
+                                     keyring: SecretCodec) -> RecordingAuthConfig | None:
+    """The network's recording auth config ``config_id`` (None when the call names none), its
+    token opened with ``keyring`` for this download only.
 
     Raises PermanentError ``RecordingAuthConfigNotFound`` if the network no longer has it
-    (the fix is to restore the config and replay).
+    (the fix is to restore the config and replay), TransientError ``SecretKeyUnavailable``
+    if it is sealed with a key not configured (the fix is to configure the key).
     """
     if config_id is None or config_id == "":
         return None
+    doc = await db.networks.find_one({"_id": network_id})
     try:
-        network = await load_network(db, network_id)
-    except ValidationError:  # its text may quote a token
+        network = NetworkSettings.from_document(doc) if doc is not None else None
+    except ValidationError:  # its text may quote a value
         raise PermanentError("RecordingAuthConfigInvalid",
                              f"the configuration of network {network_id} is invalid") from None
     config = network.recording_auth_config(str(config_id)) if network is not None else None
-    if config is not None:
-        try:
-            return RecordingAuthConfig.from_document(config.model_dump())
-        except ValueError as exc:
+    if config is not None and doc is not None:
+        stored = next(c for c in doc["recording_auth_configs"] if str(c.get("id")) == config.id)
+        try:  # the read model holds no token: it is opened from the stored item, for this use
+            opened = open_item(keyring, RECORDING_AUTH_CONFIGS, network_id, stored)
+            return RecordingAuthConfig.from_document({**config.model_dump(),
+                                                      "token": opened["token"]})
+        except SecretUnavailable as exc:
+            raise TransientError(f"recording auth config {config_id}: {exc}",
+                                 "SecretKeyUnavailable") from None
+        except (ValueError, SecretInvalid) as exc:
             raise PermanentError("RecordingAuthConfigInvalid",
                                  f"recording auth config {config_id}: {exc}") from None
     raise PermanentError(
@@ -124,7 +144,8 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
         log.info("recording already stored, reused", extra={**extra, "key": key})
     else:
         auth = await load_recording_auth_config(ctx.db, network_id,
-                                                event.get("recording_auth_config_id"))
+                                                event.get("recording_auth_config_id"),
+                                                ctx.resources["keyring"])
         stored = await fetch_recording(
             event["recording_url"],
             auth=auth,

@@ -31,9 +31,10 @@ from pymongo.errors import PyMongoError
 
 from callingest import metrics, tracing
 from callingest.logging import get_logger, register_secret
+from callingest.secretbox import WEBHOOKS, SecretInvalid, SecretUnavailable, load_keyring, open_item
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, AddressRefused, guarded_session
-from callingest.webhooks import check_webhook_url, next_retry_in, open_secret, signature_header
+from callingest.webhooks import check_webhook_url, next_retry_in, signature_header
 
 log = get_logger(__name__)
 
@@ -50,6 +51,7 @@ class Dispatcher:
         self.db = db
         self.wake = wake or asyncio.Event()
         self.policy = AddressPolicy(allow_loopback=settings.allow_loopback_webhooks)
+        self.keyring = load_keyring(settings)
         self.in_flight: dict[str, int] = defaultdict(int)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
@@ -155,8 +157,11 @@ class Dispatcher:
             url = check_webhook_url(endpoint["url"], self.settings.allow_loopback_webhooks)
         except ValueError as exc:
             return None, "refused", str(exc)
-        secrets = [open_secret(stored) for stored in
-                   [endpoint["secret"], *endpoint.get("previous_secrets", [])]]
+        try:  # opened for this attempt only
+            opened = open_item(self.keyring, WEBHOOKS, delivery["network_id"], endpoint)
+        except (SecretUnavailable, SecretInvalid) as exc:
+            return None, "secret_unavailable", str(exc)
+        secrets = [opened["secret"], *opened.get("previous_secrets", [])]
         for secret in secrets:
             register_secret(secret)  # masked should any log line ever carry it
         body = delivery["body"].encode()

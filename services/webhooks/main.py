@@ -13,6 +13,7 @@ from pymongo.errors import PyMongoError
 
 from callingest import infra, mongo
 from callingest.logging import configure, get_logger
+from callingest.secretbox import load_keyring
 from callingest.service import EXIT_FAILED, install_stop_handlers, ops_server
 from callingest.settings import Settings
 from services.webhooks.dispatch import Dispatcher
@@ -22,6 +23,7 @@ log = get_logger(__name__)
 
 
 async def serve(settings: Settings) -> None:
+    load_keyring(settings)  # a missing SECRET_KEYS stops the service before it starts anything
     configure("webhooks", settings.log_level)
     client = mongo.open_client(settings)
     db = mongo.database(client, settings)

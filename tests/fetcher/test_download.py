@@ -535,14 +535,14 @@ async def test_s3_source(http: aiohttp.ClientSession, store: Store, key: str,
 
 async def test_watchdog_ignores_upload_time() -> None:
     """Time spent by the consumer (uploading a part) does not count against the source."""
-    from services.fetcher.download import _watchdog
+    from services.fetcher.pacing import watchdog
 
     async def source() -> AsyncIterator[bytes]:
         for _ in range(3):
             yield b"x" * 10
 
     received = []
-    async for chunk in _watchdog(source(), window=0.05, min_bytes_per_second=1024 / 0.05):
+    async for chunk in watchdog(source(), window=0.05, min_bytes_per_second=1024 / 0.05):
         await asyncio.sleep(0.1)
         received.append(chunk)
     assert len(received) == 3

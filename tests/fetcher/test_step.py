@@ -18,6 +18,7 @@ from callingest.pipeline import StageContext, StepResult
 from callingest.settings import Settings
 from callingest.topics import Topics
 from services.fetcher.step import open_resources, raw_key, step
+from tests.conftest import DEV_KEYRING
 from tests.fetcher.conftest import LOOPBACK_OK, RecordingServer, Store, serve, wav_bytes
 
 pytestmark = [pytest.mark.s3, pytest.mark.mongo]
@@ -70,7 +71,8 @@ def context(settings: Settings, db: Any, resources: dict[str, Any]) -> StageCont
 
 @pytest.fixture
 def resources(store: Store, http: aiohttp.ClientSession) -> dict[str, Any]:
-    return {"http": http, "s3": store.client, "address_policy": LOOPBACK_OK}
+    return {"http": http, "s3": store.client, "address_policy": LOOPBACK_OK,
+            "keyring": DEV_KEYRING}
 
 
 def authorized(header: str, value: str) -> Any:

@@ -21,6 +21,7 @@ from callingest.infra import prepare_infrastructure
 from callingest.settings import Settings
 from callingest.topics import Topics
 from services.gateway.app import init_app
+from tests.conftest import DEV_KEYRING
 
 NETWORK_TOKEN = "gw-network-token-0001"
 ADVERTISER_TOKEN = "gw-advertiser-token-0001"
@@ -96,7 +97,7 @@ async def configured_db(db: Any, tmp_path: Path) -> Any:
     """This test's database with the configuration above applied the way ``config apply`` does."""
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG_YAML)
-    await config_file.apply(db, config_file.load(path))
+    await config_file.apply(db, config_file.load(path), DEV_KEYRING)
     return db
 
 

@@ -34,7 +34,7 @@ from tests.ops.manifests import (
 # the pinned kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.32.0", kubernetes_validate.latest_version())
 
-SECRET_ENV = {"MONGODB_URI", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"}
+SECRET_ENV = {"MONGODB_URI", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "SECRET_KEYS"}
 CONFIG_ENV = {
     "KAFKA_BOOTSTRAP_SERVERS",
     "MONGODB_DATABASE",

@@ -20,7 +20,14 @@ import pytest
 from callingest import config_file, mongo, s3
 from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
-from tests.conftest import TEST_LOGS, Services, delete_topics, make_settings, used_secret
+from tests.conftest import (
+    DEV_KEYRING,
+    TEST_LOGS,
+    Services,
+    delete_topics,
+    make_settings,
+    used_secret,
+)
 from tests.helpers import demo_call
 from tools import devstack
 
@@ -109,7 +116,7 @@ async def secure_gateway(servers: devstack.Ports, name: str,
     path = TEST_LOGS / f"{name}-config.yaml"
     TEST_LOGS.mkdir(parents=True, exist_ok=True)
     path.write_text(CONFIG)
-    await config_file.apply(db, config_file.load(path))
+    await config_file.apply(db, config_file.load(path), DEV_KEYRING)
     path.unlink()
     cuid_b = await normalized_call_of_b(settings, db)
     log_dir = TEST_LOGS / f"{name}-{uuid.uuid4().hex[:6]}"

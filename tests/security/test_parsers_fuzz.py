@@ -24,7 +24,8 @@ from callingest import avro, events
 from callingest.audioformat import FORMATS, sniff_format
 from callingest.config_file import NetworkSettings as Network
 from callingest.ssrf import AddressPolicy, AddressRefused, parse_ip_host
-from services.fetcher.download import _retry_after, redact_url
+from services.fetcher.pacing import retry_after_seconds
+from services.fetcher.urls import redact_url
 from services.gateway.auth import request_token
 from services.gateway.errors import RecordInvalid
 from services.gateway.models import ValidationContext
@@ -180,7 +181,7 @@ def test_any_text_redacts_without_raising(text: str) -> None:
 @FUZZ
 @given(st.one_of(st.text(max_size=40), st.integers(0, 10**6).map(str)))
 def test_retry_after_is_none_or_non_negative_seconds(value: str) -> None:
-    seconds = _retry_after(value)
+    seconds = retry_after_seconds(value)
     assert seconds is None or seconds >= 0
 
 

@@ -17,7 +17,7 @@ import yaml
 from aiohttp import web
 
 from callingest import config_file
-from tests.conftest import ROOT, used_secret
+from tests.conftest import DEV_KEYRING, ROOT, used_secret
 
 DOC = ROOT / "docs" / "webhooks.md"
 
@@ -111,4 +111,4 @@ def write_config(tmp_path: Path, networks: list[dict[str, Any]]) -> Path:
 
 async def apply(db: Any, tmp_path: Path, networks: list[dict[str, Any]]) -> None:
     """Store ``networks`` the way ``callingest config apply`` does."""
-    await config_file.apply(db, config_file.load(write_config(tmp_path, networks)))
+    await config_file.apply(db, config_file.load(write_config(tmp_path, networks)), DEV_KEYRING)

@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from callingest import config_file, webhooks
+from callingest import config_file
+from callingest.secretbox import WEBHOOKS, open_item
 from callingest.settings import Settings
-from tests.conftest import ROOT, settings_env
+from tests.conftest import DEV_KEYRING, ROOT, settings_env
 from tests.webhooks.conftest import network, new_secret, write_config
 
 DEMO = ROOT / "deploy" / "examples" / "demo-config.yaml"
@@ -35,10 +36,10 @@ async def test_webhooks_are_stored_per_network_and_reapplying_changes_nothing(
     assert first.returncode == 0, first.stderr
     assert secret not in first.stdout + first.stderr
     stored = (await db.networks.find_one({"_id": "5005"}))["webhooks"]
-    assert stored == [{"id": "wh-1", "url": "https://hooks.example.com/callingest",
-                       "events": ["call.normalized", "call.failed"],
-                       "secret": webhooks.seal_secret(secret), "previous_secrets": []}]
-    assert webhooks.open_secret(stored[0]["secret"]) == secret
+    assert secret not in str(stored)
+    assert open_item(DEV_KEYRING, WEBHOOKS, "5005", stored[0]) == {
+        "id": "wh-1", "url": "https://hooks.example.com/callingest",
+        "events": ["call.normalized", "call.failed"], "secret": secret, "previous_secrets": []}
     again = _apply(settings, path)
     assert "already up to date" in again.stdout
 

@@ -288,7 +288,7 @@ async def test_rotate_does_not_overwrite_a_concurrent_config_change(
                     "race-new", RECORDING_AUTH_CONFIGS.context(doc["_id"], {"id": "7"}, "token"))}})
         await original(coll, specs, codec, doc, projection, report)
 
-    monkeypatch.setattr(secretbox, "_rotate_document", apply_in_between)
+    monkeypatch.setattr(rotation, "_rotate_document", apply_in_between)
     report = await rotate(db, BOTH)
     assert report.retried == 1 and report.resealed == 3
     assert (await _plaintexts(db, NEW))[0] == "race-new"

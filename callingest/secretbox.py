@@ -293,11 +293,6 @@ def dev_keys(run_dir: Path) -> str:
     return entry
 
 
-def _dev_profile(settings: Settings) -> bool:
-    # CALLINGEST_ENV=dev: ``Settings.dev`` of the settings' dev profile (absent before it: False).
-    return bool(getattr(settings, "dev", False))
-
-
 def _dev_run_dir() -> Path:
     root = Path(__file__).resolve().parent.parent
     return Path(os.environ.get("CALLINGEST_RUN_DIR", root / ".run"))
@@ -310,8 +305,8 @@ def load_keyring(settings: Settings) -> Keyring:
     as :func:`callingest.settings.load_settings` does.
     """
     raw = settings.secret_keys
-    if raw is None or not raw.get_secret_value():
-        if _dev_profile(settings):
+    if not raw.get_secret_value():
+        if settings.dev:
             return Keyring.parse(dev_keys(_dev_run_dir()))
         _refuse("required (the data keys that seal stored credentials), e.g. "
                 "`callingest admin generate-secret-key`; unset only in the dev profile")

@@ -40,12 +40,18 @@ class TranscodePool:
         self._executor = self._new_executor()
 
     def _new_executor(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
+        """A pool with every worker started now (a spawn-context pool otherwise starts them
+        one by one as transcodes first overlap: the service's memory would step up under load
+        and the first overlapping calls would wait for a Python start-up). Never blocks."""
+        executor = ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_worker_init,
             max_tasks_per_child=_MAX_TASKS_PER_WORKER,
         )
+        for _ in range(self.workers):  # each submit with no idle worker starts one
+            executor.submit(os.getpid)
+        return executor
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:

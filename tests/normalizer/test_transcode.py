@@ -329,3 +329,20 @@ def test_errors_and_results_cross_a_process_pool(tmp_path: Path) -> None:
         with pytest.raises(RecordingError) as caught:
             pool.submit(transcode_file, str(mono), str(tmp_path / "m.wav"), "inbound").result()
     assert caught.value.failure_class == "RecordingFormat"
+
+
+def test_the_pool_starts_every_worker_at_once() -> None:
+    """Memory is flat under load: the workers exist before the first transcode, not spawned
+    one by one as transcodes first overlap (the soak test measures growth after warm-up)."""
+    import time
+
+    from services.normalizer.pool import TranscodePool
+
+    pool = TranscodePool(workers=2)
+    try:
+        deadline = time.monotonic() + 60
+        while len(pool._executor._processes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(pool._executor._processes) == 2
+    finally:
+        pool.close()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import logging
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -194,19 +195,41 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+class _KafkaReasons(logging.Handler):
+    """aiokafka logs why it could not reach a broker (a certificate it does not trust, a
+    refused port) and raises only "Unable to bootstrap": keep the reasons for admin init's
+    one line instead of letting them reach stderr as lines of their own."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.reasons.append(record.getMessage())
+
+
 async def _admin_init(settings: Any) -> int:
-    from aiokafka.errors import KafkaError
+    from aiokafka.errors import KafkaConnectionError, KafkaError
     from botocore.exceptions import BotoCoreError, ClientError
     from pymongo.errors import PyMongoError
 
     from callingest.infra import prepare_infrastructure
 
+    aiokafka_log = logging.getLogger("aiokafka")
+    reasons = _KafkaReasons()
+    aiokafka_log.addHandler(reasons)
+    aiokafka_log.propagate = False
     try:
         await prepare_infrastructure(settings)
     except (KafkaError, PyMongoError, BotoCoreError, ClientError, OSError) as exc:
         # The Job retries (backoffLimit); one clear line says what is wrong.
-        print(f"callingest admin init: {type(exc).__name__}: {exc}"[:500], file=sys.stderr)
+        why = f" ({reasons.reasons[-1]})" if reasons.reasons and isinstance(
+            exc, KafkaConnectionError) else ""
+        print(f"callingest admin init: {type(exc).__name__}: {exc}{why}"[:800], file=sys.stderr)
         return 1
+    finally:
+        aiokafka_log.removeHandler(reasons)
+        aiokafka_log.propagate = True
     print("topics, indexes and bucket ready")
     return 0
 

@@ -1,8 +1,9 @@
 """A KRaft Kafka cluster of N brokers on loopback, from the jars `make setup` installs.
 
 Used by the reliability suite (3 brokers, replication factor 3, min.insync.replicas 2)
-and by the SASL tests (one broker with a SASL_PLAINTEXT listener besides the plaintext
-one). Every node is a combined broker + controller (static quorum), runs in its own
+and by the managed-Kafka tests (one broker with SASL_PLAINTEXT, SSL and SASL_SSL listeners
+besides the plaintext one; TLS with a throwaway CA made at start, PEM files only). Every
+node is a combined broker + controller (static quorum), runs in its own
 process group with its data, config and log under ``run_dir/kafka-<id>``; ``kill9`` and
 ``start`` act on one node. Ports are the caller's (loopback only).
 
@@ -12,6 +13,8 @@ Usage: ``python -m tools.kafka_cluster up|down RUN_DIR PORT,PORT,PORT CONTROLLER
 from __future__ import annotations
 
 import argparse
+import datetime
+import ipaddress
 import os
 import shutil
 import signal
@@ -20,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tools import devstack
 
@@ -39,11 +43,83 @@ class Sasl:
 
 
 @dataclass
+class Tls:
+    """SSL listeners on ``ports`` and, when the cluster has ``Sasl``, SASL_SSL listeners on
+    ``sasl_ports`` (same users and mechanisms as SASL_PLAINTEXT). The brokers' certificate is
+    for 127.0.0.1 and localhost, signed by a CA made at start (``KafkaCluster.ca_file``)."""
+
+    ports: list[int]
+    sasl_ports: list[int] = field(default_factory=list)
+
+
+class CertificateAuthority:
+    """A throwaway CA (EC P-256, one day) for loopback tests; PEM in, PEM out."""
+
+    def __init__(self, name: str = "callingest test CA") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (self._builder(subject, subject, self.key.public_key())
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                     .add_extension(x509.KeyUsage(
+                         digital_signature=False, content_commitment=False, key_encipherment=False,
+                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+                     .sign(self.key, self._hash()))
+
+    @staticmethod
+    def _hash() -> Any:
+        from cryptography.hazmat.primitives import hashes
+
+        return hashes.SHA256()
+
+    @staticmethod
+    def _builder(subject: Any, issuer: Any, public_key: Any) -> Any:
+        from cryptography import x509
+
+        now = datetime.datetime.now(datetime.UTC)
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                .public_key(public_key).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=1)))
+
+    def cert_pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+    def issue_server(self) -> str:
+        """A server certificate for 127.0.0.1 and localhost: its unencrypted PKCS#8 key and
+        the chain (leaf, CA) in one PEM text, as Kafka's PEM keystore file takes it."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        cert = (self._builder(subject, self.cert.subject, key.public_key())
+                .add_extension(x509.SubjectAlternativeName([
+                    x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                    critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                               critical=False)
+                .sign(self.key, self._hash()))
+        key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+        return key_pem + cert.public_bytes(serialization.Encoding.PEM).decode() + self.cert_pem()
+
+
+@dataclass
 class KafkaCluster:
     run_dir: Path
     ports: list[int]
     controller_ports: list[int]
     sasl: Sasl | None = None
+    tls: Tls | None = None
     heap: str = "384m"
     pids: dict[int, int] = field(default_factory=dict)
 
@@ -55,10 +131,26 @@ class KafkaCluster:
     def bootstrap(self) -> str:
         return ",".join(f"127.0.0.1:{p}" for p in self.ports)
 
+    def bootstrap_for(self, protocol: str) -> str:
+        """The bootstrap servers of the listeners speaking ``protocol``."""
+        ports = {"PLAINTEXT": self.ports,
+                 "SASL_PLAINTEXT": self.sasl.ports if self.sasl else [],
+                 "SSL": self.tls.ports if self.tls else [],
+                 "SASL_SSL": self.tls.sasl_ports if self.tls and self.sasl else []}[protocol]
+        assert ports, f"no {protocol} listener"
+        return ",".join(f"127.0.0.1:{p}" for p in ports)
+
     @property
-    def sasl_bootstrap(self) -> str:
-        assert self.sasl is not None
-        return ",".join(f"127.0.0.1:{p}" for p in self.sasl.ports)
+    def ca_file(self) -> Path:
+        """The CA certificate (PEM) that signed the brokers' TLS certificate."""
+        return self.run_dir / "ca.pem"
+
+    def _make_certificates(self) -> None:
+        ca = CertificateAuthority()
+        self.ca_file.write_text(ca.cert_pem())
+        keystore = self.run_dir / "broker-keystore.pem"
+        keystore.write_text(ca.issue_server())
+        keystore.chmod(0o600)
 
     def node_dir(self, node: int) -> Path:
         return self.run_dir / f"kafka-{node}"
@@ -77,18 +169,30 @@ class KafkaCluster:
         listeners = [f"PLAINTEXT://127.0.0.1:{self.ports[i]}"]
         protocols = ["PLAINTEXT:PLAINTEXT", "CONTROLLER:PLAINTEXT"]
         lines = []
+        secured: dict[str, int] = {}
         if self.sasl is not None:
-            listeners.append(f"SASL_PLAINTEXT://127.0.0.1:{self.sasl.ports[i]}")
-            protocols.append("SASL_PLAINTEXT:SASL_PLAINTEXT")
-            user, password = self.sasl.username, self.sasl.password
-            lines += [
-                f"sasl.enabled.mechanisms={','.join(self.sasl.mechanisms)}",
-                "listener.name.sasl_plaintext.plain.sasl.jaas.config="
-                "org.apache.kafka.common.security.plain.PlainLoginModule required "
-                f'user_{user}="{password}";',
-                "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config="
-                "org.apache.kafka.common.security.scram.ScramLoginModule required;",
-            ]
+            secured["SASL_PLAINTEXT"] = self.sasl.ports[i]
+        if self.tls is not None:
+            secured["SSL"] = self.tls.ports[i]
+            if self.sasl is not None and self.tls.sasl_ports:
+                secured["SASL_SSL"] = self.tls.sasl_ports[i]
+            lines += ["ssl.keystore.type=PEM",
+                      f"ssl.keystore.location={self.run_dir / 'broker-keystore.pem'}",
+                      "ssl.client.auth=none"]
+        for name, port in secured.items():
+            listeners.append(f"{name}://127.0.0.1:{port}")
+            protocols.append(f"{name}:{name}")
+            if self.sasl is not None and name.startswith("SASL_"):
+                listener = name.lower()
+                lines += [
+                    f"listener.name.{listener}.plain.sasl.jaas.config="
+                    "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                    f'user_{self.sasl.username}="{self.sasl.password}";',
+                    f"listener.name.{listener}.scram-sha-512.sasl.jaas.config="
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;",
+                ]
+        if self.sasl is not None:
+            lines.append(f"sasl.enabled.mechanisms={','.join(self.sasl.mechanisms)}")
         advertised = ",".join(listeners)
         replicas = min(3, n)
         return "\n".join([
@@ -129,6 +233,9 @@ class KafkaCluster:
     def up(self, timeout: float = 120.0) -> None:
         """Configure, format (first time) and start every node; wait until all answer."""
         cluster_id = None
+        if self.tls is not None and not self.ca_file.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._make_certificates()
         for node in range(1, self.size + 1):
             directory = self.node_dir(node)
             (directory / "data").mkdir(parents=True, exist_ok=True)

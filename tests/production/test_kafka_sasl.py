@@ -1,6 +1,8 @@
-"""Issue 11 point 6: managed Kafka settings (SASL), against a private local broker with a
-SASL_PLAINTEXT listener (PLAIN and SCRAM-SHA-512; its plaintext listener is only for the
-broker itself). admin init, a consumer service and the producer all authenticate."""
+"""Issue 11 point 6: managed Kafka settings (SASL, TLS), against a private local broker with
+SASL_PLAINTEXT (PLAIN and SCRAM-SHA-512), SSL and SASL_SSL listeners (its plaintext listener is
+only for the broker itself; its certificate, for 127.0.0.1, is signed by a CA made at start).
+admin init, a consumer service and the producer all connect; a client that does not trust the
+CA fails with one clear line."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from callingest.kafka import Producer
 from callingest.settings import Settings
 from tests.conftest import ROOT, Services, free_port, settings_env, used_secret, wait_until
 from tests.helpers import apply_config, call_doc
-from tools.kafka_cluster import KafkaCluster, Sasl
+from tools.kafka_cluster import CertificateAuthority, KafkaCluster, Sasl, Tls
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -29,10 +31,10 @@ PASSWORD = used_secret("k4fka-sasl-s3cret")
 
 
 @pytest.fixture(scope="module")
-def sasl_broker() -> Iterator[KafkaCluster]:
-    run_dir = Path(tempfile.mkdtemp(prefix="callingest-sasl-"))
+def secure_broker() -> Iterator[KafkaCluster]:
+    run_dir = Path(tempfile.mkdtemp(prefix="callingest-secure-kafka-"))
     cluster = KafkaCluster(run_dir, [free_port()], [free_port()],
-                           Sasl([free_port()], USER, PASSWORD))
+                           Sasl([free_port()], USER, PASSWORD), Tls([free_port()], [free_port()]))
     try:
         cluster.up()
         yield cluster
@@ -41,12 +43,18 @@ def sasl_broker() -> Iterator[KafkaCluster]:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def over_sasl(settings: Settings, broker: KafkaCluster, mechanism: str,
-              password: str = PASSWORD) -> Settings:
-    return settings.model_copy(update={
-        "kafka_bootstrap_servers": broker.sasl_bootstrap,
-        "kafka_security_protocol": "SASL_PLAINTEXT", "kafka_sasl_mechanism": mechanism,
-        "kafka_sasl_username": USER, "kafka_sasl_password": SecretStr(password)})
+def secured(settings: Settings, broker: KafkaCluster, protocol: str, mechanism: str = "PLAIN",
+            password: str = PASSWORD, cafile: Path | None = None) -> Settings:
+    """``settings`` connecting to ``broker``'s ``protocol`` listener (TLS trusting ``cafile``,
+    default the broker's CA)."""
+    update: dict[str, Any] = {"kafka_bootstrap_servers": broker.bootstrap_for(protocol),
+                              "kafka_security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        update.update(kafka_sasl_mechanism=mechanism, kafka_sasl_username=USER,
+                      kafka_sasl_password=SecretStr(password))
+    if protocol.endswith("SSL"):
+        update["kafka_ssl_cafile"] = str(cafile or broker.ca_file)
+    return settings.model_copy(update=update)
 
 
 def admin_init(settings: Settings) -> subprocess.CompletedProcess[str]:
@@ -65,11 +73,17 @@ async def topic_names(settings: Settings) -> list[str]:
         await admin.close()
 
 
-@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
-async def test_admin_init_and_a_service_over_sasl(settings: Settings, db: Any,
-                                                  sasl_broker: KafkaCluster,
-                                                  mechanism: str, tmp_path: Path) -> None:
-    sasl = over_sasl(settings, sasl_broker, mechanism)
+@pytest.mark.parametrize(("protocol", "mechanism"), [
+    ("SASL_PLAINTEXT", "PLAIN"), ("SASL_PLAINTEXT", "SCRAM-SHA-512"), ("SSL", ""),
+    ("SASL_SSL", "SCRAM-SHA-512")], ids=["SASL_PLAINTEXT-PLAIN", "SASL_PLAINTEXT-SCRAM", "SSL",
+                                         "SASL_SSL-SCRAM"])
+async def test_admin_init_and_a_service_over_sasl_or_tls(settings: Settings, db: Any,
+                                                         secure_broker: KafkaCluster,
+                                                         protocol: str, mechanism: str,
+                                                         tmp_path: Path) -> None:
+    sasl = secured(settings, secure_broker, protocol, mechanism or "PLAIN")
+    if protocol.endswith("SSL"):  # the broker's name (127.0.0.1) is checked against its cert
+        assert kafka.client_options(sasl)["ssl_context"].check_hostname
     done = admin_init(sasl)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(await topic_names(sasl)) >= 6
@@ -92,17 +106,35 @@ async def test_admin_init_and_a_service_over_sasl(settings: Settings, db: Any,
             call = await db.calls.find_one({"_id": doc["_id"]})
             return bool(call and call["status"] == "validated")
 
-        await wait_until(validated, timeout=60, what="the call validated over SASL")
+        await wait_until(validated, timeout=60, what=f"the call validated over {protocol}")
     finally:
         services.stop_all()
 
 
 def test_wrong_password_or_no_sasl_fails_clearly(settings: Settings,
-                                                 sasl_broker: KafkaCluster) -> None:
-    wrong = admin_init(over_sasl(settings, sasl_broker, "SCRAM-SHA-512", "not-the-password"))
+                                                 secure_broker: KafkaCluster) -> None:
+    wrong = admin_init(secured(settings, secure_broker, "SASL_PLAINTEXT", "SCRAM-SHA-512",
+                               "not-the-password"))
     assert wrong.returncode == 1
     assert wrong.stderr.splitlines()[-1].startswith("callingest admin init: Kafka")
     assert "not-the-password" not in wrong.stderr and PASSWORD not in wrong.stderr
-    plain = admin_init(settings.model_copy(update={
-        "kafka_bootstrap_servers": sasl_broker.sasl_bootstrap}))  # PLAINTEXT to the SASL port
+    plain = admin_init(settings.model_copy(update={  # PLAINTEXT to the SASL port
+        "kafka_bootstrap_servers": secure_broker.bootstrap_for("SASL_PLAINTEXT")}))
     assert plain.returncode == 1
+
+
+def test_a_client_not_trusting_the_brokers_ca_fails_clearly(settings: Settings,
+                                                           secure_broker: KafkaCluster,
+                                                           tmp_path: Path) -> None:
+    other_ca = tmp_path / "other-ca.pem"
+    other_ca.write_text(CertificateAuthority("another CA").cert_pem())
+    for client in [secured(settings, secure_broker, "SSL", cafile=other_ca),
+                   secured(settings, secure_broker, "SASL_SSL", "SCRAM-SHA-512", cafile=other_ca),
+                   secured(settings, secure_broker, "SASL_SSL", "PLAIN").model_copy(
+                       update={"kafka_ssl_cafile": None})]:  # the system's CAs only
+        failed = admin_init(client)
+        assert failed.returncode == 1, failed.stdout
+        [line] = failed.stderr.splitlines()  # one line: no traceback, no aiokafka log lines
+        assert line.startswith("callingest admin init: KafkaConnectionError"), line
+        assert "CERTIFICATE_VERIFY_FAILED" in line, line
+        assert "Traceback" not in failed.stderr and PASSWORD not in failed.stderr

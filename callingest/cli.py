@@ -84,8 +84,11 @@ def _iso(value: str) -> datetime:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from callingest.settings import load_settings
+    from callingest.settings import load_settings, use_dev_stack_env
     from callingest.settings_usage import reads
+
+    if args.command != "serve":
+        use_dev_stack_env()
 
     # Only what the command reads is required (the gateway needs no SMTP_HOST); checked
     # before anything connects.

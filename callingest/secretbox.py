@@ -33,7 +33,7 @@ from typing import Any, NoReturn, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from callingest.settings import Settings
+from callingest.settings import Settings, dev_run_dir
 
 ALG = "A256GCM"
 KEY_SETTING = "SECRET_KEYS"
@@ -293,11 +293,6 @@ def dev_keys(run_dir: Path) -> str:
     return entry
 
 
-def _dev_run_dir() -> Path:
-    root = Path(__file__).resolve().parent.parent
-    return Path(os.environ.get("CALLINGEST_RUN_DIR", root / ".run"))
-
-
 def load_keyring(settings: Settings) -> Keyring:
     """The keyring of ``SECRET_KEYS``; the dev profile falls back to :func:`dev_keys`.
 
@@ -307,7 +302,7 @@ def load_keyring(settings: Settings) -> Keyring:
     raw = settings.secret_keys
     if not raw.get_secret_value():
         if settings.dev:
-            return Keyring.parse(dev_keys(_dev_run_dir()))
+            return Keyring.parse(dev_keys(dev_run_dir()))
         _refuse("required (the data keys that seal stored credentials), e.g. "
                 "`callingest admin generate-secret-key`; unset only in the dev profile")
     try:

@@ -260,6 +260,32 @@ DEFAULT_PORTS = {
 }
 
 
+def dev_run_dir() -> Path:
+    """The dev stack's run directory: ``CALLINGEST_RUN_DIR``, else ``.run`` of the checkout."""
+    return Path(os.environ.get("CALLINGEST_RUN_DIR", Path(__file__).resolve().parent.parent / ".run"))
+
+
+#: Written by ``make up`` into the run directory: the settings of the stack it started
+#: (``CALLINGEST_ENV=dev`` and the stack's addresses), removed by ``make down``.
+DEV_STACK_ENV = "stack.env"
+
+
+def use_dev_stack_env() -> None:
+    """Let an operator command (``config apply``, ``calls show``, ``replay``, ``admin``; never
+    ``serve``) reach the stack that ``make up`` started: the settings in its
+    :data:`DEV_STACK_ENV` fill what the environment does not set. Where no dev stack runs
+    (production) there is no such file and nothing changes; a service never reads it."""
+    path = dev_run_dir() / DEV_STACK_ENV
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        name, sep, value = line.partition("=")
+        if sep and name.strip():
+            os.environ.setdefault(name.strip(), value)
+
+
 def load_settings(reads: Iterable[str] | None = None) -> Settings:
     """Read and validate the environment; exit with code 2 naming each bad or missing variable.
 

@@ -404,6 +404,7 @@ def up(ports: Ports) -> None:
     wait_services(SERVICES, ports, max(20.0, 60.0 - (time.monotonic() - started)))
     if running_pid(PROMETHEUS) is None:
         start_prometheus(ports, max(10.0, 60.0 - (time.monotonic() - started)))
+    write_stack_env(ports)
     base = f"http://127.0.0.1:{ports.gateway}"
     print(f"\nstack ready in {time.monotonic() - started:.1f} s; logs in {RUN / 'logs'}")
     print(f"gateway: {base}")
@@ -419,7 +420,30 @@ def up(ports: Ports) -> None:
          "recording_url": "{demo_url(ports)}/call.wav"}}}}'""")
 
 
+def stack_env_file() -> Path:
+    from callingest.settings import DEV_STACK_ENV
+
+    return RUN / DEV_STACK_ENV
+
+
+def write_stack_env(ports: Ports) -> None:
+    """The stack's settings (what its services get: the settings in the environment of
+    ``make up`` and :func:`service_env`) for the operator commands (``callingest calls show``
+    ...) typed in this checkout: :func:`callingest.settings.use_dev_stack_env` reads them.
+    Mode 0600 (it holds the dev credentials)."""
+    from callingest.settings import Settings
+
+    names = {name.upper() for name in Settings.model_fields}
+    values = {k: v for k, v in os.environ.items() if k in names} | service_env(ports)
+    path = stack_env_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.writelines(f"{name}={value}\n" for name, value in values.items())
+
+
 def down() -> None:
+    stack_env_file().unlink(missing_ok=True)
     for component in (PROMETHEUS, *SERVICES, DEMO, *reversed(SERVERS)):
         if stop(component):
             print(f"stopped {component}")

@@ -76,13 +76,28 @@ def test_make_up_then_down(tmp_path: Path) -> None:
         for component in COMPONENTS:
             assert (run_dir / "logs" / f"{component}.log").exists(), component
         _check_prometheus(ports)
+        _check_operator_commands(run_dir)
     finally:
         down = subprocess.run(["make", "-s", "down"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
     assert down.returncode == 0, down.stderr
+    assert not (run_dir / "stack.env").exists()
     for name, port in ports.items():
         assert not devstack.port_open(port), f"{name} {port} still listening after make down"
     assert _processes_mentioning(str(run_dir)) == []
+
+
+def _check_operator_commands(run_dir: Path) -> None:
+    """`callingest calls show` and `config apply`, typed with no settings at all, reach the
+    stack `make up` started (its settings file in the run directory), not 127.0.0.1 defaults."""
+    bare = {"PATH": os.environ["PATH"], "CALLINGEST_RUN_DIR": str(run_dir)}
+    callingest = str(ROOT / ".venv" / "bin" / "callingest")
+    shown = subprocess.run([callingest, "calls", "show", "no-such-cuid"], env=bare,
+                           capture_output=True, text=True, timeout=60)
+    assert (shown.returncode, shown.stderr.strip()) == (1, "callingest calls show: no call no-such-cuid")
+    applied = subprocess.run([callingest, "config", "apply", str(ROOT / "deploy/examples/demo-config.yaml")],
+                             env=bare, capture_output=True, text=True, timeout=60)
+    assert applied.returncode == 0, applied.stderr
 
 
 def _prometheus_api(port: int, path: str) -> object:

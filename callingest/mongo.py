@@ -7,10 +7,12 @@ unique indexes; no transactions, no change streams.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from callingest.settings import Settings
 
@@ -26,6 +28,15 @@ def open_client(settings: Settings, timeout_ms: int = 5000) -> AsyncMongoClient[
         tz_aware=True,
         appname="callingest",
     )
+
+
+async def reachable(client: AsyncMongoClient[Document], timeout: float = 2.0) -> bool:
+    """True if MongoDB answers a ping within ``timeout`` seconds (a readiness check)."""
+    try:
+        await asyncio.wait_for(client.admin.command("ping"), timeout)
+    except (TimeoutError, PyMongoError):
+        return False
+    return True
 
 
 def database(client: AsyncMongoClient[Document], settings: Settings) -> AsyncDatabase[Document]:

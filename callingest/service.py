@@ -11,7 +11,6 @@ from typing import Any
 
 from aiohttp import web
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
 
 from callingest import infra, kafka, mongo
 from callingest.http import add_ops_routes
@@ -80,13 +79,8 @@ async def run_stage_service(service: str, factory: StageFactory, settings: Setti
     async def ready() -> dict[str, bool]:
         if not infrastructure_ok or runner is None:
             return {"infrastructure": False}
-        mongo_ok = True
-        try:
-            await asyncio.wait_for(client.admin.command("ping"), 2.0)
-        except (TimeoutError, PyMongoError):
-            mongo_ok = False
         return {"infrastructure": runner.infrastructure_ok, "kafka_consumer": runner.ready,
-                "kafka_producer": producer.started, "mongodb": mongo_ok}
+                "kafka_producer": producer.started, "mongodb": await mongo.reachable(client)}
 
     failed = False
     try:

@@ -44,7 +44,14 @@ from schemathesis.specs.openapi.checks import (
 from callingest import config_file, mongo
 from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
-from tests.conftest import TEST_LOGS, Services, delete_topics, make_settings, used_secret
+from tests.conftest import (
+    DEV_KEYRING,
+    TEST_LOGS,
+    Services,
+    delete_topics,
+    make_settings,
+    used_secret,
+)
 from tools import devstack
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -153,7 +160,7 @@ async def fuzz_gateway(servers: devstack.Ports) -> AsyncIterator[FuzzGateway]:
     TEST_LOGS.mkdir(parents=True, exist_ok=True)
     path = TEST_LOGS / f"fuzz-config-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(CONFIG)
-    await config_file.apply(db, config_file.load(path))
+    await config_file.apply(db, config_file.load(path), DEV_KEYRING)
     path.unlink()
     log_dir = TEST_LOGS / f"fuzz-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir(parents=True, exist_ok=True)

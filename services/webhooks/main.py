@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from pymongo.errors import PyMongoError
-
 from callingest import infra, mongo
 from callingest.logging import configure, get_logger
 from callingest.secretbox import load_keyring
@@ -37,12 +35,7 @@ async def serve(settings: Settings) -> None:
     async def ready() -> dict[str, bool]:
         if not infrastructure.is_set():
             return {"infrastructure": False}
-        mongo_ok = True
-        try:
-            await asyncio.wait_for(client.admin.command("ping"), 2.0)
-        except (TimeoutError, PyMongoError):
-            mongo_ok = False
-        return {"kafka_consumer": intake.ready, "mongodb": mongo_ok}
+        return {"kafka_consumer": intake.ready, "mongodb": await mongo.reachable(client)}
 
     try:
         async with ops_server("webhooks", settings, ready):

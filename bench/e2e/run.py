@@ -54,9 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
-from pydantic import SecretStr  # noqa: E402
 
-from bench.stack import prepare  # noqa: E402
+from bench.stack import prepare, stack_settings  # noqa: E402
 from callingest import mongo, s3  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
@@ -333,23 +332,6 @@ def histograms(text: str, family: str) -> dict[str, dict[str, Any]]:
 # -- set-up and tear-down --------------------------------------------------------------------
 
 
-def bench_settings(ports: devstack.Ports, tag: str) -> Settings:
-    """Production defaults (retry delays, timeouts, in-flight bound) on the dev servers."""
-    return Settings(
-        callingest_env="dev",
-        kafka_bootstrap_servers=f"127.0.0.1:{ports.kafka}",
-        topic_prefix=f"bench-e2e-{tag}.",
-        mongodb_uri=SecretStr(f"mongodb://127.0.0.1:{ports.mongodb}/"),
-        mongodb_database=f"bench_e2e_{tag}",
-        s3_endpoint_url=f"http://127.0.0.1:{ports.s3}",
-        s3_access_key_id=SecretStr(devstack.S3_ACCESS_KEY),
-        s3_secret_access_key=SecretStr(devstack.S3_SECRET_KEY),
-        smtp_port=ports.smtp,
-        allow_loopback_recordings=True,
-        secret_keys=SecretStr(devstack.dev_secret_keys()),
-    )
-
-
 async def cleanup(settings: Settings, topics: Topics, cuids: list[str]) -> dict[str, int]:
     """Delete this run's S3 objects (deterministic keys), database and topics."""
     deleted = 0
@@ -547,7 +529,7 @@ def main() -> int:
     ports = devstack.Ports()
     started = devstack.servers_up(ports)
     tag = uuid.uuid4().hex[:8]
-    settings = bench_settings(ports, tag)
+    settings = stack_settings(ports, "e2e", tag)
     topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     log_dir = RESULTS / f"{stamp}-logs"

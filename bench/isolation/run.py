@@ -43,11 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
-from pydantic import SecretStr  # noqa: E402
 
 from bench.e2e.run import _at, percentile, scrape, vm_hwm_kib  # noqa: E402
-from bench.stack import prepare  # noqa: E402
-from callingest import config_file, mongo  # noqa: E402
+from bench.stack import prepare, stack_settings  # noqa: E402
+from callingest import mongo  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
 from tests.conftest import Services, delete_topics, free_port  # noqa: E402
@@ -61,23 +60,6 @@ SUBMIT_PATH = "/api/2022-03-01/calls.json"
 HEALTHY_TOKEN = "demo-network-token"
 DEAD_TOKEN = "flood-network-token"
 SERVICE_NAMES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
-
-
-def settings_for(ports: devstack.Ports, tag: str, overrides: dict[str, str]) -> Settings:
-    """``make up`` defaults on the dev servers, with this run's prefix and database, and
-    ``--set`` overrides (to measure an alternative, e.g. without the circuit breaker)."""
-    return Settings(
-        **overrides,  # type: ignore[arg-type]
-        kafka_bootstrap_servers=f"127.0.0.1:{ports.kafka}",
-        topic_prefix=f"bench-iso-{tag}.",
-        mongodb_uri=SecretStr(f"mongodb://127.0.0.1:{ports.mongodb}/"),
-        mongodb_database=f"bench_iso_{tag}",
-        s3_endpoint_url=f"http://127.0.0.1:{ports.s3}",
-        s3_access_key_id=SecretStr(devstack.S3_ACCESS_KEY),
-        s3_secret_access_key=SecretStr(devstack.S3_SECRET_KEY),
-        smtp_port=ports.smtp,
-        allow_loopback_recordings=True,
-    )
 
 
 async def submit(http: aiohttp.ClientSession, gateway: str, token: str, external_id: str,
@@ -221,15 +203,6 @@ async def cleanup(settings: Settings) -> None:
         await delete_topics(settings, topics.all())
 
 
-async def prepare_all(settings: Settings) -> None:
-    await prepare(settings)
-    client = mongo.open_client(settings)
-    try:
-        await config_file.apply(mongo.database(client, settings), config_file.load(FLOOD_CONFIG))
-    finally:
-        await client.close()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dead", type=int, default=2000, help="dead-host calls of network A")
@@ -244,7 +217,7 @@ def main() -> int:
     started = devstack.servers_up(ports)
     tag = uuid.uuid4().hex[:8]
     overrides = dict(item.split("=", 1) for item in args.set)
-    settings = settings_for(ports, tag, overrides)
+    settings = stack_settings(ports, "iso", tag, **overrides)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     log_dir = RESULTS / f"{stamp}-logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -254,7 +227,7 @@ def main() -> int:
         write_wav(path, seconds=3.0, rate=8000)
         wav = path.read_bytes()
     try:
-        asyncio.run(prepare_all(settings))
+        asyncio.run(prepare(settings, FLOOD_CONFIG))
         for name in SERVICE_NAMES:
             services.start(name)
         result = asyncio.run(run(args, settings, services, wav))

@@ -68,8 +68,11 @@ def sign_payload(endpoint_url: str | None) -> bool:
 
 
 @asynccontextmanager
-async def s3_client(settings: Settings) -> AsyncIterator[Any]:
+async def s3_client(settings: Settings, signed_payload: bool | None = None) -> AsyncIterator[Any]:
     """An aiobotocore S3 client for the configured endpoint and credentials.
+
+    ``signed_payload``: hash request bodies into the signature or not; None (the services):
+    as :func:`sign_payload` decides for the endpoint.
 
     ``S3_ENDPOINT_URL`` unset or empty: the provider's default endpoint for ``S3_REGION``.
     ``S3_USE_IAM_ROLE=true``: no static keys; botocore's credential chain finds the role
@@ -82,7 +85,8 @@ async def s3_client(settings: Settings) -> AsyncIterator[Any]:
         retries={"max_attempts": 3, "mode": "standard"},
         # Path style for S3-compatible stores on a custom endpoint; AWS's own: its default.
         s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto",
-            "payload_signing_enabled": sign_payload(settings.s3_endpoint_url)},
+            "payload_signing_enabled": sign_payload(settings.s3_endpoint_url)
+            if signed_payload is None else signed_payload},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )

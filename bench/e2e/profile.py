@@ -62,34 +62,43 @@ def _frame_name(frame: str) -> str:
     return frame
 
 
-def summarize(path: Path, top: int = 25) -> dict[str, Any]:
-    """Total samples and the ``top`` functions by self and by inclusive samples."""
+def summarize(path: Path, top: int = 25, process: str | None = None) -> dict[str, Any]:
+    """Total samples, samples per process (the profiled one first, then its children such as
+    pool workers), and the ``top`` functions by self and by inclusive samples, of every
+    process or of the processes whose first frame starts with ``process``."""
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
+    processes: Counter[str] = Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
+        root = stack.split(";", 1)[0]
+        processes[root.split(":", 1)[0]] += count
+        if process is not None and not root.startswith(process):
+            continue
         total += count
-        frames = [_frame_name(f) for f in stack.split(";")]
+        frames = [_frame_name(f) for f in stack.split(";")[1:]] or [root]
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
     return {
         "samples": total,
+        "processes": dict(processes),
         "self": [(f, n, round(100 * n / total, 1)) for f, n in own.most_common(top)] if total else [],
         "inclusive": [(f, n, round(100 * n / total, 1)) for f, n in inclusive.most_common(top)]
         if total else [],
     }
 
 
-if __name__ == "__main__":  # summarize a saved profile: python bench/e2e/profile.py FILE
+if __name__ == "__main__":  # python bench/e2e/profile.py FILE [TOP] ["process PID"]
     import sys
 
-    result = summarize(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 40)
-    print(f"samples: {result['samples']}")
+    result = summarize(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 40,
+                       sys.argv[3] if len(sys.argv) > 3 else None)
+    print(f"samples: {result['samples']}; by process: {result['processes']}")
     for kind in ("self", "inclusive"):
         print(f"\n{kind}:")
         for frame, n, pct in result[kind]:

@@ -79,9 +79,9 @@ from callingest.kafka import client_options  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
 from services.normalizer.transcode import transcode_file  # noqa: E402
+from tests.audiogen import write_encoded, write_wav  # noqa: E402
 from tests.conftest import Services, delete_topics  # noqa: E402
 from tests.helpers import demo_call, serve_recordings  # noqa: E402
-from tests.normalizer.audiogen import write_encoded, write_wav  # noqa: E402
 from tools import devstack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "e2e"

@@ -241,7 +241,7 @@ async def upload(
                 await send_part(part)
         if upload_id is None:
             await _call("put_object", client.put_object, Bucket=bucket, Key=key,
-                        Body=bytes(buffer), **attributes())
+                        Body=buffer, **attributes())  # no copy: botocore takes a bytearray
             return total
         if buffer:
             await send_part(bytes(buffer))

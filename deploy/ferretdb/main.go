@@ -1,5 +1,7 @@
-// Command ferretdb runs FerretDB's embeddable MongoDB-protocol server on its
-// SQLite backend for the dev and test stack.
+// Command ferretdb runs FerretDB's embeddable MongoDB-protocol server for the dev and
+// test stack, on its SQLite backend (the default: a directory of database files) or on its
+// PostgreSQL backend (--postgresql-url; tools/devstack.py runs that PostgreSQL cluster
+// when STORE_BACKEND=postgresql).
 //
 // The upstream `cmd/ferretdb` binary panics at start-up when built with
 // `go install` (it expects a generated version.txt), so the stack runs this
@@ -31,12 +33,28 @@ func main() {
 	gcPercent := flag.Int("gc-percent", 400,
 		"Go GC target percentage (GOGC). FerretDB allocates heavily per document: at the default 100, GC "+
 			"was ~12% of its CPU under the gateway benchmark; 400 cut its CPU per insert by 25-30% for a larger heap")
+	postgreSQLURL := flag.String("postgresql-url", "",
+		"PostgreSQL connection string (postgres://user@host:port/database); when set, FerretDB stores "+
+			"in PostgreSQL instead of SQLite and --sqlite-dir is not used")
 	flag.Parse()
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(*gcPercent)
 	}
 
 	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	if *postgreSQLURL != "" {
+		run(ctx, logger, &ferretdb.Config{
+			Listener:      ferretdb.ListenerConfig{TCP: *listen},
+			Logger:        logger,
+			Handler:       "postgresql",
+			PostgreSQLURL: *postgreSQLURL,
+		})
+		return
+	}
 
 	dir, err := filepath.Abs(*dataDir)
 	if err != nil {
@@ -48,7 +66,9 @@ func main() {
 		os.Exit(1)
 	}
 
-	f, err := ferretdb.New(&ferretdb.Config{
+	go indexIDPaths(ctx, logger, dir)
+
+	run(ctx, logger, &ferretdb.Config{
 		Listener: ferretdb.ListenerConfig{TCP: *listen},
 		Logger:   logger,
 		Handler:  "sqlite",
@@ -57,16 +77,15 @@ func main() {
 		SQLiteURL: "file:" + dir + "/?_txlock=immediate&_pragma=synchronous(" + *synchronous + ")" +
 			"&_pragma=wal_autocheckpoint(0)",
 	})
+}
+
+// run serves the MongoDB protocol with config until ctx is cancelled (SIGINT/SIGTERM).
+func run(ctx context.Context, logger *slog.Logger, config *ferretdb.Config) {
+	f, err := ferretdb.New(config)
 	if err != nil {
-		logger.Error("cannot configure FerretDB", "error", err)
+		logger.Error("cannot configure FerretDB", "handler", config.Handler, "error", err)
 		os.Exit(1)
 	}
-
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-
-	go indexIDPaths(ctx, logger, dir)
-
 	if err := f.Run(ctx); err != nil && ctx.Err() == nil {
 		logger.Error("FerretDB stopped", "error", err)
 		os.Exit(1)

@@ -301,6 +301,9 @@ PG_DATABASE = "postgres"  # FerretDB keeps each MongoDB database as a schema of 
 # /var/run/postgresql needed), room for FerretDB's pool (50 connections by default).
 PG_SETTINGS = {"listen_addresses": "127.0.0.1", "unix_socket_directories": "",
                "max_connections": "120", "shared_buffers": "128MB",
+               # FerretDB filters {_id: v} as `_jsonb -> $1 @> $2`: planned with the key as a
+               # constant, that matches the GIN index deploy/ferretdb adds on `_jsonb -> '_id'`.
+               "plan_cache_mode": "force_custom_plan",
                # on (the default): a commit is on disk when FerretDB answers. off lets a crash
                # of PostgreSQL lose the last ~0.6 s of answered writes (measurements only).
                "synchronous_commit": os.environ.get("POSTGRESQL_SYNCHRONOUS_COMMIT", "on")}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,14 @@ def test_devstack_runs_ferretdb_on_its_own_postgresql(tmp_path: Path) -> None:
         # What FerretDB stored is in the cluster: the database as a schema, the calls in a table.
         assert _psql(pg_port, f"SELECT count(*) FROM information_schema.tables "
                               f"WHERE table_schema = '{database}' AND table_name LIKE 'calls_%'") == "1"
+        # deploy/ferretdb's upkeep gives each collection a GIN index on `_jsonb -> '_id'`, the
+        # only kind of index FerretDB's `{_id: v}` filter (`_jsonb -> $1 @> $2`) can use.
+        gin = (f"SELECT count(*) FROM pg_indexes WHERE schemaname = '{database}' "
+               "AND indexname LIKE 'calls\\_%\\_\\_id\\_gin' AND indexdef LIKE '%USING gin%'")
+        deadline = time.monotonic() + 30
+        while _psql(pg_port, gin) != "1" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _psql(pg_port, gin) == "1"
         status = subprocess.run([PYTHON, "-m", "tools.devstack", "status"], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert "postgresql  pid=" in status.stdout and f"port={pg_port} listening" in status.stdout

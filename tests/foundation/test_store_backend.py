@@ -25,6 +25,7 @@ from services.gateway.claims import Claims
 from services.gateway.domain import Principal
 from services.gateway.listing import CallQuery, list_calls
 from tests.conftest import ROOT, free_port
+from tests.foundation.test_lifecycle import _processes_mentioning
 from tools import devstack
 
 pytestmark = [pytest.mark.mongo]
@@ -45,19 +46,6 @@ def _psql(port: int, sql: str) -> str:
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
-
-
-def _processes_mentioning(text: str) -> list[str]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append(f"{proc.name}: {cmdline[:120]}")
-    return found
 
 
 def test_devstack_runs_ferretdb_on_its_own_postgresql(tmp_path: Path) -> None:

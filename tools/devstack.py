@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from callingest import stages
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = Path(os.environ.get("CALLINGEST_RUN_DIR", ROOT / ".run"))
 TOOLS = ROOT / ".tools"
@@ -41,11 +43,9 @@ DEMO_WEBHOOK_SECRET = "whsec_PIvvg3U/lvFqLDLyXUiQwgSPvwcyPr2p"
 SERVERS = ("kafka", "mongodb", "s3", "smtp")
 POSTGRESQL = "postgresql"  # FerretDB's store when STORE_BACKEND=postgresql (started before mongodb)
 STORE_BACKENDS = ("sqlite", "postgresql")
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
+SERVICES = stages.SERVICES  # the gateway, every stage of the stage graph, webhooks
 DEMO = "demo"  # tools/demo_server.py: sample recordings and a webhook receiver (make up only)
 PROMETHEUS = "prometheus"  # scrapes every service (tools/prometheus.py; make up only)
-SERVICE_PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083,
-                 "notifier": 8084, "webhooks": 8085}
 
 
 def _port(name: str, default: int) -> int:
@@ -65,8 +65,8 @@ class Ports:
     postgresql: int = field(default_factory=lambda: _port("POSTGRESQL_PORT", 55432))
 
     def of(self, component: str) -> int:
-        if component in ("validator", "fetcher", "normalizer", "notifier", "webhooks"):
-            return _port(f"{component.upper()}_PORT", SERVICE_PORTS[component])
+        if component in SERVICES and not hasattr(self, component):  # the gateway has a field
+            return _port(f"{component.upper()}_PORT", stages.SERVICE_PORTS[component])
         return int(getattr(self, component))
 
 

@@ -1,0 +1,91 @@
+"""The notifier's step called directly, on the real store and the real SMTP sink."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from callingest import metrics
+from callingest.errors import TransientError
+from callingest.settings import Settings
+from callingest.steps import NoResources, StageContext
+from callingest.topics import Topics
+from services.notifier.step import step
+from tests.conftest import free_port
+from tests.helpers import call_doc, mails_about
+
+pytestmark = [pytest.mark.mongo, pytest.mark.smtp]
+
+
+def call_failed(call: dict[str, Any], network_id: str = "1001") -> dict[str, Any]:
+    """A CallFailed record as the consumer loop publishes it."""
+    return {"event_id": str(uuid.uuid4()), "cuid": call["_id"], "occurred_at": datetime.now(UTC),
+            "schema_version": 1, "network_id": network_id, "attempt": 1, "stage": "validator",
+            "failure_class": "call.advertiser_campaign_id_from_network",
+            "message": "campaign not found", "retryable": False}
+
+
+def context(settings: Settings, db: Any, topics: Topics, call: dict[str, Any]) -> StageContext:
+    return StageContext(settings=settings, db=db, topics=topics, call=call, retry=0,
+                        resources=NoResources())
+
+
+@pytest.fixture
+async def networks(db: Any) -> Any:
+    await db.networks.insert_many([
+        {"_id": "1001", "name": "With CSM", "csm_email": "csm@example.com"},
+        {"_id": "1002", "name": "Without CSM"},
+    ])
+    return db
+
+
+def sent(outcome: str) -> float:
+    return metrics.NOTIFICATIONS.labels(outcome)._value.get()
+
+
+async def test_one_email_per_failed_attempt(networks: Any, settings: Settings, topics: Topics,
+                                            mail_dir: Path) -> None:
+    call = call_doc()
+    event = call_failed(call)
+    result = await step(event, context(settings, networks, topics, call))
+    assert set(result.call_update or {}) == {"csm_notified_at"}
+    mails = mails_about(mail_dir, call["_id"])
+    assert len(mails) == 1
+    assert mails[0]["To"] == "csm@example.com"
+    body = mails[0].get_payload(decode=True)
+    assert isinstance(body, bytes)
+    for needle in (call["external_call_unique_id"], "campaign not found",
+                   f"callingest replay --cuid {call['_id']} --stage validator"):
+        assert needle in body.decode()
+    stored = await networks.notifications.find_one({"_id": f"{call['_id']}:1"})
+    assert stored is not None and stored["to"] == "csm@example.com"
+
+    duplicates = sent("duplicate")
+    again = await step(call_failed(call), context(settings, networks, topics, call))
+    assert not again.call_update
+    assert sent("duplicate") == duplicates + 1
+    assert len(mails_about(mail_dir, call["_id"])) == 1
+
+
+async def test_network_without_csm_email_sends_nothing(networks: Any, settings: Settings,
+                                                       topics: Topics, mail_dir: Path) -> None:
+    call = call_doc(network_id="1002")
+    before = sent("no_recipient")
+    await step(call_failed(call, "1002"), context(settings, networks, topics, call))
+    assert sent("no_recipient") == before + 1
+    assert mails_about(mail_dir, call["_id"]) == []
+    assert await networks.notifications.find_one({"_id": f"{call['_id']}:1"}) is None
+
+
+async def test_smtp_unreachable_is_transient(networks: Any, settings: Settings, topics: Topics,
+                                             mail_dir: Path) -> None:
+    call = call_doc()
+    closed = settings.model_copy(update={"smtp_port": free_port()})
+    with pytest.raises(TransientError) as failed:
+        await step(call_failed(call), context(closed, networks, topics, call))
+    assert failed.value.failure_class == "SmtpUnavailable"
+    assert await networks.notifications.find_one({"_id": f"{call['_id']}:1"}) is None

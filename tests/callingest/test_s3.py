@@ -14,6 +14,7 @@ import pytest
 from callingest import s3
 from callingest.errors import TransientError
 from callingest.settings import Settings
+from tests.helpers import parts_count
 
 pytestmark = pytest.mark.s3
 
@@ -32,13 +33,6 @@ async def key(s3_client: Any, settings: Settings) -> AsyncIterator[str]:
 async def chunks_of(data: bytes, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
     for start in range(0, len(data), size):
         yield data[start:start + size]
-
-
-async def parts_count(client: Any, bucket: str, key: str) -> int:
-    """How many parts the object was uploaded in (1: a single PUT), asked of the store: the
-    ETag's shape tells it only for MD5 ETags (the dev store derives them from its CRC64)."""
-    head = await client.head_object(Bucket=bucket, Key=key, PartNumber=1)
-    return int(head.get("PartsCount") or 1)
 
 
 def attributes() -> dict[str, Any]:

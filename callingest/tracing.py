@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 from types import TracebackType
@@ -47,6 +48,11 @@ UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _configured: str | None = None
 _lock = threading.Lock()
+# With spans exported, a thread (the BatchSpanProcessor's) encodes and posts them while the event
+# loop serves; at CPython's default switch interval (5 ms) the loop, whenever it gives the GIL up
+# for a system call during an export, waits up to 5 ms to get it back (the GIL "convoy"), which
+# cost the gateway more throughput than the export's own CPU (docs/benchmarks.md).
+EXPORT_SWITCH_INTERVAL = 0.0005
 # The process's tracer, kept by :func:`configure`: ``trace.get_tracer`` builds a scope and edits
 # the warnings filters on every call (about 5 us a request).
 _tracer: trace.Tracer | None = None
@@ -71,6 +77,7 @@ def configure(service: str) -> None:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            sys.setswitchinterval(min(sys.getswitchinterval(), EXPORT_SWITCH_INTERVAL))
         trace.set_tracer_provider(provider)
         _tracer = trace.get_tracer(TRACER_NAME)
         _configured = service

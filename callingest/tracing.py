@@ -41,6 +41,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 PROPAGATOR = TraceContextTextMapPropagator()
+_FIELDS = frozenset(PROPAGATOR.fields)  # a new set at every read of ``fields``
 CUID_ATTRIBUTE = "cuid"
 TRACER_NAME = "callingest"
 # Requests that are not about a call get no span (probes and scrapes would drown the traces).
@@ -173,7 +174,7 @@ _KAFKA_GETTER = _KafkaHeaders()
 def kafka_headers(headers: Iterable[tuple[str, bytes]] = ()) -> list[tuple[str, bytes]]:
     """``headers`` plus the current context's W3C fields (unless they carry some already)."""
     out = list(headers)
-    if any(name in PROPAGATOR.fields for name, _ in out):
+    if any(name in _FIELDS for name, _ in out):
         return out
     carrier = current_carrier()
     out.extend((name, value.encode("latin-1")) for name, value in carrier.items())

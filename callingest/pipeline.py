@@ -6,7 +6,9 @@ plumbing around it, written once (arroyo's RunTask -> Produce -> CommitOffsets):
 
 * consumer group, manual commits, at-least-once: an offset is committed only after the
   call document is updated (:mod:`callingest.call_store`) and the step's output event is
-  acknowledged by Kafka; commits in offset order per partition (:mod:`callingest.offsets`);
+  acknowledged by Kafka; commits in offset order per partition (:mod:`callingest.offsets`),
+  from the loop at most every :data:`COMMIT_INTERVAL_SECONDS` (each commit is a broker
+  request and a write to its offsets log), on revocation and at the end at once;
 * read ahead, then fair scheduling across networks (:mod:`callingest.scheduling`), a bound
   on events in flight (the stage's ``in_flight_setting``), events of one call (one key)
   one after another;
@@ -56,6 +58,11 @@ from callingest.topics import Topics
 
 log = get_logger(__name__)
 
+COMMIT_INTERVAL_SECONDS = 0.5
+"""The loop commits finished work at most this often: at a few dozen events a second, one
+commit per event was a good part of the broker's CPU per call. A crash redelivers at most
+this much more finished work, which the stored outcomes answer (idempotent per attempt)."""
+
 
 class ConsumerFailed(Exception):
     """The consumer hit something it must not carry on past (already logged); exit non-zero."""
@@ -87,6 +94,7 @@ class StageRunner:
         self._retry_pauses = retry_tiers.Pauses()
         self._fetch_failing_since: float | None = None
         self._retrying_in_place = 0
+        self._last_commit = 0.0
         self.failure: str | None = None
         self.ready = False
 
@@ -166,7 +174,7 @@ class StageRunner:
                                        timeout=1.0)
                 else:  # pragma: no cover - the queue is never full without tasks running
                     await asyncio.sleep(0.1)
-                await self._commit()
+                await self._commit(due_only=True)
                 continue
             try:
                 batches = await consumer.getmany(timeout_ms=200, max_records=room)
@@ -192,7 +200,7 @@ class StageRunner:
                         break
                     self._enqueue(tp, record)
             self._schedule()
-            await self._commit()
+            await self._commit(due_only=True)
 
     # -- fair scheduling across networks ---------------------------------------------------
 
@@ -290,7 +298,13 @@ class StageRunner:
 
     # -- commits, drain ---------------------------------------------------------------
 
-    async def _commit(self) -> None:
+    async def _commit(self, due_only: bool = False) -> None:
+        """Commit finished work; with ``due_only``, only if the last commit is
+        :data:`COMMIT_INTERVAL_SECONDS` old."""
+        now = time.monotonic()
+        if due_only and now - self._last_commit < COMMIT_INTERVAL_SECONDS:
+            return
+        self._last_commit = now
         await self._offsets.commit(self._consumer)
 
     async def _drain(self, grace: float) -> None:

@@ -332,8 +332,12 @@ def markdown(result: dict[str, Any]) -> str:
     for name in result["saturated"]["cpu_share_of_two_cores"]:
         lines.append(f"| {name} | {result['idle']['cpu_share_of_two_cores'].get(name, 0):.3f} | "
                      f"{result['saturated']['cpu_share_of_two_cores'][name]:.3f} |")
-    lines += ["", f"calls per status, saturated phase: {result['saturated']['calls_before']} -> "
-              f"{result['saturated']['calls_after']}"]
+    for name in ("idle", "saturated"):
+        phase = result[name]
+        done = phase["calls_after"]["normalized"] - phase["calls_before"]["normalized"]
+        lines += ["", f"{name} phase: calls per status {phase['calls_before']} -> "
+                  f"{phase['calls_after']}; pipeline progress {done} normalized "
+                  f"({done / phase['wall_seconds']:.1f}/s)"]
     return "\n".join(lines)
 
 

@@ -20,8 +20,8 @@ prometheus: .tools/prometheus-$(PROMETHEUS_VERSION)
 		github.com/prometheus/prometheus/cmd/promtool@$(PROMETHEUS_VERSION)
 	touch $@
 
-# promtool check rules + promtool test rules (tests/ops/promtool) on the rule file generated from
-# the PrometheusRule, in build/prometheus; `make test` runs the same through tests/ops/test_ops_rules.py.
+# promtool check rules + promtool test rules (tests/system/ops/promtool) on the rule file generated from
+# the PrometheusRule, in build/prometheus; `make test` runs the same through tests/system/ops/test_ops_rules.py.
 check-rules: prometheus ## promtool check rules and the promtool unit tests of the alerts
 	$(PY) -m tools.prometheus check
 

@@ -32,7 +32,7 @@ render: kustomize
 
 # The operations tests alone (manifests, alerts, dashboard, Dockerfile); part of `make test`.
 test-ops: kustomize prometheus
-	.venv/bin/pytest tests/ops
+	.venv/bin/pytest tests/system/ops
 
 # `make setup` builds kustomize too (the manifest tests in `make test` need it).
 setup-extra:: kustomize

@@ -1,5 +1,5 @@
-# Reliability targets (issue 6; about 5 min). `make test` already runs tests/fault, tests/security and a
-# 60-second tests/soak; these run the long ones.
+# Reliability targets (issue 6; about 5 min). `make test` already runs tests/system/fault, tests/system/security and a
+# 60-second tests/system/soak; these run the long ones.
 #   make reliability          tests_reliability/: Kafka, MongoDB and S3 outages, kill -9 of each
 #                             consumer with 200 calls in flight, schemathesis (>= 2,000 cases),
 #                             and on a 3-broker KRaft cluster (tools/kafka_cluster.py, RF 3,
@@ -18,4 +18,4 @@ reliability: setup-check ## long fault tests: outages, consumer kills, schemathe
 	.venv/bin/pytest -q -s tests_reliability
 
 soak: setup-check ## steady load through the pipeline for DURATION seconds (default 600)
-	SOAK_SECONDS=$(DURATION) SOAK_RATE=$(SOAK_RATE) .venv/bin/pytest -q -s tests/soak
+	SOAK_SECONDS=$(DURATION) SOAK_RATE=$(SOAK_RATE) .venv/bin/pytest -q -s tests/system/soak

@@ -40,7 +40,7 @@ TEST_LOGS = devstack.RUN / "test-logs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.
 # (a test of the production profile removes it from its subprocess's environment).
 os.environ.setdefault("CALLINGEST_ENV", "dev")
 
-# Secrets the tests hand to the platform; tests/zz_final checks none reached a log.
+# Secrets the tests hand to the platform; tests/system/zz_final checks none reached a log.
 USED_SECRETS: set[str] = {
     "demo-network-token", "demo-advertiser-token", "disabled-network-token", "s3cr3t",
     devstack.S3_SECRET_KEY, devstack.DEMO_WEBHOOK_SECRET,
@@ -103,8 +103,8 @@ def ports() -> devstack.Ports:
 @pytest.fixture(scope="session")
 def promql(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A Prometheus server without targets, for its PromQL parser and evaluator
-    (tests/ops/prometheus.py)."""
-    from tests.ops.prometheus import PrometheusServer, require_prometheus
+    (tests/system/ops/prometheus.py)."""
+    from tests.system.ops.prometheus import PrometheusServer, require_prometheus
 
     require_prometheus()
     server = PrometheusServer(tmp_path_factory.mktemp("promql"), free_port()).start()

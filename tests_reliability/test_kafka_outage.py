@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_settings
-from tests.fault.harness import Answer, Report, open_pipeline
-from tests.fault.privatestack import PrivateServers
+from tests.system.fault.harness import Answer, Report, open_pipeline
+from tests.system.fault.privatestack import PrivateServers
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(420)]
 

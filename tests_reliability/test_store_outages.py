@@ -11,8 +11,8 @@ import time
 import pytest
 
 from tests.conftest import make_settings
-from tests.fault.harness import Report, count_events, open_pipeline
-from tests.fault.privatestack import PrivateServers
+from tests.system.fault.harness import Report, count_events, open_pipeline
+from tests.system.fault.privatestack import PrivateServers
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack, pytest.mark.timeout(900)]
 

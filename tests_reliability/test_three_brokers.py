@@ -36,7 +36,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from tests.conftest import free_port, make_settings
-from tests.fault.harness import Answer, Pipeline, Report, open_pipeline
+from tests.system.fault.harness import Answer, Pipeline, Report, open_pipeline
 from tools import devstack
 from tools.kafka_cluster import KafkaCluster
 

@@ -3,7 +3,7 @@
 The alerting and recording rules have one source: the Kubernetes PrometheusRule
 ``deploy/k8s/base/monitoring/prometheusrule.yaml``. Its ``spec`` is a Prometheus
 rule file; :func:`write_rules` writes it out as one for the local Prometheus and
-for promtool. The promtool unit tests of the rules live in ``tests/ops/promtool``.
+for promtool. The promtool unit tests of the rules live in ``tests/system/ops/promtool``.
 
 Usage: ``python -m tools.prometheus rules OUT.yml`` (write the rule file),
 ``python -m tools.prometheus check [DIR]`` (``promtool check rules`` and
@@ -24,7 +24,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RULE_SOURCE = ROOT / "deploy" / "k8s" / "base" / "monitoring" / "prometheusrule.yaml"
-UNIT_TESTS = ROOT / "tests" / "ops" / "promtool"
+UNIT_TESTS = ROOT / "tests" / "system" / "ops" / "promtool"
 RULES_FILE = "callingest.rules.yml"
 BIN = ROOT / ".tools" / "bin"
 # The `namespace` label the local stack's series carry (in Kubernetes the Prometheus Operator

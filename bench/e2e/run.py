@@ -59,9 +59,9 @@ from bench.stack import prepare, stack_settings  # noqa: E402
 from callingest import mongo, s3  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
+from tests.audiogen import write_encoded, write_wav  # noqa: E402
 from tests.conftest import Services, delete_topics  # noqa: E402
 from tests.helpers import demo_call, serve_recordings  # noqa: E402
-from tests.normalizer.audiogen import write_encoded, write_wav  # noqa: E402
 from tools import devstack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "e2e"

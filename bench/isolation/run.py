@@ -7,7 +7,7 @@ What it does (see docs/benchmarks.md, "Isolation between networks"):
 * uses the dev stack's servers (starting the ones not running, stopping those afterwards)
   and starts the five services as processes with ``make up`` defaults (retry delays
   5 s / 30 s / 2 min / 10 min, timeouts, in-flight bounds), its own topic prefix and
-  database, the demo configuration plus network 3003 (``tests/isolation/flood-network.yaml``);
+  database, the demo configuration plus network 3003 (``tests/system/isolation/flood-network.yaml``);
 * **baseline**: network 1001 (B) submits ``--healthy`` calls with a 3 s stereo WAV served
   from loopback; each call's POST -> ``normalized`` time is the history entry's time
   minus the POST's start;
@@ -49,13 +49,13 @@ from bench.stack import prepare, stack_settings  # noqa: E402
 from callingest import mongo  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
+from tests.audiogen import write_wav  # noqa: E402
 from tests.conftest import Services, delete_topics, free_port  # noqa: E402
 from tests.helpers import black_hole, serve_recordings  # noqa: E402
-from tests.normalizer.audiogen import write_wav  # noqa: E402
 from tools import devstack  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "isolation"
-FLOOD_CONFIG = ROOT / "tests" / "isolation" / "flood-network.yaml"
+FLOOD_CONFIG = ROOT / "tests" / "system" / "isolation" / "flood-network.yaml"
 SUBMIT_PATH = "/api/2022-03-01/calls.json"
 HEALTHY_TOKEN = "demo-network-token"
 DEAD_TOKEN = "flood-network-token"

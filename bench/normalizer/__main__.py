@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from services.normalizer.transcode import transcode_file
-from tests.normalizer import audiogen
+from tests import audiogen
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results" / "normalizer"

@@ -51,8 +51,8 @@ import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 from pymongo import AsyncMongoClient  # noqa: E402
 
-from tests.helpers import demo_call, serve_recordings  # noqa: E402
 from tests.audiogen import write_encoded, write_wav  # noqa: E402
+from tests.helpers import demo_call, serve_recordings  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "saturation"
 LUA = ROOT / "bench" / "gateway" / "submit.lua"

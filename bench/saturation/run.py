@@ -4,6 +4,7 @@
     # options: --calls 1000 --seconds 60 --probes 1000 --concurrency 4 --port-base 24300
     #          --batch-nice 10 (the dev stack's default; 0 = every process at the same priority)
     #          --steps (time the gateway's store insert and Kafka publication per call)
+    #          --alternate N (then N pairs of saturated phases, batch reniced 0 / --batch-nice)
 
 What it does (see docs/benchmarks.md, "Gateway under a saturated pipeline"):
 
@@ -18,6 +19,9 @@ What it does (see docs/benchmarks.md, "Gateway under a saturated pipeline"):
   submitted; then waits until the pipeline has finished the probes' calls;
 * **saturated**: submits ``--calls`` calls (every ``--mp3-every``th an MP3) with 32 POSTs in
   flight, waits ``--settle`` seconds so that every stage has work, then the same probes;
+* ``--alternate N``: then, on the same backlog, N pairs of the same probes with the batch
+  services (:data:`tools.devstack.BATCH`) reniced in place to 0, then to ``--batch-nice``:
+  CPU priority on and off in the same minute, on the same machine load;
 * for each phase: wrk's p50/p90/p99 and rate, the CPU seconds each component of the stack
   used during the probes (``/proc/<pid>/stat`` of each process and its children: shows which
   stage was busy), and the calls per status in the database before and after (shows the
@@ -53,6 +57,7 @@ from pymongo import AsyncMongoClient  # noqa: E402
 
 from tests.audiogen import write_encoded, write_wav  # noqa: E402
 from tests.helpers import demo_call, serve_recordings  # noqa: E402
+from tools.devstack import BATCH, BATCH_NICE_DEFAULT, set_autogroup_nice  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "saturation"
 LUA = ROOT / "bench" / "gateway" / "submit.lua"
@@ -161,6 +166,16 @@ def component_pids(run_dir: Path) -> dict[str, int]:
         with contextlib.suppress(OSError, ValueError):
             pids[name] = int((run_dir / "pids" / f"{name}.pid").read_text().strip())
     return pids
+
+
+def renice_batch(pids: dict[str, int], nice: int) -> None:
+    """Set the niceness of the batch services, their children and their autogroups, in place."""
+    for name in BATCH:
+        if name in pids:
+            set_autogroup_nice(pids[name], nice)
+            for pid in (pids[name], *_descendants(pids[name])):
+                with contextlib.suppress(ProcessLookupError):
+                    os.setpriority(os.PRIO_PROCESS, pid, nice)
 
 
 def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
@@ -293,10 +308,18 @@ async def run(args: argparse.Namespace, env: dict[str, str], run_dir: Path) -> d
                   for n, v in cpu_snapshot(pids).items()}
         print(f"settle ({args.settle:.0f} s), CPU share of two cores: {settle}", flush=True)
         saturated = await measured_phase("saturated", args, port, base, pids, db)
+        alternation = []
+        nice = BATCH_NICE_DEFAULT if args.batch_nice is None else args.batch_nice
+        for _ in range(args.alternate):
+            for value in (0, nice):
+                renice_batch(pids, value)
+                phase = await measured_phase(f"saturated, batch nice {value}", args, port, base,
+                                             pids, db)
+                alternation.append(phase | {"batch_nice": value})
     finally:
         await client.close()
         await runner.cleanup()
-    return {"idle": idle, "saturated": saturated, "backlog": backlog,
+    return {"idle": idle, "saturated": saturated, "alternation": alternation, "backlog": backlog,
             "settle_cpu_share_of_two_cores": settle}
 
 
@@ -318,7 +341,16 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| **saturated / idle** | | {sat['rps'] / idle['rps']:.2f} | "
                  f"{sat['p50_us'] / idle['p50_us']:.2f} | {sat['p90_us'] / idle['p90_us']:.2f} | "
                  f"{sat['p99_us'] / idle['p99_us']:.2f} | |")
-    steps = [(name, result[name].get("steps")) for name in ("idle", "saturated")]
+    for phase in result.get("alternation", []):
+        p = phase["probe"]
+        done = phase["calls_after"]["normalized"] - phase["calls_before"]["normalized"]
+        batch = sum(v for n, v in phase["cpu_share_of_two_cores"].items() if n in BATCH)
+        lines.append(f"| {phase['phase']} (normalized {done / phase['wall_seconds']:.1f}/s, batch "
+                     f"CPU {batch:.2f} of 2 cores) | {p['requests']} | {p['rps']:.0f} | "
+                     f"{p['p50_us'] / 1000:.1f} | {p['p90_us'] / 1000:.1f} | "
+                     f"{p['p99_us'] / 1000:.1f} | {p['non_2xx']} / {p['socket_errors']} |")
+    steps = [(phase["phase"], phase.get("steps")) for phase in
+             (result["idle"], result["saturated"], *result.get("alternation", []))]
     if all(st for _, st in steps):
         lines += ["", "| phase | store insert p50 / p90 / p99 ms | Kafka publication p50 / p90 / p99 ms |",
                   "|---|---|---|"]
@@ -355,6 +387,9 @@ def main() -> int:
     parser.add_argument("--port-base", type=int, default=24300)
     parser.add_argument("--batch-nice", type=int, default=None,
                         help="BATCH_NICE for the stack (default: the dev stack's own)")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="after the saturated phase, N more pairs of probes with the batch "
+                             "services reniced in place to 0 and to --batch-nice (same backlog)")
     parser.add_argument("--steps", action="store_true",
                         help="run the gateway with timers around the store insert and the Kafka "
                              "publication (bench/saturation/timed_gateway.py)")
@@ -383,9 +418,9 @@ def main() -> int:
             shutil.copytree(run_dir / "logs", RESULTS / f"{stamp}-logs")
         shutil.rmtree(run_dir, ignore_errors=True)
     if args.steps:
-        for phase in ("idle", "saturated"):
-            result[phase]["steps"] = step_times(RESULTS / f"{stamp}-logs" / "gateway.log",
-                                                result[phase]["unix_window"])
+        for phase in (result["idle"], result["saturated"], *result["alternation"]):
+            phase["steps"] = step_times(RESULTS / f"{stamp}-logs" / "gateway.log",
+                                        phase["unix_window"])
     result.update({"utc": stamp, "args": vars(args) | {"report": None},
                    "load_start": [round(x, 2) for x in load_start],
                    "load_end": [round(x, 2) for x in os.getloadavg()]})

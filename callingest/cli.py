@@ -12,8 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
-STAGES = ("validator", "fetcher", "normalizer")
+from callingest.stages import CALL_STAGES, SERVICES
+
 COMMANDS = {"config": "config-apply", "calls": "calls-show", "replay": "replay",
             "admin": "admin-init"}
 """Command -> its entry in :data:`callingest.settings_usage.ENTRY_POINTS`."""
@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Re-publish failed calls to the stage that failed, after the recording is "
         "restored or the configuration corrected. Filters combine with AND.")
     replay.add_argument("--cuid", action="append", default=[], help="a call to replay (repeatable)")
-    replay.add_argument("--stage", choices=STAGES, help="only calls that failed in this stage")
+    replay.add_argument("--stage", choices=CALL_STAGES, help="only calls that failed in this stage")
     replay.add_argument("--since", type=_iso, help="only calls that failed at or after this ISO time")
     replay.add_argument("--failure-class", help="only calls that failed with this class")
     replay.add_argument("--dry-run", action="store_true", help="list what would be replayed")

@@ -43,15 +43,16 @@ HTTP_REQUEST_DURATION = Histogram(
     ["service", "method", "route"],
     buckets=_HTTP_BUCKETS,
 )
-# Call submissions answered by the gateway, by result (created, duplicate, conflict,
-# unavailable: Kafka did not acknowledge and the answer was 503).
+# Call submissions answered by the gateway, by result (created, corrected: a failed call
+# resubmitted with new content, duplicate, conflict, unavailable: Kafka did not acknowledge
+# and the answer was 503).
 CALLS_SUBMITTED = Counter(
     "callingest_calls_submitted_total",
     "Call submissions answered by the gateway, by result",
     ["result"],
 )
-# Events consumed from Kafka, by topic and outcome (ok, retry, failed, dead_letter, skipped,
-# duplicate).
+# Events consumed from Kafka, by topic and outcome (ok, retry, deferred: sent back untried,
+# failed, dead_letter, skipped, duplicate).
 EVENTS_CONSUMED = Counter(
     "callingest_events_consumed_total",
     "Events consumed, by topic and outcome",

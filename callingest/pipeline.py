@@ -1,58 +1,40 @@
-"""The one consumer loop every pipeline service runs.
+"""The one consumer loop every pipeline service runs; it is about Kafka only.
 
-A stage is a step function ``async def step(event, ctx) -> StepResult``; this
-module is the plumbing around it, written once (arroyo's RunTask -> Produce ->
-CommitOffsets):
+A stage is a row of the stage graph (:mod:`callingest.stages`) bound to a step
+``async def step(event, ctx) -> StepResult`` (:mod:`callingest.steps`); this module is the
+plumbing around it, written once (arroyo's RunTask -> Produce -> CommitOffsets):
 
-* consumer group, manual commits, at-least-once: an offset is committed only
-  after the step's MongoDB update is written and its output event is
-  acknowledged by Kafka;
-* read ahead, then fair scheduling across networks: up to ``consumer_read_ahead``
-  events are held per consumer, queued per network; a free slot goes to the waiting
-  network with the fewest events in flight, and no network may hold more than three
-  quarters of the stage's slots, so a network that arrives behind another's backlog
-  starts at once (see docs/architecture.md, "Isolation between networks");
-* a bounded number of messages in flight (``Stage.max_in_flight``, else the
-  ``max_in_flight`` setting), commits in offset order per partition, events of one
-  call (one key) processed one after another;
-* idempotent per (cuid, stage, attempt): the outcome of a step is stored on
-  the call; a redelivered event republishes that stored outcome (same event
-  id) instead of running the step again;
-* :class:`~callingest.errors.TransientError` -> delayed retry through tiered
-  retry topics (``retry.<stage>.<tier>``, growing delays, survives restarts);
-  after ``MAX_PROCESSING_ATTEMPTS`` the call fails with ``retryable=true``. No slot is
-  held while a retry waits: the event leaves at once, the call's ``retrying`` field
-  says when the next try is due and a ``retrying`` history entry records the error
-  class; a retry message not yet due pauses only its own retry partition;
-* :class:`~callingest.errors.Deferred` (a step could not even start: a shared
-  resource is busy) -> back to the first retry tier without using up an attempt;
-* :class:`~callingest.errors.PermanentError` -> call marked failed and
-  CallFailed published to ``calls.failed``;
-* undecodable bytes -> dead-letter topic with their origin in headers; too many
-  in a row is fatal (bad code should not flood the DLQ);
-* infrastructure trouble (MongoDB or Kafka unavailable) -> the message is
-  retried in place with backoff and nothing is committed past it, for at most
-  ``INFRA_RETRY_SECONDS``; then fatal;
-* crash-only: anything fatal (an exception outside the step, the dead-letter
-  limit, the infrastructure retry bound) is logged with the call and event id,
-  readiness goes false, finished work is committed and :meth:`StageRunner.run`
-  raises :class:`ConsumerFailed`, so the process exits non-zero and Kubernetes
-  restarts it; the event that failed was not committed and is consumed again;
-* SIGTERM: stop taking messages, let in-flight work finish within the grace
-  period, commit what is done, close.
+* consumer group, manual commits, at-least-once: an offset is committed only after the
+  call document is updated (:mod:`callingest.call_store`) and the step's output event is
+  acknowledged by Kafka; commits in offset order per partition (:mod:`callingest.offsets`);
+* read ahead, then fair scheduling across networks (:mod:`callingest.scheduling`), a bound
+  on events in flight (the stage's ``in_flight_setting``), events of one call (one key)
+  one after another;
+* idempotent per (cuid, stage, attempt): a redelivered event whose outcome is stored on
+  the call republishes that outcome (same event id) instead of running the step again;
+* :class:`~callingest.errors.TransientError` -> delayed retry through the tiered retry
+  topics (:mod:`callingest.retry_tiers`); no slot is held while it waits; after
+  ``MAX_PROCESSING_ATTEMPTS`` the call fails with ``retryable=true`` (unless the stage
+  retries forever). :class:`~callingest.errors.Deferred` -> tier 0 without using up an
+  attempt. :class:`~callingest.errors.PermanentError` -> the call fails, CallFailed is
+  published to ``calls.failed``;
+* undecodable bytes -> the dead-letter topic (:mod:`callingest.dead_letters`);
+* infrastructure trouble (MongoDB or Kafka unavailable) -> the message is retried in place
+  with backoff and nothing is committed past it, for at most ``INFRA_RETRY_SECONDS``;
+* crash-only: anything fatal (an exception outside the step, the dead-letter limit, the
+  infrastructure retry bound) is logged with the call and event id, readiness goes false,
+  finished work is committed and :meth:`StageRunner.run` raises :class:`ConsumerFailed`, so
+  the process exits non-zero and Kubernetes restarts it; the failed event is consumed again;
+* SIGTERM: stop taking messages, let in-flight work finish within the grace period, commit
+  what is done, close.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import random
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -61,149 +43,48 @@ from aiokafka.structs import ConsumerRecord
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from callingest import avro, metrics, tracing
-from callingest.errors import Deferred, PermanentError, TransientError
-from callingest.kafka import Producer, PublishError, client_options, event_id
-from callingest.logging import get_logger, scrub
+from callingest import avro, metrics, retry_tiers
+from callingest.dead_letters import MAX_CONSECUTIVE_DEAD_LETTERS
+from callingest.handling import DeadLetterLimit, MessageHandler
+from callingest.kafka import Producer, PublishError, client_options
+from callingest.logging import get_logger
+from callingest.offsets import Offsets
+from callingest.scheduling import FairQueue, Queued
 from callingest.settings import Settings
+from callingest.steps import Stage
 from callingest.topics import Topics
 
 log = get_logger(__name__)
-
-RETRY_ATTEMPT_HEADER = "callingest-retry"
-NOT_BEFORE_HEADER = "callingest-not-before"
-#: On a retry-tier message that is a deferral (the step never ran), not a failed try.
-DEFERRED_HEADER = "callingest-deferred"
-MAX_CONSECUTIVE_DEAD_LETTERS = 100
 
 
 class ConsumerFailed(Exception):
     """The consumer hit something it must not carry on past (already logged); exit non-zero."""
 
 
-@dataclass
-class StepResult:
-    """What a step produced: the next event (if any) and the fields to set on the call."""
-
-    next_event: dict[str, Any] | None = None
-    call_update: dict[str, Any] = field(default_factory=dict)
-    status: str | None = None
-    terminal: bool = False
-
-
-@dataclass
-class StageContext:
-    """What a step may use: settings, the database, the topics, the call as stored (or None)."""
-
-    settings: Settings
-    db: AsyncDatabase[dict[str, Any]]
-    topics: Topics
-    call: dict[str, Any] | None
-    retry: int
-    resources: dict[str, Any]
-
-
-Step = Callable[[dict[str, Any], StageContext], Awaitable[StepResult]]
-
-
-@dataclass
-class Stage:
-    """A pipeline stage: its name, input topic, step, and output."""
-
-    name: str
-    input_topic: str
-    step: Step
-    output_topic: str | None = None
-    output_event: str | None = None
-    resources: dict[str, Any] = field(default_factory=dict)
-    retry_forever: bool = False
-    """Transient failures never exhaust (the notifier: a notification is never dropped)."""
-    max_in_flight: int | None = None
-    """Events processed at once; None: the ``max_in_flight`` setting. An I/O-bound stage
-    whose events mostly wait (the fetcher) sets far more."""
-    checks: list[Callable[[], Awaitable[list[str]]]] = field(default_factory=list)
-    """Infrastructure of this stage's own to verify before it starts (see callingest.infra)."""
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-class _PartitionTracker:
-    """Offsets in flight for one partition; tells the highest offset safe to commit."""
-
-    def __init__(self) -> None:
-        self.in_flight: list[int] = []
-        self.highest_done: int | None = None
-
-    def add(self, offset: int) -> None:
-        bisect.insort(self.in_flight, offset)
-
-    def done(self, offset: int) -> None:
-        self.in_flight.remove(offset)
-        if self.highest_done is None or offset > self.highest_done:
-            self.highest_done = offset
-
-    def commit_position(self) -> int | None:
-        """The next offset to consume such that everything before it is done."""
-        if self.in_flight:
-            return self.in_flight[0]
-        if self.highest_done is not None:
-            return self.highest_done + 1
-        return None
-
-
-@dataclass
-class _Queued:
-    """An event read ahead and waiting for a slot."""
-
-    tp: TopicPartition
-    record: ConsumerRecord
-    network: str
-
-
-def network_share(max_in_flight: int) -> int:
-    """The most slots one network may hold: all but a quarter (a newly arriving network
-    always finds free slots at once), at least one."""
-    return max(1, max_in_flight - max_in_flight // 4)
-
-
-def _network_of(record: ConsumerRecord) -> str:
-    """The network an event belongs to, for scheduling ('' when it cannot be decoded)."""
-    try:
-        return str(avro.decode(record.value)[1].get("network_id", ""))
-    except (avro.UndecodableMessage, AttributeError, TypeError):
-        return ""
-
-
 class StageRunner:
     """Runs one :class:`Stage` until :meth:`stop` is called."""
 
-    def __init__(self, stage: Stage, settings: Settings, db: AsyncDatabase[dict[str, Any]],
+    def __init__(self, stage: Stage[Any], settings: Settings, db: AsyncDatabase[dict[str, Any]],
                  producer: Producer, service: str | None = None) -> None:
         self.stage = stage
+        self.spec = stage.spec
         self.settings = settings
         self.db = db
         self.producer = producer
         self.service = service or stage.name
         self.topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
+        self.input_topic = self.topics.name(self.spec.input_topic)
         self.retry_topics = self.topics.retry_topics(stage.name)
+        self._handler = MessageHandler(stage, settings, db, producer, self.topics, self.service)
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
-        self._trackers: dict[TopicPartition, _PartitionTracker] = {}
-        self._committed: dict[TopicPartition, int] = {}
+        self._offsets = Offsets(self.service)
         self._tasks: set[asyncio.Task[None]] = set()
         self._key_tails: dict[bytes, asyncio.Task[None]] = {}
-        self.max_in_flight = stage.max_in_flight or settings.max_in_flight
+        self.max_in_flight = int(getattr(settings, self.spec.in_flight_setting))
         self.read_ahead = max(settings.consumer_read_ahead, self.max_in_flight)
-        self.network_share = network_share(self.max_in_flight)
-        self._queues: dict[str, deque[_Queued]] = {}
-        self._queued = 0
-        self._running: dict[str, int] = {}
-        self._last_served: dict[str, int] = {}
-        self._served = 0
-        self._paused_until: dict[TopicPartition, float] = {}
-        self._consecutive_dead_letters = 0
+        self._fair = FairQueue(self.max_in_flight)
+        self._retry_pauses = retry_tiers.Pauses()
         self._fetch_failing_since: float | None = None
         self._retrying_in_place = 0
         self.failure: str | None = None
@@ -233,13 +114,13 @@ class StageRunner:
 
         class Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-                runner._forget_queued(set(revoked))
+                runner._fair.forget(set(revoked))
+                metrics.EVENTS_QUEUED.labels(runner.service).set(runner._fair.queued)
                 await runner._drain(runner.settings.shutdown_grace_seconds)
                 await runner._commit()
                 for tp in revoked:
-                    runner._trackers.pop(tp, None)
-                    runner._committed.pop(tp, None)
-                    runner._paused_until.pop(tp, None)
+                    runner._offsets.forget(tp)
+                    runner._retry_pauses.forget(tp)
 
             async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
                 return None
@@ -255,11 +136,11 @@ class StageRunner:
             session_timeout_ms=10000,
             heartbeat_interval_ms=3000,
         )
-        consumer.subscribe([self.stage.input_topic, *self.retry_topics], listener=Listener())
+        consumer.subscribe([self.input_topic, *self.retry_topics], listener=Listener())
         self._consumer = consumer
         await consumer.start()
         self.ready = True
-        lag_task = asyncio.create_task(self._report_lag())
+        lag_task = asyncio.create_task(self._offsets.report_lag(consumer))
         try:
             await self._loop(consumer)
         finally:
@@ -276,9 +157,9 @@ class StageRunner:
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
-            self._resume_due(consumer)
+            self._retry_pauses.resume_due(consumer)
             self._schedule()
-            room = self.read_ahead - self._queued - len(self._tasks)
+            room = self.read_ahead - self._fair.queued - len(self._tasks)
             if room <= 0:
                 if self._tasks:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED,
@@ -307,109 +188,45 @@ class StageRunner:
                         # Not started: rewind so the next owner gets it.
                         consumer.seek(tp, record.offset)
                         break
-                    if not self._due(consumer, tp, record):
+                    if not self._retry_pauses.due(consumer, tp, record):
                         break
                     self._enqueue(tp, record)
             self._schedule()
             await self._commit()
 
-    # -- retries ---------------------------------------------------------------------------
-
-    def _due(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: ConsumerRecord) -> bool:
-        """False for a retry message whose delay has not passed: pause its partition until then."""
-        not_before = _header(record, NOT_BEFORE_HEADER)
-        if not_before is None:
-            return True
-        due = float(not_before.decode()) / 1000.0
-        wait = due - time.time()
-        if wait <= 0:
-            return True
-        consumer.seek(tp, record.offset)
-        consumer.pause(tp)
-        self._paused_until[tp] = time.monotonic() + wait
-        return False
-
-    def _resume_due(self, consumer: AIOKafkaConsumer) -> None:
-        t = time.monotonic()
-        for tp, until in list(self._paused_until.items()):
-            if until <= t:
-                del self._paused_until[tp]
-                consumer.resume(tp)
-
     # -- fair scheduling across networks ---------------------------------------------------
 
     def _enqueue(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         """Hold ``record`` in its network's queue; its offset counts as unfinished from now."""
-        self._trackers.setdefault(tp, _PartitionTracker()).add(record.offset)
-        network = _network_of(record)
-        self._queues.setdefault(network, deque()).append(_Queued(tp, record, network))
-        self._queued += 1
-        metrics.EVENTS_QUEUED.labels(self.service).set(self._queued)
-
-    def _pick(self) -> str | None:
-        """The waiting network with the fewest events in flight (below its share); ties go
-        to the one served longest ago."""
-        best: str | None = None
-        best_key: tuple[int, int] | None = None
-        for network in self._queues:
-            running = self._running.get(network, 0)
-            if running >= self.network_share:
-                continue
-            key = (running, self._last_served.get(network, -1))
-            if best_key is None or key < best_key:
-                best, best_key = network, key
-        return best
+        self._offsets.tracker(tp).add(record.offset)
+        self._fair.push(tp, record)
+        metrics.EVENTS_QUEUED.labels(self.service).set(self._fair.queued)
 
     def _schedule(self) -> None:
         """Start queued events while slots are free."""
-        while (self._queued and len(self._tasks) < self.max_in_flight
+        while (self._fair.queued and len(self._tasks) < self.max_in_flight
                and not self._stopping.is_set()):
-            network = self._pick()
-            if network is None:
-                return
-            queue = self._queues[network]
-            item = queue.popleft()
-            if not queue:
-                del self._queues[network]
-            self._queued -= 1
-            self._served += 1
-            self._last_served[network] = self._served
+            item = self._fair.pop()
+            if item is None:
+                break
             self._start(item)
-        metrics.EVENTS_QUEUED.labels(self.service).set(self._queued)
-
-    def _forget_queued(self, partitions: set[TopicPartition]) -> None:
-        """Drop queued (not started) events of revoked partitions: their next owner reads them."""
-        for network, queue in list(self._queues.items()):
-            kept = deque(item for item in queue if item.tp not in partitions)
-            self._queued -= len(queue) - len(kept)
-            if kept:
-                self._queues[network] = kept
-            else:
-                del self._queues[network]
-        metrics.EVENTS_QUEUED.labels(self.service).set(self._queued)
+        metrics.EVENTS_QUEUED.labels(self.service).set(self._fair.queued)
 
     # -- one message -----------------------------------------------------------------------
 
-    def _start(self, item: _Queued) -> None:
+    def _start(self, item: Queued) -> None:
         tp, record, network = item.tp, item.record, item.network
-        tracker = self._trackers.setdefault(tp, _PartitionTracker())
+        tracker = self._offsets.tracker(tp)
         previous = self._key_tails.get(record.key) if record.key else None
         task = asyncio.create_task(self._process(tp, record, previous))
         self._tasks.add(task)
-        self._running[network] = self._running.get(network, 0) + 1
         metrics.EVENTS_IN_FLIGHT.labels(self.service).set(len(self._tasks))
         if record.key:
             self._key_tails[record.key] = task
 
         def finished(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            left = self._running.get(network, 1) - 1
-            if left:
-                self._running[network] = left
-            else:
-                self._running.pop(network, None)
-                if network not in self._queues:
-                    self._last_served.pop(network, None)
+            self._fair.finished(network)
             metrics.EVENTS_IN_FLIGHT.labels(self.service).set(len(self._tasks))
             if record.key and self._key_tails.get(record.key) is t:
                 del self._key_tails[record.key]
@@ -432,7 +249,7 @@ class StageRunner:
         try:
             while True:
                 try:
-                    await self._handle(tp, record)
+                    await self._handler.handle(tp, record)
                     return
                 except (PyMongoError, KafkaError, PublishError) as exc:
                     if self._stopping.is_set():
@@ -453,6 +270,12 @@ class StageRunner:
                                 extra={**_ids(tp, record), "error": error})
                     await asyncio.sleep(delay + random.uniform(0, delay))
                     delay = min(delay * 2, 10.0)
+                except DeadLetterLimit:
+                    log.error("too many undecodable messages in a row; exiting (is a producer "
+                              "writing something else to this topic?)",
+                              extra={**_ids(tp, record), "limit": MAX_CONSECUTIVE_DEAD_LETTERS})
+                    self._fatal("dead-letter limit")
+                    raise ConsumerFailed("dead-letter limit") from None
                 except ConsumerFailed:
                     raise
                 except Exception as exc:
@@ -465,233 +288,10 @@ class StageRunner:
             if retrying:
                 self._retrying_in_place -= 1
 
-    async def _handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
-        """One message in a span that continues the trace in its headers."""
-        with tracing.consumer_span(self.stage.name, tp.topic, record.headers):
-            await self._handle_traced(tp, record)
-
-    async def _handle_traced(self, tp: TopicPartition, record: ConsumerRecord) -> None:
-        started = time.perf_counter()
-        try:
-            _event_name, event = avro.decode(record.value)
-        except avro.UndecodableMessage as exc:
-            await self._dead_letter(tp, record, str(exc))
-            return
-        self._consecutive_dead_letters = 0
-        cuid = event["cuid"]
-        tracing.set_cuid(cuid)
-        attempt = int(event.get("attempt", 1))
-        extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": self.stage.name}
-        call = await self.db.calls.find_one({"_id": cuid})
-        if call is not None and int(call.get("attempt", 1)) > attempt:
-            log.info("stale event from an earlier attempt, skipped", extra=extra)
-            metrics.EVENTS_CONSUMED.labels(self.service, tp.topic, "skipped").inc()
-            return
-        stored = (call or {}).get("outputs", {}).get(self.stage.name)
-        if stored is not None and int(stored.get("attempt", 0)) == attempt:
-            await self._publish_stored(stored, cuid)
-            metrics.EVENTS_CONSUMED.labels(self.service, tp.topic, "duplicate").inc()
-            log.info("redelivered event, stored outcome republished", extra=extra)
-            return
-        retry = int((_header(record, RETRY_ATTEMPT_HEADER) or b"0").decode())
-        ctx = StageContext(self.settings, self.db, self.topics, call, retry, self.stage.resources)
-        try:
-            result = await self.stage.step(event, ctx)
-        except PermanentError as exc:
-            await self._fail(event, exc.failure_class, exc.message, retryable=False)
-            self._observe(tp, started, "failed")
-            return
-        except (PyMongoError, KafkaError, PublishError):
-            raise
-        except Deferred as exc:
-            await self._schedule_retry(record, event, retry, exc, extra, counted=False)
-            self._observe(tp, started, "deferred")
-            return
-        except Exception as exc:
-            if isinstance(exc, TransientError):
-                transient = exc
-            else:
-                log.exception("step raised unexpectedly; treated as transient", extra=extra)
-                transient = TransientError(f"internal error: {type(exc).__name__}", "InternalError")
-            if (retry + 1 >= self.settings.max_processing_attempts
-                    and not self.stage.retry_forever):
-                await self._fail(event, transient.failure_class,
-                                 f"{transient.message} (gave up after {retry + 1} attempts)",
-                                 retryable=True)
-                self._observe(tp, started, "failed")
-            else:
-                await self._schedule_retry(record, event, retry + 1, transient, extra)
-                self._observe(tp, started, "retry")
-            return
-        await self._succeed(event, result)
-        if result.terminal and result.status == "normalized" and call is not None:
-            metrics.observe_normalized(call)
-        self._observe(tp, started, "ok")
-        log.info("step done", extra={**extra, "status": result.status})
-
-    def _observe(self, tp: TopicPartition, started: float, outcome: str) -> None:
-        metrics.EVENTS_CONSUMED.labels(self.service, tp.topic, outcome).inc()
-        metrics.STAGE_DURATION.labels(self.stage.name, outcome).observe(time.perf_counter() - started)
-
-    async def _succeed(self, event: dict[str, Any], result: StepResult) -> None:
-        cuid = event["cuid"]
-        attempt = int(event.get("attempt", 1))
-        output: dict[str, Any] = {"attempt": attempt}
-        if result.next_event is not None and self.stage.output_event and self.stage.output_topic:
-            record = {
-                "event_id": event_id(cuid, self.stage.name, attempt),
-                "cuid": cuid,
-                "occurred_at": now(),
-                "schema_version": avro.LATEST[self.stage.output_event].version,
-                "network_id": event["network_id"],
-                "attempt": attempt,
-                **result.next_event,
-            }
-            output.update(topic=self.stage.output_topic, event=self.stage.output_event,
-                          record=record)
-        update: dict[str, Any] = {"$set": {**result.call_update, f"outputs.{self.stage.name}": output},
-                                  "$unset": {"retrying": ""}}
-        if result.status:
-            update["$set"]["status"] = result.status
-            update["$push"] = {"history": {"stage": self.stage.name, "status": result.status,
-                                           "at": now()}}
-        await self.db.calls.update_one({"_id": cuid}, update)
-        if result.terminal and result.status:
-            metrics.CALLS_TERMINAL.labels(result.status).inc()
-        await self._publish_stored(output, cuid)
-
-    async def _fail(self, event: dict[str, Any], failure_class: str, message: str,
-                    retryable: bool) -> None:
-        cuid = event["cuid"]
-        attempt = int(event.get("attempt", 1))
-        record = {
-            "event_id": event_id(cuid, self.stage.name, attempt),
-            "cuid": cuid,
-            "occurred_at": now(),
-            "schema_version": avro.LATEST["CallFailed"].version,
-            "network_id": event["network_id"],
-            "attempt": attempt,
-            "stage": self.stage.name,
-            "failure_class": failure_class,
-            "message": message,
-            "retryable": retryable,
-        }
-        output = {"attempt": attempt, "topic": self.topics.failed, "event": "CallFailed",
-                  "record": record}
-        at = now()
-        await self.db.calls.update_one(
-            {"_id": cuid},
-            {
-                "$set": {
-                    "status": "failed",
-                    "failure": {"stage": self.stage.name, "class": failure_class,
-                                "message": message, "retryable": retryable, "attempt": attempt,
-                                "at": at},
-                    f"outputs.{self.stage.name}": output,
-                },
-                "$unset": {"retrying": ""},
-                "$push": {"history": {"stage": self.stage.name, "status": "failed", "at": at}},
-            },
-        )
-        metrics.FAILURES.labels(self.stage.name, failure_class).inc()
-        metrics.CALLS_TERMINAL.labels("failed").inc()
-        log.warning("call failed", extra={"cuid": cuid, "event_id": record["event_id"],
-                                          "stage": self.stage.name,
-                                          "failure_class": failure_class, "reason": message})
-        await self._publish_stored(output, cuid)
-
-    async def _publish_stored(self, output: dict[str, Any], cuid: str) -> None:
-        if output.get("topic") and output.get("event"):
-            record = dict(output["record"])
-            record["event_id"] = str(record["event_id"])
-            await self.producer.send(output["topic"], output["event"], record, key=cuid)
-
-    async def _schedule_retry(self, record: ConsumerRecord, event: dict[str, Any], retry: int,
-                              exc: TransientError, extra: dict[str, Any],
-                              counted: bool = True) -> None:
-        """Send the event to its delayed-retry tier; the slot is free as soon as this returns.
-
-        ``retry`` is the number of failed tries so far (the header the next try reads).
-        A counted retry is recorded on the call first (``retrying`` and a history entry
-        with the error class; the message is scrubbed of query strings and secrets), so the
-        status API says where the call stands before the retry can run. A deferral
-        (``counted=False``) goes to the first tier and records nothing.
-        """
-        delays = self.settings.retry_delays_seconds
-        tier = min(retry - 1, len(delays) - 1) if counted else 0
-        delay = delays[tier]
-        not_before_s = time.time() + delay
-        not_before = int(not_before_s * 1000)
-        if counted:
-            at = now()
-            next_at = datetime.fromtimestamp(not_before_s, UTC)
-            error = {"class": exc.failure_class, "message": scrub(exc.message)[:500]}
-            await self.db.calls.update_one(
-                {"_id": event["cuid"]},
-                {"$set": {"retrying": {"stage": self.stage.name, "attempt": retry + 1,
-                                       "next_attempt_at": next_at, "last_error": error}},
-                 "$push": {"history": {"stage": self.stage.name, "status": "retrying",
-                                       "at": at, "attempt": retry, "class": error["class"],
-                                       "next_attempt_at": next_at}}},
-            )
-        headers = [(RETRY_ATTEMPT_HEADER, str(retry).encode()),
-                   (NOT_BEFORE_HEADER, str(not_before).encode())]
-        if not counted:
-            headers.append((DEFERRED_HEADER, b"1"))
-        await self.producer.send_raw(self.topics.retry(self.stage.name, tier), record.value,
-                                     key=(record.key or b"").decode(), headers=headers)
-        if not counted:
-            metrics.DEFERRALS.labels(self.stage.name).inc()
-            log.info("deferred, resource busy",
-                     extra={**extra, "delay_seconds": delay, "reason": exc.message})
-            return
-        metrics.RETRIES.labels(self.stage.name).inc()
-        log.warning("transient failure, retry scheduled",
-                    extra={**extra, "retry": retry, "delay_seconds": delay,
-                           "failure_class": exc.failure_class, "reason": exc.message})
-
-    async def _dead_letter(self, tp: TopicPartition, record: ConsumerRecord, reason: str) -> None:
-        self._consecutive_dead_letters += 1
-        if self._consecutive_dead_letters > MAX_CONSECUTIVE_DEAD_LETTERS:
-            log.error("too many undecodable messages in a row; exiting (is a producer writing "
-                      "something else to this topic?)",
-                      extra={**_ids(tp, record), "limit": MAX_CONSECUTIVE_DEAD_LETTERS})
-            self._fatal("dead-letter limit")
-            raise ConsumerFailed("dead-letter limit")
-        headers = [
-            ("callingest-origin-topic", tp.topic.encode()),
-            ("callingest-origin-partition", str(tp.partition).encode()),
-            ("callingest-origin-offset", str(record.offset).encode()),
-            ("callingest-error", reason.encode()[:500]),
-        ]
-        await self.producer.send_raw(self.topics.dead_letter, record.value or b"",
-                                     key=(record.key or b"").decode(errors="replace"),
-                                     headers=headers)
-        metrics.DEAD_LETTERS.labels(self.service, tp.topic).inc()
-        metrics.EVENTS_CONSUMED.labels(self.service, tp.topic, "dead_letter").inc()
-        log.error("undecodable message sent to the dead-letter topic",
-                  extra={"topic": tp.topic, "partition": tp.partition, "offset": record.offset,
-                         "reason": reason})
-
-    # -- commits, drain, lag ---------------------------------------------------------------
+    # -- commits, drain ---------------------------------------------------------------
 
     async def _commit(self) -> None:
-        consumer = self._consumer
-        if consumer is None:
-            return
-        offsets: dict[TopicPartition, int] = {}
-        for tp, tracker in self._trackers.items():
-            position = tracker.commit_position()
-            if position is not None and self._committed.get(tp) != position:
-                offsets[tp] = position
-        if not offsets:
-            return
-        try:
-            await consumer.commit(offsets)
-        except KafkaError as exc:
-            log.warning("commit failed; will retry", extra={"error": type(exc).__name__})
-            return
-        self._committed.update(offsets)
+        await self._offsets.commit(self._consumer)
 
     async def _drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for all in-flight work, then cancel it."""
@@ -706,23 +306,6 @@ class StageRunner:
             log.warning("abandoned in-flight events at shutdown; they will be redelivered",
                         extra={"count": len(pending)})
 
-    async def _report_lag(self) -> None:
-        while True:
-            await asyncio.sleep(5.0)
-            consumer = self._consumer
-            if consumer is None:
-                continue
-            for tp in consumer.assignment():
-                highwater = consumer.highwater(tp)
-                if highwater is None:
-                    continue
-                committed = self._committed.get(tp)
-                if committed is None:
-                    with contextlib.suppress(KafkaError):
-                        committed = await consumer.committed(tp)
-                lag = max(0, highwater - (committed or 0))
-                metrics.CONSUMER_LAG.labels(self.service, tp.topic, str(tp.partition)).set(lag)
-
 
 def _ids(tp: TopicPartition, record: ConsumerRecord) -> dict[str, Any]:
     """Where a record is and, if it decodes, its call id and event id (for log lines)."""
@@ -734,9 +317,3 @@ def _ids(tp: TopicPartition, record: ConsumerRecord) -> dict[str, Any]:
     ids.update(cuid=event.get("cuid"), event_id=str(event.get("event_id")))
     return ids
 
-
-def _header(record: ConsumerRecord, name: str) -> bytes | None:
-    for key, value in record.headers or ():
-        if key == name:
-            return bytes(value)
-    return None

@@ -21,7 +21,7 @@ from typing import Any
 from pymongo.errors import DuplicateKeyError
 from tqdm import tqdm
 
-from callingest import events, mongo
+from callingest import events, mongo, stages
 from callingest.kafka import Producer, PublishError, client_options
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -134,7 +134,7 @@ def restart_stage(call: dict[str, Any]) -> str:
     """The stage a failed call resumes from: the one that failed, or the fetcher for a
     normalizer failure whose fetched recording is gone."""
     stage = (call.get("failure") or {}).get("stage")
-    if stage not in events.STAGE_INPUT:
+    if stage not in stages.CALL_STAGES:
         raise NotRestartable(f"failed in unknown stage {stage!r}")
     if stage == "normalizer" and not call.get("fetched"):
         return "fetcher"
@@ -165,7 +165,7 @@ async def restart_failed_call(
                                                          new_attempt)
     except ValueError as exc:
         raise NotRestartable(str(exc)) from None
-    status = events.STATUS_BEFORE[stage]
+    status = stages.status_before(stage)
     at = datetime.now(UTC)
     # The claim of the new attempt: a unique _id makes exactly one taker win, also on
     # stores whose findAndModify is not atomic under concurrency (FerretDB on SQLite).

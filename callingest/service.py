@@ -6,19 +6,18 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from aiohttp import web
-from pymongo.asynchronous.database import AsyncDatabase
 
-from callingest import infra, kafka, mongo
+from callingest import infra, kafka, mongo, stages
 from callingest.http import add_ops_routes
 from callingest.infra import prepare_infrastructure
 from callingest.kafka import Producer
 from callingest.logging import configure, get_logger
-from callingest.pipeline import ConsumerFailed, Stage, StageRunner
-from callingest.settings import DEFAULT_PORTS, Settings
+from callingest.pipeline import ConsumerFailed, StageRunner
+from callingest.settings import Settings
+from callingest.steps import Resources, Stage, Step
 from callingest.topics import Topics
 
 log = get_logger(__name__)
@@ -28,12 +27,10 @@ EXIT_FAILED = 1
 
 __all__ = ["EXIT_FAILED", "ops_server", "port_of", "prepare_infrastructure", "run_stage_service"]
 
-StageFactory = Callable[[Settings, AsyncDatabase[dict[str, Any]], Topics],
-                        AbstractAsyncContextManager[Stage]]
 
 
 def port_of(service: str, settings: Settings) -> int:
-    return settings.http_port if settings.http_port is not None else DEFAULT_PORTS[service]
+    return settings.http_port if settings.http_port is not None else stages.SERVICE_PORTS[service]
 
 
 @contextlib.asynccontextmanager
@@ -57,15 +54,22 @@ def install_stop_handlers(stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, stop)
 
 
-async def run_stage_service(service: str, factory: StageFactory, settings: Settings) -> None:
-    """Run one pipeline service until SIGTERM/SIGINT; drains in-flight work before returning.
+async def run_stage_service(service: str, step: Step[Any], settings: Settings) -> None:
+    """Run the stage ``service`` of the stage graph with ``step`` until SIGTERM/SIGINT;
+    drains in-flight work before returning.
 
-    Not ready until the infrastructure ``callingest admin init`` creates exists (the stage's
-    ``checks`` add its own, e.g. the bucket). Crash-only: if the consumer fails
+    Its topics, events, status, retry policy and port come from :data:`callingest.stages.STAGES`;
+    its resources are the type the graph names, opened for the life of the service. Not
+    ready until the infrastructure ``callingest admin init`` creates exists (the resources'
+    ``checks`` add their own, e.g. the bucket). Crash-only: if the consumer fails
     (:class:`~callingest.pipeline.ConsumerFailed`, or the infrastructure cannot be reached for
     ``INFRA_RETRY_SECONDS``), finished work is committed and the process exits with code 1.
     """
     configure(service, settings.log_level)
+    spec = stages.stage(service)
+    resources_type = spec.resources_type()
+    if not issubclass(resources_type, Resources):
+        raise TypeError(f"{spec.resources} is not a callingest.steps.Resources")
     topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
     client = mongo.open_client(settings)
     db = mongo.database(client, settings)
@@ -84,9 +88,11 @@ async def run_stage_service(service: str, factory: StageFactory, settings: Setti
 
     failed = False
     try:
-        async with ops_server(service, settings, ready), factory(settings, db, topics) as stage:
+        async with ops_server(service, settings, ready), \
+                resources_type.open(settings) as resources:
+            stage = Stage(spec, step, resources)
             checks = [infra.topics_check(settings, topics.all()), infra.indexes_check(db),
-                      *stage.checks]
+                      *resources.checks(settings)]
             waiting = asyncio.create_task(infra.wait_for(checks, service,
                                                           settings.infra_retry_seconds))
             stop_task = asyncio.create_task(stop_requested.wait())

@@ -250,16 +250,6 @@ REQUIRED_OUTSIDE_DEV: dict[str, str | None] = _required_fields()
 """Settings that must be given outside the dev profile -> the setting that waives it, if any."""
 
 
-DEFAULT_PORTS = {
-    "gateway": 8080,
-    "validator": 8081,
-    "fetcher": 8082,
-    "normalizer": 8083,
-    "notifier": 8084,
-    "webhooks": 8085,
-}
-
-
 def dev_run_dir() -> Path:
     """The dev stack's run directory: ``CALLINGEST_RUN_DIR``, else ``.run`` of the checkout."""
     return Path(os.environ.get("CALLINGEST_RUN_DIR", Path(__file__).resolve().parent.parent / ".run"))

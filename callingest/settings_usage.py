@@ -21,16 +21,12 @@ from functools import cache
 from pathlib import Path
 
 from callingest.settings import Settings
+from callingest.stages import BY_NAME, SERVICES
 
 PACKAGES = ("callingest", "services")
 
 ENTRY_POINTS: dict[str, tuple[str, str]] = {
-    "gateway": ("services.gateway.main", "serve"),
-    "validator": ("services.validator.main", "serve"),
-    "fetcher": ("services.fetcher.main", "serve"),
-    "normalizer": ("services.normalizer.main", "serve"),
-    "notifier": ("services.notifier.main", "serve"),
-    "webhooks": ("services.webhooks.main", "serve"),
+    **{service: (f"services.{service}.main", "serve") for service in SERVICES},
     "admin-init": ("callingest.infra", "prepare_infrastructure"),
     "config-apply": ("callingest.cli", "_config_apply"),
     "calls-show": ("callingest.cli", "_calls_show"),
@@ -207,8 +203,10 @@ def reads_of(module: str, function: str) -> frozenset[str]:
 
 
 def reads(command: str) -> frozenset[str]:
-    """The settings ``command`` (a key of :data:`ENTRY_POINTS`) reads."""
-    return reads_of(*ENTRY_POINTS[command])
+    """The settings ``command`` (a key of :data:`ENTRY_POINTS`) reads; a stage also reads the
+    setting the stage graph names as its bound on events in flight (read by name)."""
+    spec = BY_NAME.get(command)
+    return reads_of(*ENTRY_POINTS[command]) | ({spec.in_flight_setting} if spec else set())
 
 
 def env_names(command: str) -> frozenset[str]:

@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
-
-RETRYING_STAGES = ("validator", "fetcher", "normalizer", "notifier")
+SUBMITTED = "calls.submitted"
+VALIDATED = "calls.validated"
+FETCHED = "recordings.fetched"
+NORMALIZED = "recordings.normalized"
+FAILED = "calls.failed"
+DEAD_LETTER = "calls.dead-letter"
+"""Base names (before ``TOPIC_PREFIX``); which stage reads and writes each: callingest.stages."""
 
 
 @dataclass(frozen=True)
@@ -25,27 +28,31 @@ class Topics:
 
     @property
     def submitted(self) -> str:
-        return f"{self.prefix}calls.submitted"
+        return self.name(SUBMITTED)
 
     @property
     def validated(self) -> str:
-        return f"{self.prefix}calls.validated"
+        return self.name(VALIDATED)
 
     @property
     def fetched(self) -> str:
-        return f"{self.prefix}recordings.fetched"
+        return self.name(FETCHED)
 
     @property
     def normalized(self) -> str:
-        return f"{self.prefix}recordings.normalized"
+        return self.name(NORMALIZED)
 
     @property
     def failed(self) -> str:
-        return f"{self.prefix}calls.failed"
+        return self.name(FAILED)
 
     @property
     def dead_letter(self) -> str:
-        return f"{self.prefix}calls.dead-letter"
+        return self.name(DEAD_LETTER)
+
+    def name(self, base: str) -> str:
+        """The topic of base name ``base`` under this prefix."""
+        return f"{self.prefix}{base}"
 
     def retry(self, stage: str, tier: int) -> str:
         """The delayed-retry topic of ``stage`` for delay tier ``tier`` (0-based)."""
@@ -55,9 +62,14 @@ class Topics:
         return [self.retry(stage, tier) for tier in range(self.retry_tiers)]
 
     def all(self) -> list[str]:
-        main = [self.submitted, self.validated, self.fetched, self.normalized, self.failed,
-                self.dead_letter]
-        return main + [t for stage in RETRYING_STAGES for t in self.retry_topics(stage)]
+        """Every topic of the platform: the stage graph's, the dead letters, every stage's
+        retry tiers."""
+        from callingest.stages import STAGES  # the graph imports this module's base names
+
+        main = [self.name(base) for base in dict.fromkeys(
+            t for s in STAGES for t in (s.input_topic, s.output_topic) if t is not None)]
+        return [*main, self.dead_letter,
+                *(t for s in STAGES for t in self.retry_topics(s.name))]
 
 
 def topic_configs(replication_factor: int) -> dict[str, str]:
@@ -73,6 +85,9 @@ async def ensure_topics(bootstrap_servers: str, names: list[str], partitions: in
     producers' acks=all, an acknowledged event is on at least two brokers.
     ``options``: the clients' security options (:func:`callingest.kafka.client_options`).
     """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # the stage graph reads the names
+    from aiokafka.errors import TopicAlreadyExistsError  # (CLI, devstack) without a client
+
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap_servers, request_timeout_ms=15000,
                                 **options)
     await admin.start()

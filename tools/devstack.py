@@ -1,7 +1,8 @@
 """Start, check and stop the dev/test stack without Docker.
 
 Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
-FerretDB on SQLite (.tools/bin/ferretdb), versitygw as the S3 store
+FerretDB (.tools/bin/ferretdb) on SQLite, or with ``STORE_BACKEND=postgresql`` on a
+PostgreSQL cluster of its own (Debian's server, data in .run/postgresql), versitygw as the S3 store
 (.tools/bin/versitygw, posix backend), an aiosmtpd sink, the demo server
 (tools/demo_server.py: sample recordings and a webhook receiver), the six
 services, and Prometheus scraping them (.tools/bin/prometheus; tools/prometheus.py).
@@ -29,6 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from callingest import stages
+
 ROOT = Path(__file__).resolve().parent.parent
 RUN = Path(os.environ.get("CALLINGEST_RUN_DIR", ROOT / ".run"))
 TOOLS = ROOT / ".tools"
@@ -41,15 +44,15 @@ S3_SECRET_KEY = "callingest-dev-secret"  # dev-only credential of the local stor
 DEMO_WEBHOOK_SECRET = "whsec_PIvvg3U/lvFqLDLyXUiQwgSPvwcyPr2p"
 
 SERVERS = ("kafka", "mongodb", "s3", "smtp")
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
+POSTGRESQL = "postgresql"  # FerretDB's store when STORE_BACKEND=postgresql (started before mongodb)
+STORE_BACKENDS = ("sqlite", "postgresql")
+SERVICES = stages.SERVICES  # the gateway, every stage of the stage graph, webhooks
 DEMO = "demo"  # tools/demo_server.py: sample recordings and a webhook receiver (make up only)
 PROMETHEUS = "prometheus"  # scrapes every service (tools/prometheus.py; make up only)
-# Work nobody waits for on the line: the consumers. The gateway, and the servers a submission
-# waits on (Kafka, FerretDB), keep the normal priority.
-BATCH = ("validator", "fetcher", "normalizer", "notifier", "webhooks")
+# Work nobody waits for on the line: every service but the gateway (the stages and webhooks).
+# The gateway, and the servers a submission waits on (Kafka, FerretDB), keep the normal priority.
+BATCH = tuple(name for name in SERVICES if name != "gateway")
 BATCH_NICE_DEFAULT = 10
-SERVICE_PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083,
-                 "notifier": 8084, "webhooks": 8085}
 
 
 def _port(name: str, default: int) -> int:
@@ -66,11 +69,27 @@ class Ports:
     gateway: int = field(default_factory=lambda: _port("GATEWAY_PORT", 8080))
     demo: int = field(default_factory=lambda: _port("DEMO_RECORDINGS_PORT", 8000))
     prometheus: int = field(default_factory=lambda: _port("PROMETHEUS_PORT", 9090))
+    postgresql: int = field(default_factory=lambda: _port("POSTGRESQL_PORT", 55432))
 
     def of(self, component: str) -> int:
-        if component in ("validator", "fetcher", "normalizer", "notifier", "webhooks"):
-            return _port(f"{component.upper()}_PORT", SERVICE_PORTS[component])
+        if component in SERVICES and not hasattr(self, component):  # the gateway has a field
+            return _port(f"{component.upper()}_PORT", stages.SERVICE_PORTS[component])
         return int(getattr(self, component))
+
+
+def store_backend() -> str:
+    """FerretDB's store in this stack: ``STORE_BACKEND`` (sqlite, the default, or postgresql)."""
+    backend = os.environ.get("STORE_BACKEND", "sqlite").strip().lower() or "sqlite"
+    if backend not in STORE_BACKENDS:
+        raise SystemExit(f"STORE_BACKEND={backend!r}: expected one of {', '.join(STORE_BACKENDS)}")
+    return backend
+
+
+def servers() -> tuple[str, ...]:
+    """The servers of this stack, in start order (PostgreSQL before the FerretDB on it)."""
+    if store_backend() == "postgresql":
+        return ("kafka", POSTGRESQL, "mongodb", "s3", "smtp")
+    return SERVERS
 
 
 def dev_secret_keys() -> str:
@@ -164,11 +183,15 @@ def set_autogroup_nice(pid: int, nice: int) -> None:
 
 
 def stop(component: str, timeout: float = 15.0) -> bool:
-    """SIGTERM the component's process group, SIGKILL after ``timeout``; True if it was running."""
+    """SIGTERM the component's process group (PostgreSQL: SIGINT to the postmaster, its fast
+    shutdown), SIGKILL after ``timeout``; True if it was running."""
     pid = running_pid(component)
     if pid is None:
         return False
-    _signal_group(pid, signal.SIGTERM)
+    if component == POSTGRESQL:
+        os.kill(pid, signal.SIGINT)
+    else:
+        _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)
@@ -294,8 +317,71 @@ def start_kafka(ports: Ports) -> None:
 
 def start_mongodb(ports: Ports) -> None:
     binary = _require(TOOLS / "bin" / "ferretdb")
-    spawn("mongodb", [str(binary), "--listen-addr", f"127.0.0.1:{ports.mongodb}",
-                      "--sqlite-dir", str(RUN / "ferretdb")])
+    store = (["--postgresql-url", postgresql_url(ports)] if store_backend() == "postgresql"
+             else ["--sqlite-dir", str(RUN / "ferretdb")])
+    spawn("mongodb", [str(binary), "--listen-addr", f"127.0.0.1:{ports.mongodb}", *store])
+
+
+# PostgreSQL refuses to run as root, and a data directory under a root-only path (pytest's
+# tmp_path) is out of reach of another user. As root, initdb and postgres therefore run in a
+# user namespace that maps root to the ``postgres`` account (the Debian package creates it):
+# inside they are not root, outside their files stay root's. Otherwise they run as the caller.
+PG_USER = "postgres"
+PG_DATABASE = "postgres"  # FerretDB keeps each MongoDB database as a schema of it
+# The dev cluster's settings beyond the defaults: loopback TCP only, no Unix socket (no
+# /var/run/postgresql needed), room for FerretDB's pool (50 connections by default).
+PG_SETTINGS = {"listen_addresses": "127.0.0.1", "unix_socket_directories": "",
+               "max_connections": "120", "shared_buffers": "128MB",
+               # FerretDB filters {_id: v} as `_jsonb -> $1 @> $2`: planned with the key as a
+               # constant, that matches the GIN index deploy/ferretdb adds on `_jsonb -> '_id'`.
+               "plan_cache_mode": "force_custom_plan",
+               # on (the default): a commit is on disk when FerretDB answers. off lets a crash
+               # of PostgreSQL lose the last ~0.6 s of answered writes (measurements only).
+               "synchronous_commit": os.environ.get("POSTGRESQL_SYNCHRONOUS_COMMIT", "on")}
+
+
+def postgresql_bin() -> Path:
+    """The bin directory of the newest PostgreSQL server installed from Debian's packages."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if not found:
+        raise SystemExit("PostgreSQL is not installed: run `make setup` (or `make postgresql`)")
+    return found[-1].parent
+
+
+def postgresql_url(ports: Ports) -> str:
+    return f"postgres://{PG_USER}@127.0.0.1:{ports.postgresql}/{PG_DATABASE}"
+
+
+def _as_pg_user(argv: list[str]) -> list[str]:
+    if os.geteuid() != 0:
+        return argv
+    return ["unshare", "--user", f"--map-user={PG_USER}", f"--map-group={PG_USER}", *argv]
+
+
+def start_postgresql(ports: Ports) -> None:
+    """A cluster of this stack's own in ``.run/postgresql/data`` (initdb on first start)."""
+    bindir = postgresql_bin()
+    data = RUN / "postgresql" / "data"
+    if not (data / "PG_VERSION").exists():
+        data.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(data, ignore_errors=True)
+        # FerretDB accepts only UTF8 and the C/POSIX/en_US.UTF8 collations; trust on loopback
+        # only (the dev stack's other servers take their dev credentials the same way).
+        subprocess.run(_as_pg_user([str(bindir / "initdb"), "-D", str(data), "-E", "UTF8",
+                                    "--locale=C", "-U", PG_USER, "--auth=trust", "--no-sync"]),
+                       check=True, capture_output=True, text=True)
+    settings = [arg for name, value in PG_SETTINGS.items() for arg in ("-c", f"{name}={value}")]
+    spawn(POSTGRESQL, _as_pg_user([str(bindir / "postgres"), "-D", str(data),
+                                   "-p", str(ports.postgresql), *settings]))
+
+
+def postgresql_ready(ports: Ports) -> bool:
+    """True once the cluster accepts connections (not while it starts up or recovers)."""
+    probe = subprocess.run([str(postgresql_bin() / "pg_isready"), "-q", "-h", "127.0.0.1",
+                            "-p", str(ports.postgresql), "-U", PG_USER, "-d", PG_DATABASE],
+                           capture_output=True, timeout=10)
+    return probe.returncode == 0
 
 
 def start_s3(ports: Ports) -> None:
@@ -311,7 +397,8 @@ def start_smtp(ports: Ports) -> None:
                    "--dir", str(RUN / "mail")])
 
 
-STARTERS = {"kafka": start_kafka, "mongodb": start_mongodb, "s3": start_s3, "smtp": start_smtp}
+STARTERS = {"kafka": start_kafka, "mongodb": start_mongodb, "s3": start_s3, "smtp": start_smtp,
+            POSTGRESQL: start_postgresql}
 
 
 def demo_url(ports: Ports) -> str:
@@ -366,14 +453,20 @@ def start_server(component: str, ports: Ports, timeout: float = 60.0) -> bool:
     STARTERS[component](ports)
     if component == "kafka":
         wait_for(lambda: kafka_ready(ports), "kafka", timeout, "kafka")
+    elif component == POSTGRESQL:
+        wait_for(lambda: postgresql_ready(ports), POSTGRESQL, timeout, POSTGRESQL)
     else:
         wait_for(lambda: port_open(port), component, timeout, component)
     return True
 
 
-def servers_up(ports: Ports, components: Iterable[str] = SERVERS) -> list[str]:
-    """Start the servers that are not running; returns the ones started here."""
-    return [c for c in components if start_server(c, ports)]
+def servers_up(ports: Ports, components: Iterable[str] | None = None) -> list[str]:
+    """Start the servers that are not running (default: :func:`servers`; the store FerretDB
+    needs comes with ``mongodb``); returns the ones started here, in start order."""
+    wanted = list(servers() if components is None else components)
+    if "mongodb" in wanted and POSTGRESQL not in wanted and store_backend() == "postgresql":
+        wanted.insert(wanted.index("mongodb"), POSTGRESQL)
+    return [c for c in wanted if start_server(c, ports)]
 
 
 # -- services ----------------------------------------------------------------------------------
@@ -477,14 +570,14 @@ def write_stack_env(ports: Ports) -> None:
 
 def down() -> None:
     stack_env_file().unlink(missing_ok=True)
-    for component in (PROMETHEUS, *SERVICES, DEMO, *reversed(SERVERS)):
+    for component in (PROMETHEUS, *SERVICES, DEMO, *reversed(SERVERS), POSTGRESQL):
         if stop(component):
             print(f"stopped {component}")
 
 
 def status(ports: Ports) -> int:
     bad = 0
-    for component in (*SERVERS, DEMO, *SERVICES, PROMETHEUS):
+    for component in (*servers(), DEMO, *SERVICES, PROMETHEUS):
         pid = running_pid(component)
         listening = port_open(ports.of(component))
         print(f"{component:11s} pid={pid or '-':<8} port={ports.of(component)} "
@@ -508,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.action == "servers-up":
             servers_up(ports)
         elif args.action == "servers-down":
-            for component in reversed(SERVERS):
+            for component in (*reversed(SERVERS), POSTGRESQL):
                 stop(component)
     except RuntimeError as exc:
         print(f"devstack: {exc}", file=sys.stderr)

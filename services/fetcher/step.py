@@ -1,18 +1,20 @@
 """The fetcher stage: CallValidated in, the recording stored in S3, RecordingFetched out.
 
-Wiring (see :func:`open_resources`): the stage's ``resources`` hold ``"http"`` (an
-SSRF-guarded aiohttp session), ``"s3"`` (an aiobotocore client), ``"address_policy"``,
-``"hosts"`` (the per-host caps and circuit breakers, :mod:`services.fetcher.hosts`),
-``"memory"`` (the byte budget of recording bodies) and ``"keyring"`` (opens sealed
-auth-config tokens); :func:`step` reads them from ``ctx.resources``.
+Wiring: :class:`FetcherResources` (the type the stage graph names for the fetcher) holds
+an SSRF-guarded aiohttp session, an aiobotocore S3 client, the address policy, the per-host
+caps and circuit breakers (:mod:`services.fetcher.hosts`), the byte budget of recording
+bodies and the keyring that opens sealed auth-config tokens; :func:`step` reads them from
+``ctx.resources``.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from pydantic import ValidationError
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -20,8 +22,8 @@ from callingest import s3 as s3io
 from callingest.audioformat import FORMATS, SNIFF_BYTES, sniff_format
 from callingest.config_file import NetworkSettings
 from callingest.errors import PermanentError, TransientError
+from callingest.infra import Check, bucket_check
 from callingest.logging import get_logger
-from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import s3_client
 from callingest.secretbox import (
     RECORDING_AUTH_CONFIGS,
@@ -33,6 +35,7 @@ from callingest.secretbox import (
 )
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, guarded_session
+from callingest.steps import Resources, StageContext, StepResult
 from services.fetcher.budget import ByteBudget
 from services.fetcher.download import (
     FetchPolicy,
@@ -53,20 +56,35 @@ def raw_key(cuid: str, attempt: int) -> str:
     return f"raw/{cuid}/{attempt}"
 
 
-@asynccontextmanager
-async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
-    """The ``resources`` the fetcher stage needs, open for the life of the service."""
-    keyring = load_keyring(settings)
-    address_policy = AddressPolicy(allow_loopback=settings.allow_loopback_recordings)
-    memory = ByteBudget(settings.fetch_memory_budget_bytes)
-    hosts = HostGuard(settings.fetch_max_per_host, settings.fetch_circuit_failure_threshold,
-                      settings.fetch_circuit_cooldown_seconds)
-    # No pool-wide connection limit below the stage's own: a download waiting for a pooled
-    # connection would hold its slot; per-host limits are the HostGuard's.
-    async with s3_client(settings) as s3, guarded_session(
-            address_policy, limit=settings.fetcher_max_in_flight) as http:
-        yield {"http": http, "s3": s3, "address_policy": address_policy, "hosts": hosts,
-               "memory": memory, "keyring": keyring}
+@dataclass
+class FetcherResources(Resources):
+    """What the fetcher's step uses, open for the life of the service."""
+
+    http: aiohttp.ClientSession
+    """SSRF-guarded: every connection goes through ``address_policy``."""
+    s3: Any
+    address_policy: AddressPolicy
+    keyring: SecretCodec
+    hosts: HostGuard | None = None
+    memory: ByteBudget | None = None
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[FetcherResources]:
+        keyring = load_keyring(settings)
+        address_policy = AddressPolicy(allow_loopback=settings.allow_loopback_recordings)
+        memory = ByteBudget(settings.fetch_memory_budget_bytes)
+        hosts = HostGuard(settings.fetch_max_per_host, settings.fetch_circuit_failure_threshold,
+                          settings.fetch_circuit_cooldown_seconds)
+        # No pool-wide connection limit below the stage's own: a download waiting for a
+        # pooled connection would hold its slot; per-host limits are the HostGuard's.
+        async with s3_client(settings) as s3, guarded_session(
+                address_policy, limit=settings.fetcher_max_in_flight) as http:
+            yield cls(http=http, s3=s3, address_policy=address_policy, keyring=keyring,
+                      hosts=hosts, memory=memory)
+
+    def checks(self, settings: Settings) -> list[Check]:
+        return [bucket_check(self.s3, settings.s3_bucket)]
 
 
 async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_id: str,
@@ -120,7 +138,7 @@ async def _already_stored(s3: Any, bucket: str, key: str) -> StoredRecording | N
                            format=fmt)
 
 
-async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
+async def step(event: dict[str, Any], ctx: StageContext[FetcherResources]) -> StepResult:
     """Store the call's recording at ``raw/<cuid>/<attempt>`` and describe it.
 
     Idempotent per (cuid, attempt): an object already at that key is reused without a
@@ -132,12 +150,13 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
     network_id = str(event["network_id"])
     bucket = settings.s3_bucket
     key = raw_key(cuid, attempt)
-    s3 = ctx.resources["s3"]
+    resources = ctx.resources
+    s3 = resources.s3
     extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": STAGE}
 
     # A host that is refused now (circuit open, at its cap) costs no object-store or
     # database read: the call leaves its slot at once.
-    await check_host(event["recording_url"], ctx.resources.get("hosts"),
+    await check_host(event["recording_url"], resources.hosts,
                      settings.fetch_host_wait_seconds)
     stored = await _already_stored(s3, bucket, key)
     if stored is not None:
@@ -145,18 +164,18 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
     else:
         auth = await load_recording_auth_config(ctx.db, network_id,
                                                 event.get("recording_auth_config_id"),
-                                                ctx.resources["keyring"])
+                                                resources.keyring)
         stored = await fetch_recording(
             event["recording_url"],
             auth=auth,
-            http=ctx.resources["http"],
+            http=resources.http,
             s3=s3,
             bucket=bucket,
             key=key,
-            policy=FetchPolicy.from_settings(settings, memory=ctx.resources.get("memory")),
-            address_policy=ctx.resources["address_policy"],
+            policy=FetchPolicy.from_settings(settings, memory=resources.memory),
+            address_policy=resources.address_policy,
             log_extra=extra,
-            hosts=ctx.resources.get("hosts"),
+            hosts=resources.hosts,
         )
         log.info("recording fetched",
                  extra={**extra, "url": redact_url(event["recording_url"]), "key": key,
@@ -170,5 +189,4 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
             "call_direction": event["call_direction"],
         },
         call_update={"fetched": stored.as_document()},
-        status="fetched",
     )

@@ -1,7 +1,7 @@
 """The normalizer stage: RecordingFetched in, the house-format WAV in S3, RecordingNormalized out.
 
-Wiring (see :func:`open_resources`): the stage's ``resources`` hold ``"s3"`` (an
-aiobotocore client) and ``"pool"`` (a :class:`~services.normalizer.pool.TranscodePool`);
+Wiring: :class:`NormalizerResources` (the type the stage graph names for the normalizer)
+holds an aiobotocore S3 client and the :class:`~services.normalizer.pool.TranscodePool`;
 :func:`step` reads them from ``ctx.resources``.
 
 Per call: the raw object ``raw/<cuid>/<attempt>`` is streamed into a temp file, transcoded
@@ -21,15 +21,17 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from callingest import metrics
 from callingest import s3 as s3io
 from callingest.errors import PermanentError, TransientError
+from callingest.infra import Check, bucket_check
 from callingest.logging import get_logger
-from callingest.pipeline import StageContext, StepResult
 from callingest.s3 import s3_client
 from callingest.settings import Settings
+from callingest.steps import Resources, StageContext, StepResult
 from services.normalizer.pool import TranscodePool
 from services.normalizer.transcode import RECORDING_FIELDS
 
@@ -44,18 +46,28 @@ def normalized_key(cuid: str) -> str:
     return f"normalized/{cuid}.wav"
 
 
-@asynccontextmanager
-async def open_resources(settings: Settings) -> AsyncIterator[dict[str, Any]]:
-    """The ``resources`` the normalizer stage needs, open for the life of the service."""
-    pool = TranscodePool(settings.normalizer_workers)
-    try:
-        async with s3_client(settings) as s3:
-            yield {"s3": s3, "pool": pool}
-    finally:
-        await asyncio.to_thread(pool.close)
+@dataclass
+class NormalizerResources(Resources):
+    """What the normalizer's step uses, open for the life of the service."""
+
+    s3: Any
+    pool: TranscodePool
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, settings: Settings) -> AsyncIterator[NormalizerResources]:
+        pool = TranscodePool(settings.normalizer_workers)
+        try:
+            async with s3_client(settings) as s3:
+                yield cls(s3=s3, pool=pool)
+        finally:
+            await asyncio.to_thread(pool.close)
+
+    def checks(self, settings: Settings) -> list[Check]:
+        return [bucket_check(self.s3, settings.s3_bucket)]
 
 
-async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
+async def step(event: dict[str, Any], ctx: StageContext[NormalizerResources]) -> StepResult:
     """Normalize the recording of one call and describe it.
 
     Idempotent per (cuid, attempt): if ``normalized/<cuid>.wav`` already holds the output
@@ -70,8 +82,8 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
     src_bucket, src_key = str(event["bucket"]), str(event["key"])
     bucket = ctx.settings.s3_bucket
     key = normalized_key(cuid)
-    s3 = ctx.resources["s3"]
-    pool: TranscodePool = ctx.resources["pool"]
+    s3 = ctx.resources.s3
+    pool = ctx.resources.pool
     extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": STAGE}
     provenance = {"attempt": str(attempt), "source-key": src_key, "call-direction": direction}
 
@@ -109,8 +121,6 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
     return StepResult(
         next_event=described,
         call_update={"recording": described},
-        status="normalized",
-        terminal=True,
     )
 
 

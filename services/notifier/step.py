@@ -14,8 +14,8 @@ from callingest import metrics
 from callingest.config_file import load_network
 from callingest.errors import TransientError
 from callingest.logging import get_logger
-from callingest.pipeline import StageContext, StepResult
 from callingest.settings import Settings
+from callingest.steps import NoResources, StageContext, StepResult
 
 log = get_logger(__name__)
 
@@ -52,7 +52,7 @@ def _send(settings: Settings, msg: EmailMessage) -> None:
         smtp.send_message(msg)
 
 
-async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
+async def step(event: dict[str, Any], ctx: StageContext[NoResources]) -> StepResult:
     """Send the notification once per (cuid, attempt); SMTP trouble is transient (never dropped)."""
     cuid = event["cuid"]
     attempt = int(event.get("attempt", 1))

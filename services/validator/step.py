@@ -15,10 +15,10 @@ from pymongo.errors import DuplicateKeyError
 from callingest import rules
 from callingest.config_file import load_campaign, load_network
 from callingest.errors import PermanentError
-from callingest.pipeline import StageContext, StepResult
+from callingest.steps import NoResources, StageContext, StepResult
 
 
-async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
+async def step(event: dict[str, Any], ctx: StageContext[NoResources]) -> StepResult:
     """Pass the call on (CallValidated) or fail it permanently; idempotent per (cuid, attempt)."""
     if ctx.call is None:
         await _record_call(event, ctx)
@@ -44,11 +44,10 @@ async def step(event: dict[str, Any], ctx: StageContext) -> StepResult:
             "recording_auth_config_id": event.get("recording_auth_config_id"),
             "call_direction": event["call_direction"],
         },
-        status="validated",
     )
 
 
-async def _record_call(event: dict[str, Any], ctx: StageContext) -> None:
+async def _record_call(event: dict[str, Any], ctx: StageContext[NoResources]) -> None:
     """Insert the call described by ``event`` (status received) unless it exists."""
     now = datetime.now(UTC)
     doc = {

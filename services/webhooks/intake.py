@@ -33,17 +33,15 @@ from callingest import avro, metrics, tracing
 from callingest.callview import call_view, format_utc
 from callingest.kafka import client_options
 from callingest.logging import get_logger
-from callingest.pipeline import DEFERRED_HEADER, RETRY_ATTEMPT_HEADER, _header
+from callingest.retry_tiers import DEFERRED_HEADER, failed_tries, header
 from callingest.settings import Settings
-from callingest.topics import RETRYING_STAGES, Topics
+from callingest.stages import CALL_STAGES
+from callingest.topics import Topics
 from callingest.webhooks import event_id
 
 log = get_logger(__name__)
 
 #: W3C trace context of the call, when the producer put it on the event; sent with the webhook.
-
-#: The stages whose retries a client hears of (the notifier's own retries are not call events).
-CALL_STAGES = tuple(s for s in RETRYING_STAGES if s != "notifier")
 
 
 class Intake:
@@ -149,11 +147,10 @@ class Intake:
         elif record.topic == self.topics.failed:
             event_type, detail = "call.failed", ""
         elif record.topic in self.retry_topics:
-            if _header(record, DEFERRED_HEADER):
+            if header(record, DEFERRED_HEADER):
                 return 0  # deferred untried (host busy): not a failed try, nothing to tell
-            retry = _header(record, RETRY_ATTEMPT_HEADER) or b"0"
             event_type = "call.retrying"
-            detail = f"{self.retry_topics[record.topic]}_{int(retry.decode())}"
+            detail = f"{self.retry_topics[record.topic]}_{failed_tries(record)}"
             occurred = datetime.fromtimestamp(record.timestamp / 1000.0, UTC)
         else:
             return 0

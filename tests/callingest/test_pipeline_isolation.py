@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from callingest.errors import Deferred, TransientError
-from callingest.pipeline import StageContext, StepResult, network_share
+from callingest.scheduling import network_share
 from callingest.settings import Settings
+from callingest.steps import StageContext, StepResult
 from callingest.topics import Topics
 from tests.callingest.test_pipeline_loop import running, status_of
 from tests.conftest import wait_until
@@ -23,8 +24,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 def _ok(event: dict[str, Any]) -> StepResult:
     return StepResult(next_event={"recording_url": event["recording_url"],
                                   "recording_auth_config_id": None,
-                                  "call_direction": event["call_direction"]},
-                      status="validated")
+                                  "call_direction": event["call_direction"]})
 
 
 class ByNetwork:

@@ -12,8 +12,11 @@ from aiokafka import AIOKafkaProducer
 from callingest import events, mongo
 from callingest.errors import PermanentError, TransientError
 from callingest.kafka import Producer
-from callingest.pipeline import Stage, StageContext, StageRunner, StepResult, _PartitionTracker
+from callingest.offsets import PartitionTracker
+from callingest.pipeline import StageRunner
 from callingest.settings import Settings
+from callingest.stages import stage
+from callingest.steps import NoResources, Stage, StageContext, StepResult
 from callingest.topics import Topics
 from tests.conftest import wait_until
 from tests.helpers import call_doc, committed_past, decoded, end_offsets, read_topic, submit
@@ -22,7 +25,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
 
 def test_commit_position_never_passes_unfinished_work() -> None:
-    t = _PartitionTracker()
+    t = PartitionTracker()
     for offset in (5, 6, 7):
         t.add(offset)
     assert t.commit_position() == 5
@@ -53,8 +56,7 @@ class Recorder:
             raise KeyError("bug")
         return StepResult(next_event={"recording_url": event["recording_url"],
                                       "recording_auth_config_id": None,
-                                      "call_direction": event["call_direction"]},
-                          status="validated")
+                                      "call_direction": event["call_direction"]})
 
 
 @contextlib.asynccontextmanager
@@ -63,8 +65,7 @@ async def running(settings: Settings, topics: Topics, step: Any) -> Any:
     db = mongo.database(client, settings)
     producer = Producer(settings.kafka_bootstrap_servers, "test")
     await producer.start()
-    runner = StageRunner(Stage("validator", topics.submitted, step, topics.validated,
-                               "CallValidated"), settings, db, producer)
+    runner = StageRunner(Stage(stage("validator"), step, NoResources()), settings, db, producer)
     task = asyncio.create_task(runner.run())
     try:
         yield runner

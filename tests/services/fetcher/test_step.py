@@ -14,10 +14,10 @@ from aiohttp import web
 
 from callingest import avro
 from callingest.errors import PermanentError
-from callingest.pipeline import StageContext, StepResult
 from callingest.settings import Settings
+from callingest.steps import StageContext, StepResult
 from callingest.topics import Topics
-from services.fetcher.step import open_resources, raw_key, step
+from services.fetcher.step import FetcherResources, raw_key, step
 from tests.conftest import DEV_KEYRING
 from tests.services.fetcher.conftest import LOOPBACK_OK, RecordingServer, Store, serve, wav_bytes
 
@@ -65,14 +65,15 @@ def event(cuid: str, url: str, auth_id: str | None = None, attempt: int = 1) -> 
     }
 
 
-def context(settings: Settings, db: Any, resources: dict[str, Any]) -> StageContext:
+def context(settings: Settings, db: Any,
+            resources: FetcherResources) -> StageContext[FetcherResources]:
     return StageContext(settings, db, Topics(settings.topic_prefix), None, 0, resources)
 
 
 @pytest.fixture
-def resources(store: Store, http: aiohttp.ClientSession) -> dict[str, Any]:
-    return {"http": http, "s3": store.client, "address_policy": LOOPBACK_OK,
-            "keyring": DEV_KEYRING}
+def resources(store: Store, http: aiohttp.ClientSession) -> FetcherResources:
+    return FetcherResources(http=http, s3=store.client, address_policy=LOOPBACK_OK,
+                            keyring=DEV_KEYRING)
 
 
 def authorized(header: str, value: str) -> Any:
@@ -85,7 +86,7 @@ def authorized(header: str, value: str) -> Any:
 
 async def test_step_stores_and_describes(server: RecordingServer, settings: Settings, db: Any,
                                          network: dict[str, Any], store: Store,
-                                         resources: dict[str, Any], cuid: str,
+                                         resources: FetcherResources, cuid: str,
                                          caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     # As in production (callingest.logging.configure): pymongo's DEBUG command log prints
@@ -100,7 +101,6 @@ async def test_step_stores_and_describes(server: RecordingServer, settings: Sett
                     "call_direction": "outbound"},
         call_update={"fetched": {"bucket": store.bucket, "key": key, "size_bytes": len(WAV),
                                  "format": "wav"}},
-        status="fetched",
     )
     assert await store.get(key) == WAV
     assert result.next_event is not None
@@ -116,17 +116,17 @@ async def test_step_stores_and_describes(server: RecordingServer, settings: Sett
                          [("8", "-", TOKEN), ("9", "X-Api-Key", TOKEN)])
 async def test_step_applies_network_auth_config(server: RecordingServer, settings: Settings,
                                                 db: Any, network: dict[str, Any],
-                                                resources: dict[str, Any], cuid: str,
+                                                resources: FetcherResources, cuid: str,
                                                 auth_id: str, header: str, value: str) -> None:
     url = server.route("/call.wav", authorized(header, value))
     result = await step(event(cuid, url, auth_id), context(settings, db, resources))
-    assert result.status == "fetched"
+    assert result.next_event is not None
     assert len(server.hits) == 1
 
 
 async def test_step_without_auth_config_gets_401(server: RecordingServer, settings: Settings,
                                                  db: Any, network: dict[str, Any],
-                                                 resources: dict[str, Any], cuid: str) -> None:
+                                                 resources: FetcherResources, cuid: str) -> None:
     url = server.route("/call.wav", authorized("Authorization", f"Bearer {TOKEN}"))
     with pytest.raises(PermanentError) as info:
         await step(event(cuid, url, None), context(settings, db, resources))
@@ -135,7 +135,7 @@ async def test_step_without_auth_config_gets_401(server: RecordingServer, settin
 
 async def test_step_is_idempotent_per_attempt(server: RecordingServer, settings: Settings,
                                               db: Any, network: dict[str, Any], store: Store,
-                                              resources: dict[str, Any], cuid: str) -> None:
+                                              resources: FetcherResources, cuid: str) -> None:
     url = server.route("/call.wav", serve(WAV))
     ctx = context(settings, db, resources)
     first = await step(event(cuid, url), ctx)
@@ -150,7 +150,7 @@ async def test_step_is_idempotent_per_attempt(server: RecordingServer, settings:
 
 async def test_step_reuses_object_without_format_metadata(
     server: RecordingServer, settings: Settings, db: Any, network: dict[str, Any],
-    store: Store, resources: dict[str, Any], cuid: str
+    store: Store, resources: FetcherResources, cuid: str
 ) -> None:
     mp3 = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x64" + b"\0" * 3000
     await store.client.put_object(Bucket=store.bucket, Key=raw_key(cuid, 1), Body=mp3)
@@ -163,7 +163,7 @@ async def test_step_reuses_object_without_format_metadata(
 
 async def test_step_replaces_unrecognized_leftover(
     server: RecordingServer, settings: Settings, db: Any, network: dict[str, Any],
-    store: Store, resources: dict[str, Any], cuid: str
+    store: Store, resources: FetcherResources, cuid: str
 ) -> None:
     await store.client.put_object(Bucket=store.bucket, Key=raw_key(cuid, 1), Body=b"junk" * 100)
     url = server.route("/call.wav", serve(WAV))
@@ -174,7 +174,7 @@ async def test_step_replaces_unrecognized_leftover(
 
 @pytest.mark.parametrize("auth_id", ["42", "7"])
 async def test_step_missing_auth_config(server: RecordingServer, settings: Settings, db: Any,
-                                        resources: dict[str, Any], cuid: str,
+                                        resources: FetcherResources, cuid: str,
                                         auth_id: str) -> None:
     """The config (or the whole network) is gone: permanent, nothing fetched."""
     if auth_id == "42":
@@ -192,12 +192,12 @@ async def test_open_resources_follow_loopback_setting(server: RecordingServer,
                                                       store: Store, cuid: str) -> None:
     url = server.route("/call.wav", serve(WAV))
     strict = settings.model_copy(update={"allow_loopback_recordings": False})
-    async with open_resources(strict) as resources:
+    async with FetcherResources.open(strict) as resources:
         with pytest.raises(PermanentError) as info:
             await step(event(cuid, url), context(strict, db, resources))
         assert info.value.failure_class == "RecordingUrlRefused"
         assert server.hits == []
-    async with open_resources(settings) as resources:
+    async with FetcherResources.open(settings) as resources:
         result = await step(event(cuid, url), context(settings, db, resources))
-        assert result.status == "fetched"
+        assert result.next_event is not None
     assert await store.get(raw_key(cuid, 1)) == WAV

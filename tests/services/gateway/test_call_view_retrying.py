@@ -17,8 +17,10 @@ from aiohttp.test_utils import TestClient
 from callingest import mongo
 from callingest.errors import TransientError
 from callingest.kafka import Producer
-from callingest.pipeline import Stage, StageContext, StageRunner, StepResult
+from callingest.pipeline import StageRunner
 from callingest.settings import Settings
+from callingest.stages import stage
+from callingest.steps import NoResources, Stage, StageContext, StepResult
 from callingest.topics import Topics
 from tests.conftest import ROOT, settings_env, wait_until
 from tests.services.gateway.test_gateway_api import call_body, get_call, post
@@ -54,8 +56,8 @@ async def test_status_api_and_calls_show_say_where_a_waiting_call_stands(
     client = mongo.open_client(tuned)
     producer = Producer(tuned.kafka_bootstrap_servers, "test")
     await producer.start()
-    runner = StageRunner(Stage("validator", topics.submitted, always_times_out, topics.validated,
-                               "CallValidated"), tuned, mongo.database(client, tuned), producer)
+    runner = StageRunner(Stage(stage("validator"), always_times_out, NoResources()), tuned,
+                         mongo.database(client, tuned), producer)
     task = asyncio.create_task(runner.run())
     try:
         async def waiting() -> Any:

@@ -11,8 +11,8 @@ import pytest
 
 from callingest import metrics
 from callingest.errors import TransientError
-from callingest.pipeline import StageContext
 from callingest.settings import Settings
+from callingest.steps import NoResources, StageContext
 from callingest.topics import Topics
 from services.notifier.step import step
 from tests.conftest import free_port
@@ -31,7 +31,7 @@ def call_failed(call: dict[str, Any], network_id: str = "1001") -> dict[str, Any
 
 def context(settings: Settings, db: Any, topics: Topics, call: dict[str, Any]) -> StageContext:
     return StageContext(settings=settings, db=db, topics=topics, call=call, retry=0,
-                        resources={})
+                        resources=NoResources())
 
 
 @pytest.fixture

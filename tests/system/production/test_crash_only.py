@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaProducer
 from pydantic import SecretStr
 
 from callingest import events, mongo
-from callingest.pipeline import MAX_CONSECUTIVE_DEAD_LETTERS
+from callingest.dead_letters import MAX_CONSECUTIVE_DEAD_LETTERS
 from callingest.service import EXIT_FAILED
 from callingest.settings import Settings
 from tests.conftest import ROOT, ServiceProcess, Services, free_port, wait_until

@@ -1,0 +1,92 @@
+"""Delayed retries through tiered retry topics (``retry.<stage>.<tier>``).
+
+A transient failure sends the event to the tier of its retry number (growing delays,
+``RETRY_DELAYS_SECONDS``) with headers that say how many tries failed and when the next is
+due; the consumer loop pauses a retry partition until its head is due. A deferral (the
+step never ran) goes to tier 0 and is marked as such. The webhooks intake reads the same
+headers to tell clients about scheduled retries.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+RETRY_ATTEMPT_HEADER = "callingest-retry"
+NOT_BEFORE_HEADER = "callingest-not-before"
+#: On a retry-tier message that is a deferral (the step never ran), not a failed try.
+DEFERRED_HEADER = "callingest-deferred"
+
+
+def header(record: ConsumerRecord, name: str) -> bytes | None:
+    for key, value in record.headers or ():
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def failed_tries(record: ConsumerRecord) -> int:
+    """How many tries of this event failed before (0 on a stage's input topic)."""
+    return int((header(record, RETRY_ATTEMPT_HEADER) or b"0").decode())
+
+
+def seconds_until_due(record: ConsumerRecord) -> float:
+    """How long a retry message must still wait (<= 0: due; not a retry message: 0)."""
+    not_before = header(record, NOT_BEFORE_HEADER)
+    if not_before is None:
+        return 0.0
+    return float(not_before.decode()) / 1000.0 - time.time()
+
+
+@dataclass(frozen=True)
+class RetryPlan:
+    """Where and when the next try of an event goes."""
+
+    tier: int
+    delay: float
+    due: float
+    """Unix time (seconds) the next try is due."""
+    headers: list[tuple[str, bytes]]
+
+
+def plan(delays: list[float], retry: int, counted: bool = True) -> RetryPlan:
+    """The tier of a counted retry after ``retry`` failed tries, or tier 0 for a deferral."""
+    tier = min(retry - 1, len(delays) - 1) if counted else 0
+    delay = delays[tier]
+    due = time.time() + delay
+    headers = [(RETRY_ATTEMPT_HEADER, str(retry).encode()),
+               (NOT_BEFORE_HEADER, str(int(due * 1000)).encode())]
+    if not counted:
+        headers.append((DEFERRED_HEADER, b"1"))
+    return RetryPlan(tier, delay, due, headers)
+
+
+class Pauses:
+    """Retry partitions paused until their head message is due."""
+
+    def __init__(self) -> None:
+        self._until: dict[TopicPartition, float] = {}
+
+    def due(self, consumer: AIOKafkaConsumer, tp: TopicPartition, record: ConsumerRecord) -> bool:
+        """False for a retry message whose delay has not passed: its partition is rewound to
+        it and paused until then."""
+        wait = seconds_until_due(record)
+        if wait <= 0:
+            return True
+        consumer.seek(tp, record.offset)
+        consumer.pause(tp)
+        self._until[tp] = time.monotonic() + wait
+        return False
+
+    def resume_due(self, consumer: AIOKafkaConsumer) -> None:
+        t = time.monotonic()
+        for tp, until in list(self._until.items()):
+            if until <= t:
+                del self._until[tp]
+                consumer.resume(tp)
+
+    def forget(self, tp: TopicPartition) -> None:
+        self._until.pop(tp, None)

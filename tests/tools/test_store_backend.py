@@ -1,0 +1,157 @@
+"""STORE_BACKEND=postgresql: devstack runs a PostgreSQL cluster of its own under FerretDB,
+the platform's store operations work on it, and ``devstack down`` stops both.
+
+Runs private servers (own run directory and ports, as tests/fault/privatestack.py does) so
+the session's shared store is never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo import AsyncMongoClient
+from pymongo.errors import DuplicateKeyError
+
+from callingest import mongo
+from callingest.replay import restart_failed_call
+from services.gateway.claims import Claims
+from services.gateway.domain import Principal
+from services.gateway.listing import CallQuery, list_calls
+from tests.conftest import ROOT, free_port
+from tests.system.lifecycle.test_lifecycle import _processes_mentioning
+from tools import devstack
+
+pytestmark = [pytest.mark.mongo]
+
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+
+
+def _env(run_dir: Path, **ports: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    env.update({"CALLINGEST_RUN_DIR": str(run_dir), "STORE_BACKEND": "postgresql",
+                **{k: str(v) for k, v in ports.items()}})
+    return env
+
+
+def _psql(port: int, sql: str) -> str:
+    done = subprocess.run([str(devstack.postgresql_bin() / "psql"), "-h", "127.0.0.1", "-p", str(port),
+                           "-U", devstack.PG_USER, "-d", devstack.PG_DATABASE, "-XAtc", sql],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_devstack_runs_ferretdb_on_its_own_postgresql(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    pg_port, mongo_port = free_port(), free_port()
+    env = _env(run_dir, POSTGRESQL_PORT=pg_port, MONGODB_PORT=mongo_port)
+    try:
+        up = subprocess.run(
+            [PYTHON, "-c", "from tools import devstack as d\n"
+             "print(','.join(d.servers_up(d.Ports(), ['mongodb'])))"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+        assert up.stdout.strip() == "postgresql,mongodb"
+        assert (run_dir / "postgresql" / "data" / "PG_VERSION").exists()
+
+        database = f"store_{os.getpid()}"
+        asyncio.run(_app_operations(f"mongodb://127.0.0.1:{mongo_port}/", database))
+
+        # What FerretDB stored is in the cluster: the database as a schema, the calls in a table.
+        assert _psql(pg_port, f"SELECT count(*) FROM information_schema.tables "
+                              f"WHERE table_schema = '{database}' AND table_name LIKE 'calls_%'") == "1"
+        # deploy/ferretdb's upkeep gives each collection a GIN index on `_jsonb -> '_id'`, the
+        # only kind of index FerretDB's `{_id: v}` filter (`_jsonb -> $1 @> $2`) can use.
+        gin = (f"SELECT count(*) FROM pg_indexes WHERE schemaname = '{database}' "
+               "AND indexname LIKE 'calls\\_%\\_\\_id\\_gin' AND indexdef LIKE '%USING gin%'")
+        deadline = time.monotonic() + 30
+        while _psql(pg_port, gin) != "1" and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _psql(pg_port, gin) == "1"
+        status = subprocess.run([PYTHON, "-m", "tools.devstack", "status"], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert "postgresql  pid=" in status.stdout and f"port={pg_port} listening" in status.stdout
+    finally:
+        down = subprocess.run([PYTHON, "-m", "tools.devstack", "down"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "stopped postgresql" in down.stdout and "stopped mongodb" in down.stdout
+    for port in (pg_port, mongo_port):
+        assert not devstack.port_open(port)
+    assert _processes_mentioning(str(run_dir)) == []
+    # a clean (fast) shutdown, not a kill: the next start needs no crash recovery
+    assert "database system is shut down" in (run_dir / "logs" / "postgresql.log").read_text()
+
+
+async def _app_operations(uri: str, name: str) -> None:
+    """The platform's store operations whose correctness rests on the store: its indexes,
+    unique refusals (calls, publish claims, restart claims) and the keyset-paged listing."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True,
+                                                                serverSelectionTimeoutMS=20000)
+    db = client[name]
+    try:
+        await mongo.ensure_indexes(db)
+        assert await mongo.missing_indexes(db) == []
+
+        start = datetime(2026, 1, 1, tzinfo=UTC)
+        calls = [{"_id": f"c{i:03d}", "network_id": "n1", "external_call_unique_id": f"e{i}",
+                  "status": "failed", "attempt": 1, "created_at": start + timedelta(seconds=i // 2),
+                  "failure": {"stage": "fetcher", "class": "timeout"},
+                  "recording_url": "http://127.0.0.1:9/r.wav", "call_direction": "inbound",
+                  "history": [{"stage": "gateway", "status": "received", "at": start}]}
+                 for i in range(25)]
+        await db.calls.insert_many(calls)
+        with pytest.raises(DuplicateKeyError):  # network + external id is unique
+            await db.calls.insert_one({**calls[0], "_id": "other"})
+
+        # Of concurrent publishers of one call, exactly one takes the claim.
+        old = {**calls[0], "created_at": datetime.now(UTC) - timedelta(minutes=5)}
+        taken = await asyncio.gather(*(Claims(db, f"w{i}").take(old) for i in range(8)))
+        assert len([t for t in taken if t is not None]) == 1
+
+        # Of concurrent restarts of one failed call, exactly one wins (call_restarts).
+        sent: list[str] = []
+
+        async def send(stage: str, event: str, record: dict[str, Any]) -> None:
+            sent.append(stage)
+
+        restarts = await asyncio.gather(*(restart_failed_call(db.calls, calls[1], send, source="replay")
+                                          for _ in range(6)))
+        assert len([r for r in restarts if r is not None]) == 1 and sent == ["fetcher"]
+        stored = await db.calls.find_one({"_id": calls[1]["_id"]})
+        assert stored is not None and stored["attempt"] == 2 and stored["status"] == "validated"
+
+        # Newest first, every call once across pages (ties on created_at broken by _id).
+        principal, seen, cursor = Principal("n1", None), [], None
+        while True:
+            params = {"limit": "7", **({"cursor": cursor} if cursor else {})}
+            page, cursor = await list_calls(db.calls, principal, CallQuery.parse(_Params(params)))
+            seen += [c["_id"] for c in page]
+            if cursor is None:
+                break
+        assert seen == sorted((c["_id"] for c in calls), key=lambda i: (int(i[1:]) // 2, i),
+                              reverse=True)
+    finally:
+        await client.close()  # the database stays for the test to find it in PostgreSQL
+
+
+class _Params(dict[str, str]):
+    """The request-query shape CallQuery.parse reads (a multidict's getall)."""
+
+    def getall(self, name: str) -> list[str]:
+        return [self[name]]
+
+
+def test_store_backend_setting_is_checked() -> None:
+    env = {**os.environ, "STORE_BACKEND": "mysql"}
+    done = subprocess.run([PYTHON, "-c", "from tools import devstack as d; d.servers()"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "STORE_BACKEND='mysql': expected one of sqlite, postgresql" in done.stderr

@@ -40,9 +40,11 @@ if max_requests then
       responses = responses + 1
       if responses == max_requests then
          wrk.thread:stop()
-         -- wrk's main thread sleeps for the whole duration unless interrupted: SIGINT (its
-         -- own handler) ends the run now, and done() reports what was measured.
-         io.popen("kill -INT $PPID"):close()
+         -- wrk's main thread sleeps for the whole duration unless a signal interrupts that
+         -- sleep: SIGINT (its own handler) ends the run now, and done() reports what was
+         -- measured. Sent a few times: one that arrives before the main thread sleeps is lost.
+         io.popen('(for i in 1 2 3 4 5 6; do [ "$(cat /proc/' .. "$PPID" ..
+                  '/comm 2>/dev/null)" = wrk ] && kill -INT $PPID; sleep 0.25; done) &'):close()
       end
    end
 end

@@ -388,7 +388,12 @@ def start_s3(ports: Ports) -> None:
     binary = _require(TOOLS / "bin" / "versitygw")
     root = RUN / "s3"
     root.mkdir(parents=True, exist_ok=True)
-    spawn("s3", [str(binary), "--port", f"127.0.0.1:{ports.s3}", "--quiet", "posix", str(root)],
+    # --keep-alive: versitygw closes every connection after one request without it, so each
+    # S3 call of the services paid a TCP connect and accept (docs/benchmarks.md, issue 15)
+    # --data-integrity-etag: ETags from the CRC64 it computes of every object anyway,
+    # instead of a second pass for MD5 (4.5 ms of CPU per 3.84 MB here)
+    spawn("s3", [str(binary), "--port", f"127.0.0.1:{ports.s3}", "--quiet", "--keep-alive",
+                 "posix", "--data-integrity-etag", str(root)],
           env={"ROOT_ACCESS_KEY": S3_ACCESS_KEY, "ROOT_SECRET_KEY": S3_SECRET_KEY})
 
 

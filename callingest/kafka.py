@@ -110,10 +110,11 @@ class Producer:
                 raise PublishError("Kafka is unavailable")
             self._last_start = time.monotonic()
             old, self._producer = self._producer, AIOKafkaProducer(**self._options)
-            if self._started:  # its sender died (e.g. after a broker restart)
-                self._started = False
-                with contextlib.suppress(Exception):
-                    await old.stop()
+            self._started = False
+            # Closed whatever it was (never started, failed to start, or its sender died after a
+            # broker restart): an unclosed AIOKafkaProducer is reported as an error when collected.
+            with contextlib.suppress(Exception):
+                await old.stop()
             try:
                 await asyncio.wait_for(self._producer.start(), self._start_timeout)
             except Exception as exc:  # aiokafka raises several types on bootstrap failure
@@ -153,9 +154,9 @@ class Producer:
             self._broken = False
 
     async def stop(self) -> None:
-        if self._started:
-            self._started = False
-            await self._producer.stop()
+        """Close the producer, started or not (closing twice does nothing)."""
+        self._started = False
+        await self._producer.stop()
 
     @property
     def started(self) -> bool:

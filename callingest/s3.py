@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiobotocore.config import AioConfig
@@ -42,9 +44,35 @@ class ObjectMissing(Exception):
     """The object (or its bucket) does not exist."""
 
 
+def sign_payload(endpoint_url: str | None) -> bool:
+    """Whether request bodies are hashed into the signature (SigV4 ``x-amz-content-sha256``).
+
+    Not over TLS (the provider's default endpoint, or any ``https://`` one) nor to a loopback
+    address: there the transport already protects the body, and the SHA-256 of every byte
+    stored - once by us, once more by the store to check it - is a large part of what a
+    transfer costs (docs/benchmarks.md, "Where each core-millisecond goes"). Only a plain
+    ``http://`` endpoint on another host keeps the signed payload. The headers are signed
+    in every case."""
+    if not endpoint_url:
+        return False
+    parts = urlsplit(endpoint_url)
+    if parts.scheme.lower() == "https":
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
 @asynccontextmanager
-async def s3_client(settings: Settings) -> AsyncIterator[Any]:
+async def s3_client(settings: Settings, signed_payload: bool | None = None) -> AsyncIterator[Any]:
     """An aiobotocore S3 client for the configured endpoint and credentials.
+
+    ``signed_payload``: hash request bodies into the signature or not; None (the services):
+    as :func:`sign_payload` decides for the endpoint.
 
     ``S3_ENDPOINT_URL`` unset or empty: the provider's default endpoint for ``S3_REGION``.
     ``S3_USE_IAM_ROLE=true``: no static keys; botocore's credential chain finds the role
@@ -56,7 +84,9 @@ async def s3_client(settings: Settings) -> AsyncIterator[Any]:
         read_timeout=60,
         retries={"max_attempts": 3, "mode": "standard"},
         # Path style for S3-compatible stores on a custom endpoint; AWS's own: its default.
-        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"},
+        s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto",
+            "payload_signing_enabled": sign_payload(settings.s3_endpoint_url)
+            if signed_payload is None else signed_payload},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
@@ -211,7 +241,7 @@ async def upload(
                 await send_part(part)
         if upload_id is None:
             await _call("put_object", client.put_object, Bucket=bucket, Key=key,
-                        Body=bytes(buffer), **attributes())
+                        Body=buffer, **attributes())  # no copy: botocore takes a bytearray
             return total
         if buffer:
             await send_part(bytes(buffer))

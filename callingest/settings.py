@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     fetch_max_redirects: int = Field(5, ge=0)
     fetch_max_per_host: int = Field(32, ge=1, description="concurrent downloads per host")
     fetch_host_wait_seconds: float = Field(
-        2.0, ge=0, description="longest wait for a place at a busy host before deferring")
+        30.0, ge=0, description="longest wait for a place at a busy host before deferring")
     fetch_circuit_failure_threshold: int = Field(
         5, ge=1, description="consecutive connection failures or timeouts that open a host")
     fetch_circuit_cooldown_seconds: float = Field(30.0, gt=0)

@@ -20,15 +20,19 @@ OTLP/HTTP only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or the traces-only
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set; the other standard ``OTEL_*``
 variables apply (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
 ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``; ``OTEL_SDK_DISABLED=true`` makes no spans,
-though a received context is still passed on).
+though a received context is still passed on). A process that exports runs at a 0.5 ms GIL
+switch interval (:data:`EXPORT_SWITCH_INTERVAL`); the cost of tracing is measured in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from types import TracebackType
 from typing import Any
 
 from aiohttp import web
@@ -39,6 +43,7 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 PROPAGATOR = TraceContextTextMapPropagator()
+_FIELDS = frozenset(PROPAGATOR.fields)  # a new set at every read of ``fields``
 CUID_ATTRIBUTE = "cuid"
 TRACER_NAME = "callingest"
 # Requests that are not about a call get no span (probes and scrapes would drown the traces).
@@ -46,12 +51,20 @@ UNTRACED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _configured: str | None = None
 _lock = threading.Lock()
+# With spans exported, a thread (the BatchSpanProcessor's) encodes and posts them while the event
+# loop serves; at CPython's default switch interval (5 ms) the loop, whenever it gives the GIL up
+# for a system call during an export, waits up to 5 ms to get it back (the GIL "convoy"), which
+# cost the gateway more throughput than the export's own CPU (docs/benchmarks.md).
+EXPORT_SWITCH_INTERVAL = 0.0005
+# The process's tracer, kept by :func:`configure`: ``trace.get_tracer`` builds a scope and edits
+# the warnings filters on every call (about 5 us a request).
+_tracer: trace.Tracer | None = None
 
 
 def configure(service: str) -> None:
     """Install the SDK tracer provider for ``service`` (once per process; later calls do
     nothing), with an OTLP/HTTP exporter when an OTLP endpoint is configured."""
-    global _configured
+    global _configured, _tracer
     with _lock:
         if _configured is not None:
             return
@@ -67,7 +80,9 @@ def configure(service: str) -> None:
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
             provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+            sys.setswitchinterval(min(sys.getswitchinterval(), EXPORT_SWITCH_INTERVAL))
         trace.set_tracer_provider(provider)
+        _tracer = trace.get_tracer(TRACER_NAME)
         _configured = service
 
 
@@ -86,7 +101,7 @@ def shutdown() -> None:
 
 
 def tracer() -> trace.Tracer:
-    return trace.get_tracer(TRACER_NAME)
+    return _tracer if _tracer is not None else trace.get_tracer(TRACER_NAME)
 
 
 # -- the current context -------------------------------------------------------------------------
@@ -161,24 +176,48 @@ _KAFKA_GETTER = _KafkaHeaders()
 def kafka_headers(headers: Iterable[tuple[str, bytes]] = ()) -> list[tuple[str, bytes]]:
     """``headers`` plus the current context's W3C fields (unless they carry some already)."""
     out = list(headers)
-    if any(name in PROPAGATOR.fields for name, _ in out):
+    if any(name in _FIELDS for name, _ in out):
         return out
     carrier = current_carrier()
     out.extend((name, value.encode("latin-1")) for name, value in carrier.items())
     return out
 
 
-@contextlib.contextmanager
+class _Current:
+    """Makes a started span current for a block, then ends it, recording an exception that
+    escapes the block as the span's error: ``start_as_current_span`` without its two generator
+    context managers, which cost half as much as the span itself (a third of the gateway's
+    tracing cost per request, docs/benchmarks.md)."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+        self.token: object = None
+
+    def __enter__(self) -> trace.Span:
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        otel_context.detach(self.token)  # type: ignore[arg-type]
+        if isinstance(exc, Exception) and self.span.is_recording():
+            self.span.record_exception(exc)
+            self.span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+        self.span.end()
+
+
 def consumer_span(stage: str, topic: str, headers: Sequence[tuple[str, bytes]] | None,
-                  **attributes: Any) -> Iterator[trace.Span]:
-    """A consumer span for one Kafka message, child of the context in its headers."""
+                  **attributes: Any) -> contextlib.AbstractContextManager[trace.Span]:
+    """A consumer span for one Kafka message, child of the context in its headers (current
+    inside the ``with`` block)."""
     parent = PROPAGATOR.extract(list(headers or ()), getter=_KAFKA_GETTER)
-    with tracer().start_as_current_span(
+    return _Current(tracer().start_span(
         stage, context=parent, kind=trace.SpanKind.CONSUMER,
         attributes={"messaging.system": "kafka", "messaging.destination.name": topic,
                     "messaging.operation.type": "process", **attributes},
-    ) as span:
-        yield span
+    ))
 
 
 # -- HTTP server -----------------------------------------------------------------------------------
@@ -194,10 +233,10 @@ def http_server_middleware(route_of: Any) -> Any:
             return await handler(request)
         route = route_of(request)
         parent = PROPAGATOR.extract(request.headers)
-        with tracer().start_as_current_span(
+        with _Current(tracer().start_span(
             f"{request.method} {route}", context=parent, kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": request.method, "http.route": route},
-        ) as span:
+        )) as span:
             response = await handler(request)
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:

@@ -224,3 +224,11 @@ async def black_hole(hold: float = 120.0) -> AsyncIterator[BlackHole]:
         yield listener
     finally:
         await listener.stop()
+
+
+async def parts_count(client: Any, bucket: str, key: str) -> int:
+    """How many parts an S3 object was uploaded in (1: a single PUT), asked of the store
+    (``HEAD ?partNumber=1``): the ETag's shape tells it only for MD5 ETags, and the dev
+    store derives its ETags from the CRC64 of the object (``--data-integrity-etag``)."""
+    head = await client.head_object(Bucket=bucket, Key=key, PartNumber=1)
+    return int(head.get("PartsCount") or 1)

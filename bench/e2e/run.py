@@ -14,10 +14,16 @@ What it does (see docs/benchmarks.md, "End to end"):
   length from an aiohttp server on 127.0.0.1, each under a different URL per call;
 * submits the calls through ``POST /api/2022-03-01/calls.json`` with ``--concurrency``
   requests in flight, recording each submission's wall-clock start;
-* reads each call from MongoDB by ``_id`` only (FerretDB pushes down nothing else) until it
-  is ``normalized`` or ``failed``, bounded by ``--deadline`` seconds; latency is the
-  ``normalized`` history entry's timestamp minus the submission start (same host clock),
-  so the polling interval does not enter the measurement;
+* waits until every call's terminal event (``recordings.normalized`` or ``calls.failed``)
+  is on the run's topics, bounded by ``--deadline`` seconds, then reads each call once from
+  MongoDB by ``_id``; latency is the ``normalized`` history entry's timestamp minus the
+  submission start (same host clock);
+* first transcodes ``--transcode-baseline`` of the same recordings with nothing else
+  running (one worker process per core): the transcode-only rate, the physical limit;
+* measures the CPU time of every process of the stack (the services and their pool
+  workers, Kafka, FerretDB, the S3 server, the SMTP sink: ``bench/e2e/cpu.py``) from the
+  first POST to the last terminal event, per normalized call; ``--profile NAME`` records a
+  py-spy profile of a service meanwhile (``bench/e2e/profile.py``);
 * reports submission throughput, submission-to-normalized p50/p95/p99/max, total time,
   counts, per-stage time from the call history and from each service's
   ``callingest_stage_duration_seconds`` histogram, and each service process's peak RSS
@@ -35,6 +41,7 @@ import asyncio
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import statistics
@@ -44,6 +51,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,11 +62,23 @@ sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
+from aiokafka import AIOKafkaConsumer  # noqa: E402
 
+from bench.e2e.cpu import (  # noqa: E402
+    Cpu,
+    CpuMeter,
+    listener_pid,
+    load_average,
+    machine_busy,
+    process_cpu,
+)
+from bench.e2e.profile import Profiles  # noqa: E402
 from bench.stack import prepare, stack_settings  # noqa: E402
-from callingest import mongo, s3  # noqa: E402
+from callingest import avro, mongo, s3  # noqa: E402
+from callingest.kafka import client_options  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
+from services.normalizer.transcode import transcode_file  # noqa: E402
 from tests.audiogen import write_encoded, write_wav  # noqa: E402
 from tests.conftest import Services, delete_topics  # noqa: E402
 from tests.helpers import demo_call, serve_recordings  # noqa: E402
@@ -68,6 +88,9 @@ RESULTS = ROOT / "bench" / "results" / "e2e"
 TOKEN = "demo-network-token"
 SUBMIT_PATH = "/api/2022-03-01/calls.json"
 SERVICE_NAMES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
+#: The dev servers by ``tools.devstack.Ports`` attribute, as named in the CPU table.
+SERVER_NAMES = {"kafka": "Kafka", "mongodb": "FerretDB", "s3": "S3 (versitygw)",
+                "smtp": "SMTP sink"}
 TERMINAL = ("normalized", "failed")
 
 
@@ -103,6 +126,39 @@ def make_recordings(seconds: float, rate: int, with_mp3: bool) -> tuple[bytes, b
             write_encoded(mp3_path, "mp3", seconds, rate)
             mp3 = mp3_path.read_bytes()
         return wav_path.read_bytes(), mp3
+
+
+def transcode_baseline(wav: bytes, mp3: bytes | None, mp3_every: int, count: int,
+                       workers: int) -> dict[str, Any]:
+    """Transcode-only rate: ``count`` of the run's recordings (the same mix of WAV and MP3
+    and of directions) transcoded file to file by ``workers`` processes, as the normalizer's
+    pool does, with nothing else of the pipeline. The physical limit of this work here."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {"wav": Path(tmp) / "in.wav", "mp3": Path(tmp) / "in.mp3"}
+        paths["wav"].write_bytes(wav)
+        if mp3 is not None:
+            paths["mp3"].write_bytes(mp3)
+        jobs = []
+        for i in range(count):
+            kind = "mp3" if mp3 is not None and mp3_every and i % mp3_every == mp3_every - 1 \
+                else "wav"
+            jobs.append((str(paths[kind]), str(Path(tmp) / f"out-{i}.wav"),
+                         "outbound" if i % 2 else "inbound"))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(transcode_file, *zip(*jobs[:workers], strict=True)))  # warm workers
+            pids = list(pool._processes)
+            cpu0 = sum(c.total for c in (process_cpu_or_zero(p) for p in pids))
+            t0 = time.monotonic()
+            list(pool.map(transcode_file, *zip(*jobs, strict=True)))
+            wall = time.monotonic() - t0
+            cpu = sum(c.total for c in (process_cpu_or_zero(p) for p in pids)) - cpu0
+    return {"transcodes": count, "workers": workers, "wall_seconds": wall,
+            "calls_per_second": count / wall, "cpu_ms_per_call": 1000 * cpu / count,
+            "load_average": load_average()}
+
+
+def process_cpu_or_zero(pid: int) -> Cpu:
+    return process_cpu(pid) or Cpu()
 
 
 # -- submissions -----------------------------------------------------------------------------
@@ -199,6 +255,40 @@ async def poll_until_settled(db: Any, subs: list[Submission], outcomes: dict[str
             await asyncio.sleep(interval)
     # a last full pass so the counts of calls still pending at the deadline are current
     await asyncio.gather(*(read(c) for c in pending))
+
+
+async def watch_terminal(settings: Settings, subs: list[Submission], deadline: float,
+                         on_round: Any) -> set[str]:
+    """Wait until every accepted call's terminal event (RecordingNormalized or CallFailed)
+    is on its topic, or the deadline passes; returns the call ids seen.
+
+    Reading the run's own terminal topics costs the store nothing: polling each call in
+    MongoDB until it is done (the earlier way) added about ten reads per call to FerretDB's
+    load, which the CPU table would have charged to the pipeline."""
+    topics = Topics(settings.topic_prefix)
+    wanted = {s.cuid for s in subs if s.cuid}
+    seen: set[str] = set()
+    consumer = AIOKafkaConsumer(topics.normalized, topics.failed,
+                                bootstrap_servers=settings.kafka_bootstrap_servers,
+                                **client_options(settings), group_id=None,
+                                auto_offset_reset="earliest", enable_auto_commit=False)
+    await consumer.start()
+    last_report = time.time()
+    try:
+        while wanted - seen and time.time() < deadline:
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    with contextlib.suppress(avro.UndecodableMessage):
+                        seen.add(str(avro.decode(record.value)[1]["cuid"]))
+            on_round()
+            if time.time() - last_report > 15:
+                last_report = time.time()
+                print(f"  {time.strftime('%H:%M:%S')} terminal {len(seen & wanted)}, "
+                      f"pending {len(wanted - seen)}", flush=True)
+    finally:
+        await consumer.stop()
+    return seen & wanted
 
 
 # -- measurements ----------------------------------------------------------------------------
@@ -357,13 +447,19 @@ async def cleanup(settings: Settings, topics: Topics, cuids: list[str]) -> dict[
 
 
 async def run(args: argparse.Namespace, settings: Settings, services: Services,
-              log_dir: Path) -> dict[str, Any]:
+              log_dir: Path, servers: dict[str, int]) -> dict[str, Any]:
     run_id = uuid.uuid4().hex[:8]
     t0 = time.monotonic()
     wav, mp3 = make_recordings(args.seconds, args.rate, args.mp3_every > 0)
     gen_s = time.monotonic() - t0
     print(f"recordings: WAV {len(wav) / 1e6:.2f} MB"
           + (f", MP3 {len(mp3) / 1e6:.2f} MB" if mp3 else "") + f" ({gen_s:.1f} s)", flush=True)
+    baseline: dict[str, Any] | None = None
+    if args.transcode_baseline:
+        baseline = await asyncio.to_thread(transcode_baseline, wav, mp3, args.mp3_every,
+                                           args.transcode_baseline, os.cpu_count() or 1)
+        print(f"transcode only: {baseline['calls_per_second']:.1f} calls/s "
+              f"({baseline['cpu_ms_per_call']:.1f} ms CPU per call)", flush=True)
     rec = RecordingServer(wav, mp3)
     runner, rec.base = await serve_recordings(rec.handle)
     client = mongo.open_client(settings, timeout_ms=30000)
@@ -379,14 +475,27 @@ async def run(args: argparse.Namespace, settings: Settings, services: Services,
         print(f"submitting {args.calls} calls, concurrency {args.concurrency}", flush=True)
         deadline = time.time() + args.deadline
         sampler = asyncio.create_task(_sample_forever(tracker))
+        meter = CpuMeter({**{n: s.proc.pid for n, s in services.running.items()}, **servers})
+        profiles = Profiles(log_dir / "py-spy") if args.profile else None
+        for name in args.profile:
+            assert profiles is not None
+            profiles.start(name, services.running[name].proc.pid)
+        load_start = load_average()
+        machine0 = machine_busy()
+        cpu0 = meter.snapshot()
         first = time.time()
         await submit_all(services.running["gateway"].url, rec, subs, run_id, args.concurrency)
         submitted = time.time()
         accepted = [s for s in subs if s.cuid]
         print(f"submitted in {submitted - first:.1f} s: {len(accepted)} accepted", flush=True)
+        await watch_terminal(settings, subs, deadline, tracker.sample)
+        cpu1 = meter.snapshot()
+        machine1 = machine_busy()
+        load_end = load_average()
         outcomes: dict[str, Outcome] = {}
-        await poll_until_settled(db, subs, outcomes, deadline, args.poll_batch,
-                                 args.poll_interval, tracker.sample)
+        await poll_until_settled(db, subs, outcomes, deadline, len(subs), args.poll_interval,
+                                 tracker.sample)
+        profile_summaries = profiles.stop() if profiles else {}
         sampler.cancel()
         tracker.sample(force=True)
         metrics = {n: scrape(f"{s.url}/metrics") for n, s in services.running.items()}
@@ -456,10 +565,34 @@ async def run(args: argparse.Namespace, settings: Settings, services: Services,
         "stage_duration_metric": stage_metrics,
         "gateway_http_duration_metric": http_metrics,
         "peak_rss": tracker.report(),
+        "normalized_per_second": (statuses.get("normalized", 0) / (last_terminal - first)
+                                  if last_terminal > first else None),
+        "transcode_baseline": baseline,
+        "cpu": cpu_table(CpuMeter.delta(cpu0, cpu1), statuses.get("normalized", 0),
+                         machine1[0] - machine0[0], machine1[1] - machine0[1]),
+        "load_average": {"start": load_start, "end": load_end},
+        "servers": servers,
+        "profiles": profile_summaries,
         "recording_server": {"requests": rec.hits, "bytes": rec.bytes_sent},
         "logs": str(log_dir),
     }
     return result
+
+
+def cpu_table(delta: dict[str, Cpu], calls: int, machine_busy_s: float,
+              machine_total_s: float) -> dict[str, Any]:
+    """CPU milliseconds per normalized call of each process (children apart), the sum of the
+    stack, and the machine's busy time over the same interval (other sessions' work too)."""
+    per = max(calls, 1)
+    rows: dict[str, dict[str, float]] = {}
+    for name, cpu in delta.items():
+        rows[name] = {"own_ms": 1000 * cpu.own / per, "children_ms": 1000 * cpu.children / per,
+                      "total_ms": 1000 * cpu.total / per, "seconds": cpu.total}
+    stack = sum(r["seconds"] for r in rows.values())
+    return {"calls": calls, "processes": rows, "stack_ms": 1000 * stack / per,
+            "stack_seconds": stack, "machine_busy_seconds": machine_busy_s,
+            "machine_total_seconds": machine_total_s,
+            "machine_busy_ms": 1000 * machine_busy_s / per}
 
 
 async def _sample_forever(tracker: RssTracker) -> None:
@@ -503,7 +636,42 @@ def markdown(result: dict[str, Any]) -> str:
     for name, r in result["peak_rss"].items():
         kids = f"{r['max_child_mib']} (x{r['children']})" if r["children"] else "-"
         rows.append(f"| {name} | {r['main_mib']} | {kids} |")
+    rows += ["", *rate_lines(result), "", *cpu_lines(result.get("cpu"))]
+    for name, prof in (result.get("profiles") or {}).items():
+        rows += ["", f"py-spy {name} ({prof['samples']} samples; {prof['file']}), self:"]
+        rows += [f"  {pct:5.1f} %  {frame}" for frame, _n, pct in prof["self"][:15]]
     return "\n".join(rows)
+
+
+def rate_lines(result: dict[str, Any]) -> list[str]:
+    rate, base = result.get("normalized_per_second"), result.get("transcode_baseline")
+    load = result.get("load_average") or {}
+    lines = [f"normalized: {rate:.1f} calls/s (first POST to last normalized)"
+             if rate else "normalized: -"]
+    if base:
+        lines.append(f"transcode only, same run: {base['calls_per_second']:.1f} calls/s "
+                     f"({base['workers']} workers, {base['cpu_ms_per_call']:.1f} ms CPU per call); "
+                     f"ratio {rate / base['calls_per_second']:.2f}" if rate else "")
+    if load:
+        lines.append("load average (1/5/15 min) at the first POST "
+                     + " / ".join(f"{x:.1f}" for x in load["start"]) + ", at the last "
+                     + " / ".join(f"{x:.1f}" for x in load["end"]))
+    return lines
+
+
+def cpu_lines(cpu: dict[str, Any] | None) -> list[str]:
+    if not cpu:
+        return []
+    rows = [f"CPU per normalized call ({cpu['calls']} calls), first POST to last terminal:", "",
+            "| process | own ms | children ms | total ms | share |", "|---|---:|---:|---:|---:|"]
+    stack = cpu["stack_ms"] or 1.0
+    for name, r in sorted(cpu["processes"].items(), key=lambda kv: -kv[1]["total_ms"]):
+        rows.append(f"| {name} | {r['own_ms']:.1f} | {r['children_ms']:.1f} | "
+                    f"{r['total_ms']:.1f} | {100 * r['total_ms'] / stack:.0f} % |")
+    rows.append(f"| **all of the above** | | | **{cpu['stack_ms']:.1f}** | 100 % |")
+    rows.append(f"| machine busy (every process, other sessions too) | | | "
+                f"{cpu['machine_busy_ms']:.1f} | |")
+    return rows
 
 
 def main() -> int:
@@ -516,8 +684,15 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--deadline", type=float, default=1500.0,
                         help="seconds from the first submission until the run stops waiting")
-    parser.add_argument("--poll-batch", type=int, default=64)
     parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument("--transcode-baseline", type=int, default=100, metavar="N",
+                        help="first transcode N of the run's recordings with nothing else "
+                             "(the transcode-only rate; 0: skip)")
+    parser.add_argument("--profile", action="append", default=[], choices=SERVICE_NAMES,
+                        help="py-spy profile of this service (and its pool workers) during "
+                             "the run (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="SETTING=VALUE",
+                        help="override a setting of the services (repeatable)")
     parser.add_argument("--report", type=Path, help="print the tables of a saved JSON result")
     args = parser.parse_args()
     if args.report:
@@ -529,7 +704,10 @@ def main() -> int:
     ports = devstack.Ports()
     started = devstack.servers_up(ports)
     tag = uuid.uuid4().hex[:8]
-    settings = stack_settings(ports, "e2e", tag)
+    overrides = dict(item.split("=", 1) for item in args.set)
+    settings = stack_settings(ports, "e2e", tag, **overrides)
+    servers = {SERVER_NAMES[c]: pid for c in SERVER_NAMES
+               if (pid := listener_pid(ports.of(c))) is not None}
     topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     log_dir = RESULTS / f"{stamp}-logs"
@@ -543,7 +721,7 @@ def main() -> int:
             services.start(name)
         print("services up: " + ", ".join(f"{n}={s.port}" for n, s in services.running.items()),
               flush=True)
-        result = asyncio.run(run(args, settings, services, log_dir))
+        result = asyncio.run(run(args, settings, services, log_dir, servers))
     finally:
         services.stop_all()
         with contextlib.suppress(Exception):
@@ -553,6 +731,8 @@ def main() -> int:
             devstack.stop(component)
     assert result is not None
     result["cleanup"] = cleaned
+    result["overrides"] = overrides
+    result["servers_started_by_run"] = started
     out = RESULTS / f"{stamp}.json"
     out.write_text(json.dumps(result, indent=2, default=str))
     print()

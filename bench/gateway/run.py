@@ -12,9 +12,12 @@ a 3 s warm-up, and prints a Markdown table (ratios against the mean of the two b
 runs, since the machine is shared and its load drifts) and the metrics middleware's
 cost; raw wrk output goes to ``bench/results/``.
 
-``--tracing R`` measures tracing instead of the metrics middleware: R rounds, for each
-worker count, of the gateway with tracing off (``OTEL_SDK_DISABLED=true``) then on (spans
-exported over OTLP/HTTP to ``otlp_sink.py`` on loopback), and prints tracing's cost.
+``--tracing R`` measures tracing instead of the metrics middleware: for each worker count,
+two gateways run side by side, tracing off (``OTEL_SDK_DISABLED=true``) and on (every span
+exported over OTLP/HTTP to ``otlp_sink.py`` on loopback), each on a database of its own,
+and wrk drives one at a time, alternating R rounds (off/on, then on/off: neither always goes
+first) of a c=64 and a c=4 run of ``--duration`` s each; it prints tracing's cost over all
+rounds and per round (the spread shows the drift of a shared machine's load).
 """
 
 from __future__ import annotations
@@ -124,11 +127,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measure(name: str, port: int, duration: int, log: Path, pid: int | None = None) -> dict[str, Any]:
-    """wrk at c=64 and c=4 after a warm-up; with ``pid``, also the CPU time that process spent
-    per request (``cpu_us``): unlike throughput, hardly moved by the load of other processes."""
+def measure(name: str, port: int, duration: int, log: Path, pid: int | None = None,
+            warm: bool = True) -> dict[str, Any]:
+    """wrk at c=64 and c=4 (after a warm-up unless ``warm`` is false); with ``pid``, also the
+    CPU time that process spent per request (``cpu_us``): unlike throughput, hardly moved by
+    the load of other processes."""
     run_id = uuid.uuid4().hex[:8]
-    wrk(port, 64, 3, f"warm{run_id}", log)
+    if warm:
+        wrk(port, 64, 3, f"warm{run_id}", log)
     result: dict[str, Any] = {"target": name}
     for key, connections in (("c64", 64), ("c4", 4)):
         before = cpu_seconds(pid) if pid is not None else 0.0
@@ -177,47 +183,121 @@ def measure_bare(label: str, duration: int, log: Path) -> dict[str, Any]:
         stop(bare)
 
 
-def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path,
-                    tracing: str | None = None) -> dict[str, Any]:
-    """One gateway target on a database and topics of its own (so every target starts empty).
+def gateway_env(settings: Settings, workers: int, tracing: str | None,
+                sink_port: int | None) -> dict[str, str]:
+    """The environment of a gateway on ``settings``' database and topics.
 
     ``tracing``: None (the default set-up: spans made, none exported), "off" (no spans) or
-    "on" (spans exported over OTLP/HTTP to a loopback sink).
+    "on" (spans exported over OTLP/HTTP to the sink on ``sink_port``).
     """
-    tag = uuid.uuid4().hex[:8]
-    settings = Settings(callingest_env="dev", mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.")
-    asyncio.run(prepare(settings))
     env = {
         "MONGODB_DATABASE": settings.mongodb_database,
         "TOPIC_PREFIX": settings.topic_prefix,
         "GATEWAY_WORKERS": str(workers),
     }
-    sink = None
     if tracing == "off":
         env["OTEL_SDK_DISABLED"] = "true"
     elif tracing == "on":
-        sink_port = free_port()
-        sink = start([PYTHON, str(HERE / "otlp_sink.py"), str(sink_port)], {},
-                     log.with_suffix(".otlp.log"))
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink_port}"
+    return env
+
+
+def new_settings() -> Settings:
+    """Settings for a gateway target on a database and topics of its own (prepared)."""
+    tag = uuid.uuid4().hex[:8]
+    settings = Settings(callingest_env="dev", mongodb_database=f"bench_{tag}", topic_prefix=f"bench{tag}.")
+    asyncio.run(prepare(settings))
+    return settings
+
+
+def start_gateway(env: dict[str, str], metrics_on: bool, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cmd = [PYTHON, str(HERE / "serve_gateway.py")] + ([] if metrics_on else ["--no-metrics"])
+    gateway = start(cmd, {**env, "HTTP_PORT": str(port)}, log.with_suffix(".gateway.log"))
     try:
-        port = free_port()
-        cmd = [PYTHON, str(HERE / "serve_gateway.py")] + ([] if metrics_on else ["--no-metrics"])
-        gateway = start(cmd, {**env, "HTTP_PORT": str(port)}, log.with_suffix(".gateway.log"))
+        wait_ready(f"http://127.0.0.1:{port}/readyz")
+    except RuntimeError:
+        stop(gateway)
+        raise
+    return gateway, port
+
+
+def measure_gateway(workers: int, metrics_on: bool, duration: int, log: Path) -> dict[str, Any]:
+    """One gateway target (the default tracing set-up) on a database and topics of its own."""
+    settings = new_settings()
+    try:
+        gateway, port = start_gateway(gateway_env(settings, workers, None, None), metrics_on, log)
         try:
-            wait_ready(f"http://127.0.0.1:{port}/readyz")
             label = f"gateway, {workers} worker(s), metrics {'on' if metrics_on else 'off'}"
-            if tracing is not None:
-                label += f", tracing {tracing}"
             result = measure(label, port, duration, log, gateway.pid if workers == 1 else None)
         finally:
             stop(gateway)
-            if sink is not None:
-                stop(sink)
     finally:
         result_published = asyncio.run(cleanup(settings))
     result["published"] = result_published
     return result
+
+
+def measure_tracing(workers: int, duration: int, rounds: int, log: Path) -> list[dict[str, Any]]:
+    """Tracing off and on side by side (see the module's docstring): one result per target
+    and round, in the order measured, each with ``round`` and ``tracing``; the last result of
+    each target carries ``published`` (its calls in the database)."""
+    sink_port = free_port()
+    sink = start([PYTHON, str(HERE / "otlp_sink.py"), str(sink_port)], {}, log.with_suffix(".otlp.log"))
+    targets: dict[str, tuple[Settings, subprocess.Popen[bytes], int]] = {}
+    results: list[dict[str, Any]] = []
+    try:
+        for tracing in ("off", "on"):
+            settings = new_settings()
+            targets[tracing] = (settings, *start_gateway(
+                gateway_env(settings, workers, tracing, sink_port), True, log))
+        for _, _, port in targets.values():
+            wrk(port, 64, 3, f"warm{uuid.uuid4().hex[:8]}", log)
+        for round_ in range(rounds):
+            for tracing in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
+                _, gateway, port = targets[tracing]
+                label = f"gateway, {workers} worker(s), metrics on, tracing {tracing}"
+                result = measure(label, port, duration, log, gateway.pid if workers == 1 else None,
+                                 warm=False)
+                result["target"] += f" (round {round_ + 1})"
+                results.append({**result, "round": round_ + 1, "tracing": tracing})
+    finally:
+        for tracing, (settings, gateway, _) in targets.items():
+            stop(gateway)
+            published = asyncio.run(cleanup(settings))
+            mine = [r for r in results if r["tracing"] == tracing]
+            if mine:
+                mine[-1]["published"] = published
+        stop(sink)
+    return results
+
+
+def tracing_summary(workers: int, results: list[dict[str, Any]]) -> list[str]:
+    """Tracing's cost: over all rounds (sums of requests over sums of time), per round, and
+    in gateway CPU per submission."""
+    def throughput(c: str, tracing: str, round_: int | None = None) -> float:
+        mine = [r[c] for r in results if r["tracing"] == tracing and round_ in (None, r["round"])]
+        return sum(m["requests"] for m in mine) / (sum(m["duration_us"] for m in mine) / 1e6)
+
+    lines = []
+    for c in ("c64", "c4"):
+        def rate(tracing: str, round_: int | None = None, c: str = c) -> float:
+            return throughput(c, tracing, round_)
+
+        rounds = sorted({r["round"] for r in results})
+        per_round = [1 - rate("on", n) / rate("off", n) for n in rounds]
+        lines.append(f"tracing cost ({workers} worker(s), {c}): {1 - rate('on') / rate('off'):+.1%} of "
+                     f"throughput ({rate('on'):.0f} / {rate('off'):.0f} req/s on / off over "
+                     f"{len(rounds)} rounds; per round: {', '.join(f'{v:+.1%}' for v in per_round)})")
+        cpu = {t: [r[c]["cpu_us"] for r in results if r["tracing"] == t and "cpu_us" in r[c]]
+               for t in ("on", "off")}
+        if cpu["on"] and cpu["off"]:
+            mean_on, mean_off = (sum(cpu[t]) / len(cpu[t]) for t in ("on", "off"))
+            lines.append(f"  gateway CPU per submission ({c}): on {mean_on:.0f} us, off "
+                         f"{mean_off:.0f} us: tracing costs {mean_on / mean_off - 1:+.1%} "
+                         f"(runs on: {', '.join(f'{v:.0f}' for v in cpu['on'])}; "
+                         f"off: {', '.join(f'{v:.0f}' for v in cpu['off'])})")
+    return lines
 
 
 def main() -> int:
@@ -236,9 +316,7 @@ def main() -> int:
     results = [measure_bare("bare aiohttp handler (1 process), before", args.duration, log)]
     for workers in args.workers:
         if args.tracing:
-            for _ in range(args.tracing):
-                for tracing in ("off", "on"):
-                    results.append(measure_gateway(workers, True, args.duration, log, tracing))
+            results.extend(measure_tracing(workers, args.duration, args.tracing, log))
         else:
             for metrics_on in (True, False):
                 results.append(measure_gateway(workers, metrics_on, args.duration, log))
@@ -253,33 +331,17 @@ def main() -> int:
         *(row(r, bare_rps) for r in results),
         "",
     ]
-    gateways = [r for r in results if "published" in r]
+    gateways = [r for r in results if r["target"].startswith("gateway")]
     if args.tracing:
         for workers in args.workers:
-            label = f"gateway, {workers} worker(s), metrics on, tracing"
-            for c in ("c64", "c4"):
-                rps_off = [r[c]["rps"] for r in gateways if r["target"] == f"{label} off"]
-                rps_on = [r[c]["rps"] for r in gateways if r["target"] == f"{label} on"]
-                cost = 1 - sum(rps_on) / sum(rps_off)
-                lines.append(f"tracing cost ({workers} worker(s), {c}): {cost:+.1%} of throughput "
-                             f"(mean of {len(rps_on)} runs on / {len(rps_off)} off: "
-                             f"{sum(rps_on) / len(rps_on):.0f} / {sum(rps_off) / len(rps_off):.0f} req/s)")
-                cpu_off = [r[c]["cpu_us"] for r in gateways
-                           if r["target"] == f"{label} off" and "cpu_us" in r[c]]
-                cpu_on = [r[c]["cpu_us"] for r in gateways
-                          if r["target"] == f"{label} on" and "cpu_us" in r[c]]
-                if cpu_on and cpu_off:
-                    mean_on, mean_off = sum(cpu_on) / len(cpu_on), sum(cpu_off) / len(cpu_off)
-                    lines.append(f"  gateway CPU per submission ({c}): on {mean_on:.0f} us, off "
-                                 f"{mean_off:.0f} us: tracing costs {mean_on / mean_off - 1:+.1%} "
-                                 f"(runs on: {', '.join(f'{v:.0f}' for v in cpu_on)}; "
-                                 f"off: {', '.join(f'{v:.0f}' for v in cpu_off)})")
+            lines.extend(tracing_summary(workers, [r for r in gateways
+                                                   if r["target"].startswith(f"gateway, {workers} worker")]))
     else:
         for on, off in zip(gateways[::2], gateways[1::2], strict=True):
             cost = 1 - on["c64"]["rps"] / off["c64"]["rps"]
             lines.append(f"metrics middleware cost ({on['target']}): {cost:+.1%} of c=64 throughput")
     requests = sum(r["c64"]["requests"] + r["c4"]["requests"] for r in gateways)
-    published = sum(r["published"] for r in gateways)
+    published = sum(r.get("published", 0) for r in gateways)
     lines.append(f"gateway calls published (receipts) / measured requests: {published} / {requests} "
                  f"(the published count includes the warm-up runs)")
     print("\n".join(lines))

@@ -115,8 +115,9 @@ class HostGuard:
     async def wait_for_room(self, key: HostKey, timeout: float) -> None:
         """Wait (first come, first served) up to ``timeout`` seconds while the host is at
         its cap, so a busy but healthy host serves its backlog in order instead of
-        deferring it; returns early when the host has room or its circuit is not closed.
-        The wait is short and bounded: past it :meth:`admit` defers the call."""
+        deferring it; returns early when the host has room or its circuit opens (every
+        waiter is released then, to be refused at once). Bounded: past it :meth:`admit`
+        defers the call."""
         host = self._hosts.get(key)
         if (host is None or host.state != CLOSED or timeout <= 0
                 or (host.in_flight < self.max_per_host and not host.waiters)):
@@ -197,6 +198,11 @@ class HostGuard:
                                                and host.failures >= self.failure_threshold):
                     host.opened_at = self.clock()
                     self._set(host, OPEN, shown)
+                    # the calls waiting for a place are refused now, not after their wait
+                    while host.waiters:
+                        waiter = host.waiters.popleft()
+                        if not waiter.done():
+                            waiter.set_result(None)
             elif probe and host.state == HALF_OPEN:
                 host.opened_at = self.clock() - self.cooldown  # undecided: probe again next
                 self._set(host, OPEN, shown)

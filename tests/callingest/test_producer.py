@@ -36,3 +36,24 @@ async def test_started_on_first_use(settings: Settings, topics: Topics) -> None:
         await producer.stop()
     assert not producer.started
     assert [r.value for r in await read_topic(settings, topics.submitted)] == [b"not avro"]
+
+
+async def test_no_producer_is_left_unclosed(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """Every AIOKafkaProducer the wrapper makes is closed: the one made up front and replaced at
+    the first start, a failed start's, and one never started (aiokafka reports an unclosed
+    producer as an asyncio error when it is collected; every gateway start logged one)."""
+    import gc
+
+    caplog.set_level("ERROR", logger="asyncio")
+    started = Producer(settings.kafka_bootstrap_servers, "test")
+    await started.ensure_started()
+    await started.stop()
+    unreachable = Producer(f"127.0.0.1:{free_port()}", "test", request_timeout_ms=500)
+    with pytest.raises(PublishError):
+        await unreachable.ensure_started()
+    await unreachable.stop()
+    never_started = Producer(settings.kafka_bootstrap_servers, "test")
+    await never_started.stop()
+    del started, unreachable, never_started
+    gc.collect()
+    assert not [r for r in caplog.records if "Unclosed AIOKafkaProducer" in r.getMessage()]

@@ -97,3 +97,17 @@ def test_json_log_lines_inside_a_trace_carry_its_id(exported: InMemorySpanExport
     with tracing.attached({"traceparent": header}):
         line = json.loads(formatter.format(record))
     assert line["trace_id"] == trace_id and line["cuid"] == "c0ffee"
+
+
+def test_a_span_records_the_exception_that_escapes_it(exported: InMemorySpanExporter) -> None:
+    header, trace_id, _ = _traceparent()
+    with pytest.raises(ValueError), tracing.consumer_span("fetcher", "t.calls.validated",
+                                                          [("traceparent", header.encode())]):
+        assert tracing.current_trace_id() == trace_id
+        raise ValueError("bad recording")
+    assert tracing.current_trace_id() is None  # detached although the block raised
+    (span,) = [s for s in exported.get_finished_spans()
+               if trace.format_trace_id(s.context.trace_id) == trace_id]
+    assert span.status.status_code == trace.StatusCode.ERROR
+    assert span.status.description == "ValueError: bad recording"
+    assert [event.name for event in span.events] == ["exception"]

@@ -263,3 +263,49 @@ async def test_a_call_for_a_busy_healthy_host_waits_briefly_for_a_place_instead_
     assert stored.format == "wav"
     await first
     await store.client.delete_object(Bucket=store.bucket, Key=f"{key}-a")
+
+
+async def test_calls_waiting_for_a_place_are_released_at_once_when_the_circuit_opens() -> None:
+    """Cap 1, two calls waiting for the host (the wait is long: a busy healthy host serves its
+    backlog in order); the download under way fails and opens the circuit: both waiters
+    return at once, to be refused without connecting, instead of holding their slots until
+    their wait runs out (the release of a place wakes only one of them)."""
+    hosts = HostGuard(max_per_host=1, failure_threshold=1, cooldown=30)
+    host = ("http", "rec.example", 80)
+    with hosts.admit(host, "http://rec.example") as outcome:
+        waiting = [asyncio.create_task(hosts.wait_for_room(host, 30.0)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        assert not any(task.done() for task in waiting)
+        outcome.dead()
+    assert hosts.state(host) == OPEN
+    await asyncio.wait_for(asyncio.gather(*waiting), 2.0)
+    with pytest.raises(CircuitOpen):
+        hosts.check(host, "http://rec.example")
+
+
+async def test_with_the_default_wait_a_call_behind_a_slow_healthy_download_is_not_deferred(
+        servers: Any, server: RecordingServer, http: aiohttp.ClientSession, store: Store,
+        key: str) -> None:
+    """Cap 1 and the service's default wait: a call behind a download that takes 3 s waits
+    for the place and downloads. Each deferral costs a round trip through Kafka and a read
+    of the call (in the 1,000-call benchmark six deferrals per call with a 2 s wait, 16 % of
+    the CPU of a call: docs/benchmarks.md)."""
+    from services.fetcher.hosts import check_host
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(3.0)
+        return web.Response(body=wav_bytes(), content_type="audio/wav")
+
+    url = server.route("/slow.wav", slow)
+    settings = make_settings(servers)
+    hosts = HostGuard(settings.fetch_max_per_host, settings.fetch_circuit_failure_threshold,
+                      settings.fetch_circuit_cooldown_seconds)
+    hosts.max_per_host = 1
+    pol = policy(servers, fetch_first_byte_timeout_seconds=20.0, fetch_read_timeout_seconds=20.0)
+    first = asyncio.create_task(fetch(url, http, store, f"{key}-a", pol, hosts))
+    await asyncio.sleep(0.2)
+    await check_host(url, hosts, settings.fetch_host_wait_seconds)  # not Deferred
+    stored = await fetch(url, http, store, key, pol, hosts)
+    assert stored.format == "wav"
+    await first
+    await store.client.delete_object(Bucket=store.bucket, Key=f"{key}-a")

@@ -60,15 +60,19 @@ class ApiToken(_Strict):
 
 
 class RecordingAuthConfig(_Strict):
+    """The one model of a recording auth config: config apply, the read model, the fetcher."""
+
     id: IdStr
     method: Literal["bearer_header", "query_param", "custom_header"]
-    token: str = Field(min_length=1, max_length=4096)
+    token: str = Field(min_length=1, max_length=4096, repr=False)
     name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[A-Za-z0-9_.~-]+$")
 
     @model_validator(mode="after")
-    def _name_required(self) -> RecordingAuthConfig:
+    def _usable(self) -> RecordingAuthConfig:
         if self.method in ("query_param", "custom_header") and not self.name:
             raise ValueError(f"'name' is required for method {self.method}")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in self.token):  # would split a header
+            raise ValueError("the token contains control characters")
         return self
 
 

@@ -8,6 +8,9 @@ PostgreSQL cluster of its own (Debian's server, data in .run/postgresql), versit
 services, and Prometheus scraping them (.tools/bin/prometheus; tools/prometheus.py).
 Every process runs in its own session (process group) with its pid
 in ``.run/pids/<component>.pid`` and its output in ``.run/logs/<component>.log``.
+The pipeline's consumers (:data:`BATCH`) run at a lower CPU priority (``BATCH_NICE``,
+default 10) than the gateway and the servers it waits on, so that a busy pipeline does not
+slow submissions down (docs/benchmarks.md, "Gateway under a saturated pipeline").
 
 Usage: ``python -m tools.devstack up|down|status|servers-up|servers-down``.
 """
@@ -46,6 +49,10 @@ STORE_BACKENDS = ("sqlite", "postgresql")
 SERVICES = stages.SERVICES  # the gateway, every stage of the stage graph, webhooks
 DEMO = "demo"  # tools/demo_server.py: sample recordings and a webhook receiver (make up only)
 PROMETHEUS = "prometheus"  # scrapes every service (tools/prometheus.py; make up only)
+# Work nobody waits for on the line: every service but the gateway (the stages and webhooks).
+# The gateway, and the servers a submission waits on (Kafka, FerretDB), keep the normal priority.
+BATCH = tuple(name for name in SERVICES if name != "gateway")
+BATCH_NICE_DEFAULT = 10
 
 
 def _port(name: str, default: int) -> int:
@@ -137,18 +144,42 @@ def running_pid(component: str) -> int | None:
     return pid
 
 
+def batch_nice() -> int:
+    """The niceness of the :data:`BATCH` services (``BATCH_NICE``; 0 = normal priority)."""
+    value = int(os.environ.get("BATCH_NICE", BATCH_NICE_DEFAULT))
+    if not 0 <= value <= 19:
+        raise SystemExit(f"BATCH_NICE={value}: must be 0..19")
+    return value
+
+
 def spawn(component: str, argv: list[str], env: dict[str, str] | None = None,
-          cwd: Path = ROOT) -> int:
-    """Start ``argv`` detached in its own session; returns its pid."""
+          cwd: Path = ROOT, nice: int = 0) -> int:
+    """Start ``argv`` detached in its own session; returns its pid.
+
+    ``nice`` > 0 lowers its CPU priority and that of every process it starts (pool workers):
+    the process's niceness, and its session's autogroup's, where the kernel groups sessions
+    (``kernel.sched_autogroup_enabled``: the CPU is then shared between sessions first, and a
+    process's own niceness only counts within its session)."""
     (RUN / "pids").mkdir(parents=True, exist_ok=True)
     (RUN / "logs").mkdir(parents=True, exist_ok=True)
+    prefix = ["nice", "-n", str(nice)] if nice else []
     with open(log_file(component), "ab") as log:
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [*prefix, *argv], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=cwd, env={**os.environ, **(env or {})}, start_new_session=True,
         )
+    if nice:
+        set_autogroup_nice(proc.pid, nice)
     pid_file(component).write_text(str(proc.pid))
     return proc.pid
+
+
+def set_autogroup_nice(pid: int, nice: int) -> None:
+    """Set the niceness of ``pid``'s autogroup (its session), where the kernel has them."""
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    except FileNotFoundError:  # no autogroups (kernel without them): the process's niceness rules
+        pass
 
 
 def stop(component: str, timeout: float = 15.0) -> bool:
@@ -457,7 +488,8 @@ def _http_ok(url: str) -> bool:
 def start_service(name: str, ports: Ports, env: dict[str, str] | None = None) -> None:
     port = ports.of(name)
     spawn(name, [str(VENV_BIN / "callingest"), "serve", name],
-          env={**service_env(ports), "HTTP_PORT": str(port), **(env or {})})
+          env={**service_env(ports), "HTTP_PORT": str(port), **(env or {})},
+          nice=batch_nice() if name in BATCH else 0)
 
 
 def wait_services(names: Iterable[str], ports: Ports, timeout: float) -> None:
@@ -498,8 +530,9 @@ def up(ports: Ports) -> None:
         if running_pid(name) is None:
             start_service(name, ports)
     # The 60 s budget covers the whole stack; on a loaded machine the servers may eat most of
-    # it, so the services always get at least 20 s of their own.
-    wait_services(SERVICES, ports, max(20.0, 60.0 - (time.monotonic() - started)))
+    # it, so the services always get at least 40 s of their own (the batch services start at
+    # a lower CPU priority: on a busy machine they are the last to get the CPU).
+    wait_services(SERVICES, ports, max(40.0, 60.0 - (time.monotonic() - started)))
     if running_pid(PROMETHEUS) is None:
         start_prometheus(ports, max(10.0, 60.0 - (time.monotonic() - started)))
     write_stack_env(ports)

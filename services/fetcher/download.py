@@ -48,6 +48,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from callingest import metrics
 from callingest.audioformat import SNIFF_BYTES, sniff_format
+from callingest.config_file import RecordingAuthConfig
 from callingest.errors import PermanentError, TransientError
 from callingest.logging import get_logger
 from callingest.s3 import PART_SIZE
@@ -57,7 +58,7 @@ from callingest.ssrf import AddressPolicy, AddressRefused, check_url
 from services.fetcher.budget import ByteBudget
 from services.fetcher.hosts import HostGuard, Outcome, refusals_as_step_errors
 from services.fetcher.pacing import backoff_delay, retry_after_seconds, watchdog
-from services.fetcher.recording_auth import RecordingAuthConfig, apply_auth
+from services.fetcher.recording_auth import apply_auth
 from services.fetcher.urls import origin, parse_url, redact_origin, redact_url
 
 log = get_logger(__name__)

@@ -20,10 +20,10 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import s3 as s3io
 from callingest.audioformat import FORMATS, SNIFF_BYTES, sniff_format
-from callingest.config_file import NetworkSettings
+from callingest.config_file import NetworkSettings, RecordingAuthConfig
 from callingest.errors import PermanentError, TransientError
 from callingest.infra import Check, bucket_check
-from callingest.logging import get_logger
+from callingest.logging import get_logger, register_secret
 from callingest.s3 import s3_client
 from callingest.secretbox import (
     RECORDING_AUTH_CONFIGS,
@@ -37,12 +37,7 @@ from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, guarded_session
 from callingest.steps import Resources, StageContext, StepResult
 from services.fetcher.budget import ByteBudget
-from services.fetcher.download import (
-    FetchPolicy,
-    RecordingAuthConfig,
-    StoredRecording,
-    fetch_recording,
-)
+from services.fetcher.download import FetchPolicy, StoredRecording, fetch_recording
 from services.fetcher.hosts import HostGuard, check_host
 from services.fetcher.urls import redact_url
 
@@ -110,14 +105,20 @@ async def load_recording_auth_config(db: AsyncDatabase[dict[str, Any]], network_
         stored = next(c for c in doc["recording_auth_configs"] if str(c.get("id")) == config.id)
         try:  # the read model holds no token: it is opened from the stored item, for this use
             opened = open_item(keyring, RECORDING_AUTH_CONFIGS, network_id, stored)
-            return RecordingAuthConfig.from_document({**config.model_dump(),
-                                                      "token": opened["token"]})
+            auth = RecordingAuthConfig.model_validate({**config.model_dump(),
+                                                       "token": opened["token"]})
+        except ValidationError as exc:  # its text quotes the input: only the problems
+            problems = "; ".join(str(err["msg"]) for err in exc.errors())
+            raise PermanentError("RecordingAuthConfigInvalid",
+                                 f"recording auth config {config_id}: {problems}") from None
         except SecretUnavailable as exc:
             raise TransientError(f"recording auth config {config_id}: {exc}",
                                  "SecretKeyUnavailable") from None
         except (ValueError, SecretInvalid) as exc:
             raise PermanentError("RecordingAuthConfigInvalid",
                                  f"recording auth config {config_id}: {exc}") from None
+        register_secret(auth.token)
+        return auth
     raise PermanentError(
         "RecordingAuthConfigNotFound",
         f"network {network_id} has no recording auth config {config_id}",

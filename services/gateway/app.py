@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from pymongo.errors import PyMongoError
 
 from callingest import infra, mongo, s3, tracing
 from callingest.http import add_ops_routes
@@ -135,11 +134,7 @@ def init_app(settings: Settings, *, with_metrics: bool = True,
     setup_routes(app)
 
     async def ready() -> dict[str, bool]:
-        try:
-            await asyncio.wait_for(app[keys.MONGO_CLIENT].admin.command("ping"), 2.0)
-            mongo_ok = True
-        except (PyMongoError, TimeoutError):
-            mongo_ok = False
+        mongo_ok = await mongo.reachable(app[keys.MONGO_CLIENT])
         kafka_ok = app[keys.PRODUCER].started
         if not kafka_ok:
             with contextlib.suppress(PublishError):

@@ -41,8 +41,6 @@ from callingest.webhooks import event_id
 
 log = get_logger(__name__)
 
-#: W3C trace context of the call, when the producer put it on the event; sent with the webhook.
-
 
 class Intake:
     """Turns call outcome events into pending deliveries; :meth:`run` until :meth:`stop`."""

@@ -13,13 +13,14 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
 
 from callingest import metrics
+from callingest.config_file import RecordingAuthConfig
 from callingest.errors import PermanentError, TransientError
 from callingest.s3 import PART_SIZE
 from callingest.ssrf import AddressPolicy, guarded_session
 from services.fetcher.download import (
-    RecordingAuthConfig,
     StoredRecording,
     apply_auth,
     fetch_recording,
@@ -266,11 +267,11 @@ def require(check: Any) -> Any:
 
 
 AUTH_CASES = [
-    (RecordingAuthConfig("7", "bearer_header", TOKEN),
+    (RecordingAuthConfig(id="7", method="bearer_header", token=TOKEN),
      lambda r: r.headers.get("Authorization") == f"Bearer {TOKEN}"),
-    (RecordingAuthConfig("8", "query_param", TOKEN, "access_token"),
+    (RecordingAuthConfig(id="8", method="query_param", token=TOKEN, name="access_token"),
      lambda r: r.query.get("access_token") == TOKEN and r.query.get("v") == "1"),
-    (RecordingAuthConfig("9", "custom_header", TOKEN, "X-Api-Key"),
+    (RecordingAuthConfig(id="9", method="custom_header", token=TOKEN, name="X-Api-Key"),
      lambda r: r.headers.get("X-Api-Key") == TOKEN),
 ]
 
@@ -286,7 +287,7 @@ async def test_auth_methods(server: RecordingServer, http: aiohttp.ClientSession
         await fetch(url, http, store, key)
     assert info.value.failure_class == "RecordingUnavailable"
     assert "HTTP 401" in info.value.message
-    wrong = RecordingAuthConfig(auth.id, auth.method, "wrong-token", auth.name)
+    wrong = auth.model_copy(update={"token": "wrong-token"})
     with pytest.raises(PermanentError):
         await fetch(url, http, store, key, auth=wrong)
     stored = await fetch(url, http, store, key, auth=auth)
@@ -300,7 +301,7 @@ async def test_secrets_not_logged_on_failures(server: RecordingServer,
                                               key: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     server.route("/down", serve(b"", 500))
-    auth = RecordingAuthConfig("8", "query_param", TOKEN, "access_token")
+    auth = RecordingAuthConfig(id="8", method="query_param", token=TOKEN, name="access_token")
     presigned = server.url("/down?X-Amz-Signature=presigned5ecret")
     with pytest.raises(TransientError) as info:
         await fetch(presigned, http, store, key, auth=auth, max_attempts=3)
@@ -308,7 +309,7 @@ async def test_secrets_not_logged_on_failures(server: RecordingServer,
     for secret in (TOKEN, "presigned5ecret", "X-Amz-Signature", "access_token"):
         assert secret not in caplog.text  # ... without the query string
         assert secret not in info.value.message
-    header_auth = RecordingAuthConfig("7", "bearer_header", TOKEN)
+    header_auth = RecordingAuthConfig(id="7", method="bearer_header", token=TOKEN)
     with pytest.raises(TransientError) as info:
         await fetch(server.url("/down"), http, store, key, auth=header_auth, max_attempts=2)
     assert TOKEN not in caplog.text
@@ -321,8 +322,8 @@ async def test_credentials_not_sent_to_another_origin(
 ) -> None:
     other_server.route("/cdn.wav", serve(WAV))
     url = server.route("/rec", serve(b"", 307, headers={"Location": other_server.url("/cdn.wav")}))
-    for auth in (RecordingAuthConfig("7", "bearer_header", TOKEN),
-                 RecordingAuthConfig("9", "custom_header", TOKEN, "X-Api-Key")):
+    for auth in (RecordingAuthConfig(id="7", method="bearer_header", token=TOKEN),
+                 RecordingAuthConfig(id="9", method="custom_header", token=TOKEN, name="X-Api-Key")):
         await fetch(url, http, store, key, auth=auth)
     assert server.hits[0].headers.get("Authorization") == f"Bearer {TOKEN}"
     assert server.hits[1].headers.get("X-Api-Key") == TOKEN
@@ -332,14 +333,14 @@ async def test_credentials_not_sent_to_another_origin(
 
 def test_apply_auth_query_param_keeps_existing_query() -> None:
     url = parse_url("https://h.example/a%2Fb.wav?sig=a%2Fb%3D&x=1#frag")
-    auth = RecordingAuthConfig("8", "query_param", "t/k=n", "access_token")
+    auth = RecordingAuthConfig(id="8", method="query_param", token="t/k=n", name="access_token")
     new, headers = apply_auth(url, auth)
     assert headers == {}
     assert str(new) == "https://h.example/a%2Fb.wav?sig=a%2Fb%3D&x=1&access_token=t%2Fk%3Dn"
 
 
 def test_auth_config_repr_hides_token() -> None:
-    assert TOKEN not in repr(RecordingAuthConfig("7", "bearer_header", TOKEN))
+    assert TOKEN not in repr(RecordingAuthConfig(id="7", method="bearer_header", token=TOKEN))
 
 
 @pytest.mark.parametrize(
@@ -352,9 +353,9 @@ def test_auth_config_repr_hides_token() -> None:
     ],
 )
 def test_unusable_auth_configs_rejected(doc: dict[str, Any]) -> None:
-    with pytest.raises(ValueError) as info:
-        RecordingAuthConfig.from_document(doc)
-    assert TOKEN not in str(info.value)
+    with pytest.raises(ValidationError) as info:
+        RecordingAuthConfig.model_validate(doc)
+    assert TOKEN not in "; ".join(err["msg"] for err in info.value.errors())  # what is shown
 
 
 @pytest.mark.parametrize(

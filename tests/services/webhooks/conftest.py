@@ -18,6 +18,7 @@ from aiohttp import web
 
 from callingest import config_file
 from tests.conftest import DEV_KEYRING, ROOT, used_secret
+from tests.helpers import serve_recordings
 
 DOC = ROOT / "docs" / "webhooks.md"
 
@@ -75,14 +76,8 @@ async def receivers() -> AsyncIterator[Callable[..., Any]]:
 
     async def make(**kwargs: Any) -> Receiver:
         receiver = Receiver(**kwargs)
-        app = web.Application()
-        app.router.add_post("/hook", receiver.handle)
-        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        receiver.url = f"http://127.0.0.1:{port}/hook"
+        runner, base = await serve_recordings(receiver.handle, 0.5, prefix="", method="POST")
+        receiver.url = f"{base}/hook"
         runners.append(runner)
         return receiver
 

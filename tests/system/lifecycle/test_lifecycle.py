@@ -53,6 +53,7 @@ def test_make_up_then_down(tmp_path: Path) -> None:
     env = {**os.environ, "CALLINGEST_RUN_DIR": str(run_dir),
            **{k: str(v) for k, v in ports.items()}}
     env.pop("MAKEFLAGS", None)
+    env.pop("BATCH_NICE", None)
     try:
         started = time.monotonic()
         up = subprocess.run(["make", "-s", "up"], cwd=ROOT, env=env, capture_output=True,
@@ -77,6 +78,7 @@ def test_make_up_then_down(tmp_path: Path) -> None:
             assert (run_dir / "logs" / f"{component}.log").exists(), component
         _check_prometheus(ports)
         _check_operator_commands(run_dir)
+        _check_cpu_priority(run_dir)
     finally:
         down = subprocess.run(["make", "-s", "down"], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=120)
@@ -98,6 +100,31 @@ def _check_operator_commands(run_dir: Path) -> None:
     applied = subprocess.run([callingest, "config", "apply", str(ROOT / "deploy/examples/demo-config.yaml")],
                              env=bare, capture_output=True, text=True, timeout=60)
     assert applied.returncode == 0, applied.stderr
+
+
+def _check_cpu_priority(run_dir: Path) -> None:
+    """The consumers and every process they started (the normalizer's transcoding pool) run
+    niced, in autogroups niced too; the gateway and the servers it waits on do not."""
+    def nice_of(pid: int) -> tuple[int, int | None]:
+        autogroup = Path(f"/proc/{pid}/autogroup")
+        group = int(autogroup.read_text().split()[-1]) if autogroup.exists() else None
+        return os.getpriority(os.PRIO_PROCESS, pid), group
+
+    def tree(pid: int) -> list[int]:
+        kids = [int(k) for task in Path(f"/proc/{pid}/task").iterdir()
+                for k in (task / "children").read_text().split()]
+        return [pid, *(p for kid in kids for p in tree(kid))]
+
+    for name in (*devstack.SERVERS, *devstack.SERVICES):
+        pid = int((run_dir / "pids" / f"{name}.pid").read_text())
+        expected = devstack.BATCH_NICE_DEFAULT if name in devstack.BATCH else 0
+        processes = tree(pid)
+        if name == "normalizer":
+            assert len(processes) > 1, "the normalizer's pool workers"
+        for process in processes:
+            niceness, group = nice_of(process)
+            assert niceness == expected, (name, process)
+            assert group in (None, expected), (name, process)
 
 
 def _prometheus_api(port: int, path: str) -> object:

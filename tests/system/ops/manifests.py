@@ -17,12 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
+from callingest import stages
+
 REPO = Path(__file__).resolve().parents[3]
 K8S = REPO / "deploy/k8s"
 OVERLAYS = ("dev", "prod")
-SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
-PORTS = {"gateway": 8080, "validator": 8081, "fetcher": 8082, "normalizer": 8083, "notifier": 8084,
-         "webhooks": 8085}
+# The manifests are checked against the stage table: every service it names, on its port.
+SERVICES = stages.SERVICES
+PORTS = stages.SERVICE_PORTS
 KEDA_COMPONENT = K8S / "components/keda-lag-scaling"
 
 Resource = dict[str, Any]

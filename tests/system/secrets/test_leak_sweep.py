@@ -99,16 +99,6 @@ class Receiver:
         self.requests.append((dict(request.headers), await request.read()))
         return web.Response(status=204)
 
-    async def start(self) -> tuple[web.AppRunner, str]:
-        app = web.Application()
-        app.router.add_post("/hook", self.handle)
-        runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        return runner, f"http://127.0.0.1:{port}/hook"
-
     def events(self) -> set[tuple[str, str]]:
         return {(json.loads(body)["data"]["cuid"], json.loads(body)["type"])
                 for _, body in self.requests}
@@ -245,7 +235,9 @@ async def leaky(request: pytest.FixtureRequest, servers: Any,
     api_token = _secret("api-token")
     tokens = {cid: _secret(method) for cid, (method, _) in AUTH.items()}
     receiver = Receiver()
-    receiver_runner, receiver_url = await receiver.start()
+    receiver_runner, receiver_base = await serve_recordings(receiver.handle, 0.5, prefix="",
+                                                            method="POST")
+    receiver_url = f"{receiver_base}/hook"
     hook: dict[str, Any] = {
         "id": "wh-leak", "url": receiver_url, "events": ["call.normalized", "call.failed"],
         "secret": _webhook_secret(), "previous_secrets": [_webhook_secret()]}

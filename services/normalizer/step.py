@@ -4,9 +4,8 @@ Wiring: :class:`NormalizerResources` (the type the stage graph names for the nor
 holds an aiobotocore S3 client and the :class:`~services.normalizer.pool.TranscodePool`;
 :func:`step` reads them from ``ctx.resources``.
 
-Per call: the raw object ``raw/<cuid>/<attempt>`` is streamed into a temp file (in the
-service's scratch directory, made once), transcoded in a worker process into a second temp
-file, and uploaded to ``normalized/<cuid>.wav``
+Per call: the raw object ``raw/<cuid>/<attempt>`` is streamed into a temp file, transcoded
+in a worker process into a second temp file, and uploaded to ``normalized/<cuid>.wav``
 (:func:`callingest.s3.upload`: multipart above one part); memory stays at about one part
 whatever the duration.
 The object's metadata records which attempt and which raw object it came from, and what
@@ -16,16 +15,14 @@ the transcoder measured, so a redelivery finds the work done and does not redo i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from callingest import metrics
 from callingest import s3 as s3io
@@ -55,20 +52,16 @@ class NormalizerResources(Resources):
 
     s3: Any
     pool: TranscodePool
-    scratch: str | None = None
-    """The directory of the calls' temp files (None: the system's temp directory)."""
 
     @classmethod
     @asynccontextmanager
     async def open(cls, settings: Settings) -> AsyncIterator[NormalizerResources]:
         pool = TranscodePool(settings.normalizer_workers)
-        scratch = tempfile.mkdtemp(prefix="normalizer-")
         try:
             async with s3_client(settings) as s3:
-                yield cls(s3=s3, pool=pool, scratch=scratch)
+                yield cls(s3=s3, pool=pool)
         finally:
             await asyncio.to_thread(pool.close)
-            shutil.rmtree(scratch, ignore_errors=True)
 
     def checks(self, settings: Settings) -> list[Check]:
         return [bucket_check(self.s3, settings.s3_bucket)]
@@ -99,17 +92,17 @@ async def step(event: dict[str, Any], ctx: StageContext[NormalizerResources]) ->
         log.info("normalized recording already stored, reused", extra={**extra, "key": key})
     else:
         async with pool.slot():
-            # unique names in one directory: no directory to make and walk per call
-            stem = os.path.join(ctx.resources.scratch or tempfile.gettempdir(), uuid.uuid4().hex)
-            src_path, dst_path = f"{stem}.raw", f"{stem}.wav"
+            workdir = await asyncio.to_thread(tempfile.mkdtemp, prefix="normalizer-")
             try:
+                src_path = os.path.join(workdir, "raw")
+                dst_path = os.path.join(workdir, "normalized.wav")
                 await _download(s3, src_bucket, src_key, src_path)
                 info = await pool.transcode(src_path, dst_path, direction)
                 recording = info.recording_fields()
                 metadata = {**provenance, "info": json.dumps(recording, separators=(",", ":"))}
                 await _upload(s3, bucket, key, dst_path, metadata)
             finally:
-                await asyncio.to_thread(_remove, src_path, dst_path)
+                await asyncio.to_thread(shutil.rmtree, workdir, True)
         metrics.AUDIO_NORMALIZED.inc(info.duration_seconds)
         log.info(
             "recording normalized",
@@ -166,32 +159,17 @@ async def _download(s3: Any, bucket: str, key: str, path: str) -> None:
 
 async def _upload(s3: Any, bucket: str, key: str, path: str, metadata: dict[str, str]) -> None:
     """Upload ``path`` to ``s3://bucket/key`` (:func:`callingest.s3.upload`)."""
+    f: BinaryIO = await _disk(open, path, "rb")
+
     async def parts() -> AsyncIterator[bytes]:
-        offset = 0
-        while True:  # one thread hop per part: open, read, close
-            part: bytes = await _disk(_read_part, path, offset)
-            if part:
-                yield part
-            if len(part) < s3io.PART_SIZE:
-                return
-            offset += len(part)
+        while part := await _disk(f.read, s3io.PART_SIZE):
+            yield part
 
-    await s3io.upload(s3, bucket, key, parts(),
-                      attributes=lambda: {"ContentType": _CONTENT_TYPE, "Metadata": metadata})
-
-
-def _read_part(path: str, offset: int) -> bytes:
-    """Up to one part of ``path`` from ``offset``."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(s3io.PART_SIZE)
-
-
-def _remove(*paths: str) -> None:
-    """Delete a call's temp files (those that exist; a failure leaves them to the OS)."""
-    for path in paths:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    try:
+        await s3io.upload(s3, bucket, key, parts(),
+                          attributes=lambda: {"ContentType": _CONTENT_TYPE, "Metadata": metadata})
+    finally:
+        await _disk(f.close)
 
 
 def _disk_error(exc: OSError) -> TransientError:

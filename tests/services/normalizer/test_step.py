@@ -228,35 +228,3 @@ async def test_bad_recordings_fail_permanently_and_store_nothing(
     assert caught.value.message
     listing = await s3_client.list_objects_v2(Bucket=settings.s3_bucket, Prefix=normalized_key(cuid))
     assert listing.get("KeyCount", 0) == 0
-
-
-async def test_temp_files_are_removed_after_success_and_failure(
-    tmp_path: Path, settings: Settings, s3_client: Any, pool: TranscodePool
-) -> None:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
-    ctx = context(settings, s3_client, pool)
-    ctx.resources.scratch = str(scratch)
-    good, bad = tmp_path / "good.wav", tmp_path / "bad.wav"
-    audiogen.write_wav(good, 2.0, 16000)
-    bad.write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunk" + bytes(range(256)) * 10)
-
-    cuid = uuid.uuid4().hex
-    result = await step(fetched_event(cuid, await put_raw(s3_client, settings, cuid, good),
-                                      "inbound"), ctx)
-    assert result.next_event is not None
-    assert list(scratch.iterdir()) == []
-
-    cuid = uuid.uuid4().hex
-    with pytest.raises(PermanentError):
-        await step(fetched_event(cuid, await put_raw(s3_client, settings, cuid, bad),
-                                 "inbound"), ctx)
-    assert list(scratch.iterdir()) == []
-
-
-async def test_the_service_scratch_directory_goes_with_it(settings: Settings) -> None:
-    async with NormalizerResources.open(settings.model_copy(update={"normalizer_workers": 1})) as res:
-        assert res.scratch is not None
-        scratch = Path(res.scratch)
-        assert await asyncio.to_thread(scratch.is_dir)
-    assert not await asyncio.to_thread(scratch.exists)

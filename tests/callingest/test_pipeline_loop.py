@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from callingest import events, mongo
+from callingest import events, mongo, pipeline
 from callingest.errors import PermanentError, TransientError
 from callingest.kafka import Producer
 from callingest.offsets import PartitionTracker
@@ -152,6 +152,21 @@ async def test_events_of_an_earlier_attempt_are_skipped(settings: Settings, db: 
     assert step.calls == []
     assert await status_of(db, doc["_id"]) == "received"
 
+
+
+async def test_work_finished_between_commits_is_committed_at_shutdown(
+    settings: Settings, db: Any, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The loop commits at most every COMMIT_INTERVAL_SECONDS; an interval longer than the
+    # test means only the shutdown commit can move the group past the event.
+    monkeypatch.setattr(pipeline, "COMMIT_INTERVAL_SECONDS", 3600.0)
+    doc = call_doc()
+    async with running(settings, topics, Recorder({})):
+        await submit(settings, db, doc)
+        ends = await end_offsets(settings, topics.submitted)
+        await wait_until(lambda: _all_terminal(db, [doc]), what="validated")
+        await asyncio.sleep(1.0)  # the loop has been round a few times since
+    assert await committed_past(settings, "validator", ends)
 
 async def _all_terminal(db: Any, docs: list[dict[str, Any]]) -> bool:
     for d in docs:

@@ -41,6 +41,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import demo_call
+
 API = "/api/2022-03-01"
 TOKEN = "spec-example-network-token"
 ADVERTISER_TOKEN = "spec-example-advertiser-token"
@@ -100,18 +102,9 @@ networks:
 
 
 def call(external_id: str, **overrides: Any) -> dict[str, Any]:
-    """The spec's first example (all required fields), with another external id."""
-    body: dict[str, Any] = {
-        "external_call_unique_id": external_id,
-        "start_time": "2016-02-03 09:30:00 AM",
-        "destination_phone_number": 2165388265,
-        "calling_phone_number": 8779257383,
-        "advertiser_campaign_id_from_network": 85,
-        "call_direction": "inbound",
-        "recording_url": RECORDING_URL,
-    }
-    body.update(overrides)
-    return body
+    """The spec's first example (all required fields), with another external id: the tests'
+    demo call (same fields, same order) with this module's recording URL."""
+    return demo_call(external_id, overrides.pop("recording_url", RECORDING_URL), **overrides)
 
 
 def _curl_call(external_id: str) -> dict[str, Any]:

@@ -53,6 +53,17 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    """The live direct and indirect children of ``pid``."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = child_pids(todo.pop())
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
 def process_cpu(pid: int) -> Cpu | None:
     """CPU of ``pid`` and all its descendants; None if it is gone."""
     fields = _stat(pid)

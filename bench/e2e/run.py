@@ -67,6 +67,7 @@ from aiokafka import AIOKafkaConsumer  # noqa: E402
 from bench.e2e.cpu import (  # noqa: E402
     Cpu,
     CpuMeter,
+    descendants,
     listener_pid,
     load_average,
     machine_busy,
@@ -331,20 +332,6 @@ def vm_hwm_kib(pid: int) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def children(pid: int) -> list[int]:
-    """Direct and indirect children of ``pid`` (from /proc/<pid>/task/*/children)."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                kids = [int(x) for x in (task / "children").read_text().split()]
-                found.extend(kids)
-                todo.extend(kids)
-    return found
-
-
 @dataclass
 class RssTracker:
     """Peak VmHWM per service process and per child (pool workers), sampled while running."""
@@ -362,7 +349,7 @@ class RssTracker:
             kib = vm_hwm_kib(pid)
             if kib is not None:
                 self.main_kib[name] = max(kib, self.main_kib.get(name, 0))
-            for child in children(pid):
+            for child in descendants(pid):
                 kib = vm_hwm_kib(child)
                 if kib is not None:
                     per = self.child_kib.setdefault(name, {})

@@ -55,6 +55,7 @@ import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 from pymongo import AsyncMongoClient  # noqa: E402
 
+from bench.e2e.cpu import descendants, process_cpu  # noqa: E402
 from tests.audiogen import write_encoded, write_wav  # noqa: E402
 from tests.helpers import demo_call, serve_recordings  # noqa: E402
 from tools.devstack import BATCH, BATCH_NICE_DEFAULT, set_autogroup_nice  # noqa: E402
@@ -127,37 +128,10 @@ def step_times(gateway_log: Path, window: list[float]) -> dict[str, dict[str, fl
 # -- CPU per component -----------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                kids = [int(x) for x in (task / "children").read_text().split()]
-                found.extend(kids)
-                todo.extend(kids)
-    return found
-
-
 def cpu_seconds(pid: int) -> float:
-    """CPU time of ``pid`` and its children, live ones and reaped ones."""
-    tick = os.sysconf("SC_CLK_TCK")
-    fields = _stat(pid)
-    if fields is None:
-        return 0.0
-    total = sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
-    for child in _descendants(pid):
-        kid = _stat(child)
-        if kid is not None:
-            total += int(kid[11]) + int(kid[12])
-    return total / tick
+    """CPU time of ``pid`` and its descendants, live ones and reaped ones."""
+    cpu = process_cpu(pid)
+    return cpu.total if cpu is not None else 0.0
 
 
 def component_pids(run_dir: Path) -> dict[str, int]:
@@ -173,7 +147,7 @@ def renice_batch(pids: dict[str, int], nice: int) -> None:
     for name in BATCH:
         if name in pids:
             set_autogroup_nice(pids[name], nice)
-            for pid in (pids[name], *_descendants(pids[name])):
+            for pid in (pids[name], *descendants(pids[name])):
                 with contextlib.suppress(ProcessLookupError):
                     os.setpriority(os.PRIO_PROCESS, pid, nice)
 

@@ -90,8 +90,8 @@ TOKEN = "demo-network-token"
 SUBMIT_PATH = "/api/2022-03-01/calls.json"
 SERVICE_NAMES = ("gateway", "validator", "fetcher", "normalizer", "notifier")
 #: The dev servers by ``tools.devstack.Ports`` attribute, as named in the CPU table.
-SERVER_NAMES = {"kafka": "Kafka", "mongodb": "FerretDB", "s3": "S3 (versitygw)",
-                "smtp": "SMTP sink"}
+SERVER_NAMES = {"kafka": "Kafka", "mongodb": "FerretDB", "postgresql": "PostgreSQL",
+                "s3": "S3 (versitygw)", "smtp": "SMTP sink"}
 TERMINAL = ("normalized", "failed")
 
 

@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -288,7 +289,8 @@ def tracing_summary(workers: int, results: list[dict[str, Any]]) -> list[str]:
         per_round = [1 - rate("on", n) / rate("off", n) for n in rounds]
         lines.append(f"tracing cost ({workers} worker(s), {c}): {1 - rate('on') / rate('off'):+.1%} of "
                      f"throughput ({rate('on'):.0f} / {rate('off'):.0f} req/s on / off over "
-                     f"{len(rounds)} rounds; per round: {', '.join(f'{v:+.1%}' for v in per_round)})")
+                     f"{len(rounds)} rounds; median of the rounds {statistics.median(per_round):+.1%}; "
+                     f"per round: {', '.join(f'{v:+.1%}' for v in per_round)})")
         cpu = {t: [r[c]["cpu_us"] for r in results if r["tracing"] == t and "cpu_us" in r[c]]
                for t in ("on", "off")}
         if cpu["on"] and cpu["off"]:

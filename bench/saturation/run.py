@@ -67,7 +67,7 @@ TOKEN = "demo-network-token"
 SUBMIT_PATH = "/api/2022-03-01/calls.json"
 STATUSES = ("received", "validated", "fetched", "normalized", "failed")
 COMPONENTS = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks",
-              "kafka", "mongodb", "s3", "smtp", "demo", "prometheus")
+              "kafka", "postgresql", "mongodb", "s3", "smtp", "demo", "prometheus")
 
 
 def stack_env(base: int, run_dir: Path, batch_nice: int | None) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """A store that stops answering fails operations in bounded time; it never holds them for good.
 
-Runs a FerretDB of its own on a PostgreSQL cluster of its own (free ports, own run directory:
-the session's store is never touched) and freezes it with SIGSTOP:
+Runs a FerretDB of its own on a PostgreSQL cluster of its own (the stack's default store
+backend; free ports, own run directory: the session's store is never touched) and freezes
+it with SIGSTOP:
 
 * the PostgreSQL under FerretDB: FerretDB still accepts connections and answers PyMongo's
   heartbeat (``hello``), but no query. The heartbeat sees nothing wrong, so only the client's

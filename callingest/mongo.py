@@ -20,11 +20,19 @@ Document = dict[str, Any]
 
 
 def open_client(settings: Settings, timeout_ms: int = 5000) -> AsyncMongoClient[Document]:
-    """A client for ``MONGODB_URI``; connects lazily, times out operations after ``timeout_ms``."""
+    """A client for ``MONGODB_URI``; connects lazily.
+
+    Finding a server and connecting time out after ``timeout_ms``; waiting for a reply after
+    ``MONGODB_SOCKET_TIMEOUT_SECONDS``. PyMongo's heartbeat alone interrupts operations only
+    when the server stops answering its hellos too: a store that still answers them but not a
+    query (FerretDB whose backend hangs) would otherwise hold the operation, and whoever awaits
+    it, for good. A timed-out operation raises ``NetworkTimeout`` (a ``PyMongoError``).
+    """
     return AsyncMongoClient(
         settings.mongodb_uri.get_secret_value(),
         serverSelectionTimeoutMS=timeout_ms,
         connectTimeoutMS=timeout_ms,
+        socketTimeoutMS=round(settings.mongodb_socket_timeout_seconds * 1000),
         tz_aware=True,
         appname="callingest",
     )

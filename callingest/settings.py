@@ -96,6 +96,9 @@ class Settings(BaseSettings):
 
     mongodb_uri: SecretStr = required_outside_dev(SecretStr("mongodb://127.0.0.1:27017/"))
     mongodb_database: str = "callingest"
+    mongodb_socket_timeout_seconds: float = Field(
+        30.0, gt=0, description="longest wait for one MongoDB reply (socketTimeoutMS): a store that "
+        "accepts connections but stops answering fails the operation instead of holding it for good")
 
     s3_endpoint_url: str | None = dev_default("http://127.0.0.1:9000", None)
     """Empty or unset outside dev: the provider's default endpoint (AWS S3 of ``S3_REGION``)."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -54,6 +56,39 @@ def used_secret(value: str) -> str:
     """Register ``value`` as a secret the logs of this run must never contain; returns it."""
     USED_SECRETS.add(value)
     return value
+
+
+#: The backstop of pytest-timeout: a test still running this long after its timeout (at most
+#: its timeout again) has its threads' stacks dumped and the run exits (see pytest_timeout_set_timer).
+HARD_STOP_AFTER_TIMEOUT_SECONDS = 60.0
+_hard_stop_stderr: int | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _hard_stop_stderr
+    # The terminal's stderr (captured output would vanish with the process).
+    _hard_stop_stderr = os.dup(sys.__stderr__.fileno() if sys.__stderr__ else 2)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    """Arm a hard stop behind pytest-timeout's own timer (armed after this hook, as usual).
+
+    pytest-timeout's signal method raises its failure in whatever the main thread runs when
+    SIGALRM comes; in a busy event loop that is often a callback, whose exception asyncio logs
+    and drops, or another task, which dies instead of the test: the test runs on, past the
+    timeout, for good. So ``faulthandler`` (its own C thread, no GIL needed) dumps every
+    thread's stack and exits the run if the test is still there ``min(timeout, 60 s)`` later.
+    """
+    if _hard_stop_stderr is not None and settings.timeout:
+        faulthandler.dump_traceback_later(
+            settings.timeout + min(settings.timeout, HARD_STOP_AFTER_TIMEOUT_SECONDS),
+            exit=True, file=_hard_stop_stderr)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    faulthandler.cancel_dump_traceback_later()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -52,3 +53,12 @@ def stack_settings(ports: devstack.Ports, name: str, tag: str, **overrides: Any)
         "secret_keys": SecretStr(devstack.dev_secret_keys()),
         **overrides,
     })
+
+
+def save_result(out: Path, result: Any, table: str) -> None:
+    """Write a run's ``result`` as JSON to ``out``, then print its Markdown ``table`` and where
+    the JSON went (the last lines of every benchmark's output)."""
+    out.write_text(json.dumps(result, indent=2, default=str))
+    print()
+    print(table)
+    print(f"\nJSON: {out.relative_to(ROOT)}")

@@ -74,7 +74,7 @@ from bench.e2e.cpu import (  # noqa: E402
     process_cpu,
 )
 from bench.e2e.profile import Profiles  # noqa: E402
-from bench.stack import prepare, stack_settings  # noqa: E402
+from bench.stack import prepare, save_result, stack_settings  # noqa: E402
 from callingest import avro, mongo, s3  # noqa: E402
 from callingest.kafka import client_options  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
@@ -721,10 +721,7 @@ def main() -> int:
     result["overrides"] = overrides
     result["servers_started_by_run"] = started
     out = RESULTS / f"{stamp}.json"
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print()
-    print(markdown(result))
-    print(f"\nJSON: {out.relative_to(ROOT)}")
+    save_result(out, result, markdown(result))
     return 0
 
 

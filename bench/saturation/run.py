@@ -56,6 +56,7 @@ from aiohttp import web  # noqa: E402
 from pymongo import AsyncMongoClient  # noqa: E402
 
 from bench.e2e.cpu import descendants, process_cpu  # noqa: E402
+from bench.stack import save_result  # noqa: E402
 from tests.audiogen import write_encoded, write_wav  # noqa: E402
 from tests.helpers import demo_call, serve_recordings  # noqa: E402
 from tools.devstack import BATCH, BATCH_NICE_DEFAULT, set_autogroup_nice  # noqa: E402
@@ -399,10 +400,7 @@ def main() -> int:
                    "load_start": [round(x, 2) for x in load_start],
                    "load_end": [round(x, 2) for x in os.getloadavg()]})
     out = RESULTS / f"{stamp}.json"
-    out.write_text(json.dumps(result, indent=2, default=str))
-    print()
-    print(markdown(result))
-    print(f"\nJSON: {out.relative_to(ROOT)}")
+    save_result(out, result, markdown(result))
     return 0
 
 

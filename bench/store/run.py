@@ -55,6 +55,7 @@ os.environ["CALLINGEST_RUN_DIR"] = str(RUN_DIR)  # before tools.devstack reads i
 from pymongo import AsyncMongoClient  # noqa: E402
 from pymongo.errors import DuplicateKeyError, OperationFailure  # noqa: E402
 
+from bench.stack import save_result  # noqa: E402
 from callingest import mongo  # noqa: E402
 from services.gateway.writer import is_busy  # noqa: E402
 from tools import devstack  # noqa: E402
@@ -340,14 +341,10 @@ def main() -> int:
     results.sort(key=lambda r: (r["round"], r["concurrency"], r["backend"] != "sqlite"))
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{stamp}.json"
-    out.write_text(json.dumps({"utc": stamp, "args": {k: str(v) for k, v in vars(args).items()},
-                               "postgresql": subprocess.run(
-                                   [str(devstack.postgresql_bin() / "postgres"), "--version"],
-                                   capture_output=True, text=True).stdout.strip(),
-                               "results": results}, indent=2, default=str))
-    print()
-    print(markdown(results))
-    print(f"\nJSON: {out.relative_to(ROOT)}")
+    version = subprocess.run([str(devstack.postgresql_bin() / "postgres"), "--version"],
+                             capture_output=True, text=True).stdout.strip()
+    save_result(out, {"utc": stamp, "args": {k: str(v) for k, v in vars(args).items()},
+                      "postgresql": version, "results": results}, markdown(results))
     return 0
 
 

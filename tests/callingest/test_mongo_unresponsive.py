@@ -1,8 +1,8 @@
 """A store that stops answering fails operations in bounded time; it never holds them for good.
 
-Runs a FerretDB of its own on a PostgreSQL cluster of its own (the stack's default store
-backend; free ports, own run directory: the session's store is never touched) and freezes
-it with SIGSTOP:
+Runs a FerretDB of its own on a PostgreSQL cluster of its own (``STORE_BACKEND=postgresql``,
+where the hang was found; free ports, own run directory: the session's store is never
+touched) and freezes it with SIGSTOP:
 
 * the PostgreSQL under FerretDB: FerretDB still accepts connections and answers PyMongo's
   heartbeat (``hello``), but no query. The heartbeat sees nothing wrong, so only the client's
@@ -31,6 +31,7 @@ from pymongo.errors import NetworkTimeout, PyMongoError
 from callingest import mongo
 from callingest.settings import Settings
 from tests.conftest import ROOT, free_port, make_settings
+from tests.system.fault.privatestack import private_env
 from tools import devstack
 
 pytestmark = [pytest.mark.mongo]
@@ -46,9 +47,8 @@ class FrozenStore:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"} | {
-            "CALLINGEST_RUN_DIR": str(run_dir), "STORE_BACKEND": "postgresql",
-            "POSTGRESQL_PORT": str(free_port()), "MONGODB_PORT": str(free_port())}
+        self.env = private_env(run_dir, STORE_BACKEND="postgresql", POSTGRESQL_PORT=free_port(),
+                               MONGODB_PORT=free_port())
         self.stopped: set[int] = set()
 
     @property

@@ -25,6 +25,7 @@ from services.gateway.claims import Claims
 from services.gateway.domain import Principal
 from services.gateway.listing import CallQuery, list_calls
 from tests.conftest import ROOT, free_port
+from tests.system.fault.privatestack import private_env
 from tests.system.lifecycle.test_lifecycle import _processes_mentioning
 from tools import devstack
 
@@ -34,10 +35,7 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python")
 
 
 def _env(run_dir: Path, **ports: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
-    env.update({"CALLINGEST_RUN_DIR": str(run_dir), "STORE_BACKEND": "postgresql",
-                **{k: str(v) for k, v in ports.items()}})
-    return env
+    return private_env(run_dir, STORE_BACKEND="postgresql", **ports)
 
 
 def _psql(port: int, sql: str) -> str:

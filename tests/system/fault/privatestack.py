@@ -27,6 +27,16 @@ _PORT_VARS = {"kafka": "KAFKA_PORT", "kafka_controller": "KAFKA_CONTROLLER_PORT"
               "gateway": "GATEWAY_PORT"}
 
 
+def private_env(run_dir: Path, **variables: str | int) -> dict[str, str]:
+    """This process's environment for devstack (or a stack) acting under ``run_dir`` only,
+    with ``variables`` (ports, ``STORE_BACKEND``) set; without ``MAKEFLAGS``, so a ``make`` the
+    subprocess runs does not join the jobserver of the ``make test`` around this session."""
+    env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
+    env["CALLINGEST_RUN_DIR"] = str(run_dir)
+    env.update({name: str(value) for name, value in variables.items()})
+    return env
+
+
 @dataclass
 class PrivateServers:
     """Servers of one fault test module, on their own ports under ``run_dir``."""
@@ -39,11 +49,8 @@ class PrivateServers:
     @property
     def env(self) -> dict[str, str]:
         """The environment under which devstack acts on these servers only."""
-        env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
-        env["CALLINGEST_RUN_DIR"] = str(self.run_dir)
-        for attr, var in _PORT_VARS.items():
-            env[var] = str(getattr(self.ports, attr))
-        return env
+        return private_env(self.run_dir, **{var: getattr(self.ports, attr)
+                                            for attr, var in _PORT_VARS.items()})
 
     @property
     def mail_dir(self) -> Path:

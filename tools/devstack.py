@@ -82,7 +82,7 @@ def store_backend() -> str:
     """FerretDB's store in this stack: ``STORE_BACKEND`` (sqlite, the default, or postgresql).
 
     PostgreSQL measured better for submissions under a busy pipeline, but FerretDB 1.24's
-    PostgreSQL backend can deadlock its connection pool under many concurrent updates
+    PostgreSQL backend deadlocked its connection pool once (a CI rehearsal's flood test)
     (docs/benchmarks.md, "Store backend", "Decision"), so SQLite stays the default."""
     backend = os.environ.get("STORE_BACKEND", "").strip().lower() or DEFAULT_STORE_BACKEND
     if backend not in STORE_BACKENDS:

@@ -8,9 +8,12 @@ import json
 import logging
 import secrets
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.sdk import resources
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -111,3 +114,25 @@ def test_a_span_records_the_exception_that_escapes_it(exported: InMemorySpanExpo
     assert span.status.status_code == trace.StatusCode.ERROR
     assert span.status.description == "ValueError: bad recording"
     assert [event.name for event in span.events] == ["exception"]
+
+
+def test_exporting_a_batch_serialises_the_resource_once(exported: InMemorySpanExporter,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OTLP encoder groups spans by resource (a dict key); the SDK's Resource hashes its
+    attributes as sorted JSON each time, ours once (docs/benchmarks.md, cost of tracing)."""
+    for n in range(5):
+        with tracing.consumer_span("fetcher", "t.calls.validated", None, cuid=f"c{n}"):
+            pass
+    spans = exported.get_finished_spans()[-5:]
+    assert {span.resource.attributes["service.namespace"] for span in spans} == {"callingest"}
+    serialised: list[object] = []
+    real_dumps = resources.dumps
+
+    def dumps(*args: Any, **kwargs: Any) -> str:
+        serialised.append(args)
+        return real_dumps(*args, **kwargs)
+
+    monkeypatch.setattr(resources, "dumps", dumps)
+    request = encode_spans(spans)
+    assert len(request.resource_spans) == 1 and len(request.resource_spans[0].scope_spans[0].spans) == 5
+    assert serialised == []

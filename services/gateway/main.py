@@ -8,7 +8,6 @@ connections) and share metrics through ``PROMETHEUS_MULTIPROC_DIR``.
 from __future__ import annotations
 
 import asyncio
-import gc
 import multiprocessing
 import os
 import signal
@@ -17,7 +16,7 @@ import tempfile
 from aiohttp import web
 
 from callingest.logging import configure, get_logger
-from callingest.service import install_stop_handlers, port_of
+from callingest.service import install_stop_handlers, port_of, settle_heap
 from callingest.settings import Settings
 from services.gateway.app import init_app
 
@@ -42,10 +41,7 @@ async def serve_one(settings: Settings, *, with_metrics: bool = True, reuse_port
     port = port_of("gateway", settings)
     site = web.TCPSite(runner, settings.http_host, port, reuse_port=reuse_port or None)
     await site.start()
-    # What start-up built (modules, the app, clients) lives as long as the process: moved out of
-    # the collector's reach, full collections only walk what requests leave behind.
-    gc.collect()
-    gc.freeze()
+    settle_heap("gateway")
     log.info("gateway listening", extra={"host": settings.http_host, "port": port, "pid": os.getpid()})
     stop = asyncio.Event()
     install_stop_handlers(stop.set)

@@ -12,7 +12,7 @@ import contextlib
 from callingest import infra, mongo
 from callingest.logging import configure, get_logger
 from callingest.secretbox import load_keyring
-from callingest.service import EXIT_FAILED, install_stop_handlers, ops_server
+from callingest.service import EXIT_FAILED, install_stop_handlers, ops_server, settle_heap
 from callingest.settings import Settings
 from services.webhooks.dispatch import Dispatcher
 from services.webhooks.intake import Intake
@@ -48,6 +48,7 @@ async def serve(settings: Settings) -> None:
                 log.error("service failed; exiting with code 1",
                           extra={"service": "webhooks", "reason": str(exc)})
                 raise SystemExit(EXIT_FAILED) from None
+            settle_heap("webhooks")
             infrastructure.set()
             tasks = {asyncio.create_task(intake.run()), asyncio.create_task(dispatcher.run())}
             stop_task = asyncio.create_task(stop_requested.wait())

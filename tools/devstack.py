@@ -333,10 +333,18 @@ def start_mongodb(ports: Ports) -> None:
 # inside they are not root, outside their files stay root's. Otherwise they run as the caller.
 PG_USER = "postgres"
 PG_DATABASE = "postgres"  # FerretDB keeps each MongoDB database as a schema of it
+# FerretDB's pool of PostgreSQL connections. FerretDB 1.24 runs an update (update,
+# findAndModify) as a query whose result keeps one pooled connection open while the write takes
+# a second: as many concurrent updates as the pool holds (its default is 50) each hold one and
+# wait for another, for good (tests/tools/test_store_backend.py). The pool is therefore sized
+# above the concurrent operations the stack's clients can issue; idle connections close after
+# a minute (pgx's default is 30), so a flood's backends do not stay.
+PG_POOL_MAX_CONNS = 500
 # The dev cluster's settings beyond the defaults: loopback TCP only, no Unix socket (no
-# /var/run/postgresql needed), room for FerretDB's pool (50 connections by default).
+# /var/run/postgresql needed), room for FerretDB's pool and a few other sessions (deploy/ferretdb's
+# index upkeep, psql).
 PG_SETTINGS = {"listen_addresses": "127.0.0.1", "unix_socket_directories": "",
-               "max_connections": "120", "shared_buffers": "128MB",
+               "max_connections": str(PG_POOL_MAX_CONNS + 20), "shared_buffers": "128MB",
                # FerretDB filters {_id: v} as `_jsonb -> $1 @> $2`: planned with the key as a
                # constant, that matches the GIN index deploy/ferretdb adds on `_jsonb -> '_id'`.
                "plan_cache_mode": "force_custom_plan",
@@ -355,7 +363,9 @@ def postgresql_bin() -> Path:
 
 
 def postgresql_url(ports: Ports) -> str:
-    return f"postgres://{PG_USER}@127.0.0.1:{ports.postgresql}/{PG_DATABASE}"
+    """FerretDB's connection string for this stack's cluster, with its pool's size."""
+    return (f"postgres://{PG_USER}@127.0.0.1:{ports.postgresql}/{PG_DATABASE}"
+            f"?pool_max_conns={PG_POOL_MAX_CONNS}&pool_max_conn_idle_time=1m")
 
 
 def _as_pg_user(argv: list[str]) -> list[str]:

@@ -1,8 +1,8 @@
 """Start, check and stop the dev/test stack without Docker.
 
 Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
-FerretDB (.tools/bin/ferretdb) on SQLite, or with ``STORE_BACKEND=postgresql`` on a
-PostgreSQL cluster of its own (Debian's server, data in .run/postgresql), versitygw as the S3 store
+FerretDB (.tools/bin/ferretdb) on a PostgreSQL cluster of its own (Debian's server, data in
+.run/postgresql; ``STORE_BACKEND=sqlite``: on SQLite files instead), versitygw as the S3 store
 (.tools/bin/versitygw, posix backend), an aiosmtpd sink, the demo server
 (tools/demo_server.py: sample recordings and a webhook receiver), the six
 services, and Prometheus scraping them (.tools/bin/prometheus; tools/prometheus.py).
@@ -44,9 +44,9 @@ S3_SECRET_KEY = "callingest-dev-secret"  # dev-only credential of the local stor
 DEMO_WEBHOOK_SECRET = "whsec_PIvvg3U/lvFqLDLyXUiQwgSPvwcyPr2p"
 
 SERVERS = ("kafka", "mongodb", "s3", "smtp")
-POSTGRESQL = "postgresql"  # FerretDB's store when STORE_BACKEND=postgresql (started before mongodb)
+POSTGRESQL = "postgresql"  # FerretDB's store unless STORE_BACKEND=sqlite (started before mongodb)
 STORE_BACKENDS = ("sqlite", "postgresql")
-DEFAULT_STORE_BACKEND = "sqlite"
+DEFAULT_STORE_BACKEND = "postgresql"
 SERVICES = stages.SERVICES  # the gateway, every stage of the stage graph, webhooks
 DEMO = "demo"  # tools/demo_server.py: sample recordings and a webhook receiver (make up only)
 PROMETHEUS = "prometheus"  # scrapes every service (tools/prometheus.py; make up only)
@@ -79,11 +79,11 @@ class Ports:
 
 
 def store_backend() -> str:
-    """FerretDB's store in this stack: ``STORE_BACKEND`` (sqlite, the default, or postgresql).
+    """FerretDB's store in this stack: ``STORE_BACKEND`` (postgresql, the default, or sqlite).
 
-    PostgreSQL measured better for submissions under a busy pipeline, but FerretDB 1.24's
-    PostgreSQL backend deadlocked its connection pool once (a CI rehearsal's flood test)
-    (docs/benchmarks.md, "Store backend", "Decision"), so SQLite stays the default."""
+    PostgreSQL because its writers queue for row locks: on SQLite, one writer at a time, a
+    submission's insert waited out SQLite's busy-handler sleeps behind the pipeline's updates
+    (docs/benchmarks.md, "Store backend"). FerretDB's pool there: :data:`PG_POOL_MAX_CONNS`."""
     backend = os.environ.get("STORE_BACKEND", "").strip().lower() or DEFAULT_STORE_BACKEND
     if backend not in STORE_BACKENDS:
         raise SystemExit(f"STORE_BACKEND={backend!r}: expected one of {', '.join(STORE_BACKENDS)}")

@@ -1,5 +1,6 @@
-"""STORE_BACKEND=postgresql: devstack runs a PostgreSQL cluster of its own under FerretDB,
-the platform's store operations work on it, and ``devstack down`` stops both.
+"""FerretDB on PostgreSQL, the default store (``STORE_BACKEND=sqlite`` is the option): devstack
+runs a PostgreSQL cluster of its own under FerretDB, the platform's store operations work on
+it, and ``devstack down`` stops both.
 
 Runs private servers (own run directory and ports, as tests/fault/privatestack.py does) so
 the session's shared store is never touched.
@@ -196,14 +197,14 @@ def test_store_backend_setting_is_checked() -> None:
 
 
 @pytest.mark.parametrize(("setting", "servers"), [
-    (None, ("kafka", "mongodb", "s3", "smtp")),
+    (None, ("kafka", "postgresql", "mongodb", "s3", "smtp")),
     ("postgresql", ("kafka", "postgresql", "mongodb", "s3", "smtp")),
     ("sqlite", ("kafka", "mongodb", "s3", "smtp")),
 ])
-def test_stack_runs_ferretdb_on_sqlite_unless_told_postgresql(setting: str | None,
+def test_stack_runs_ferretdb_on_postgresql_unless_told_sqlite(setting: str | None,
                                                              servers: tuple[str, ...]) -> None:
-    """SQLite is the default store, PostgreSQL the option (docs/benchmarks.md, "Store backend",
-    "Decision": FerretDB 1.24's PostgreSQL backend can deadlock its connection pool)."""
+    """PostgreSQL is the default store (its writers queue for row locks instead of polling
+    SQLite's one write lock: docs/benchmarks.md, "Store backend"); SQLite stays an option."""
     env = {k: v for k, v in os.environ.items() if k != "STORE_BACKEND"}
     if setting is not None:
         env["STORE_BACKEND"] = setting

@@ -1,4 +1,4 @@
-# PostgreSQL from Debian's packages: the store behind FerretDB when STORE_BACKEND=postgresql
+# PostgreSQL from Debian's packages: the store behind FerretDB (the default; not with STORE_BACKEND=sqlite)
 # (tools/devstack.py runs a private cluster under .run/postgresql; docs/deployment.md).
 # Included by the root Makefile; `make setup` runs `$(MAKE) postgresql`.
 

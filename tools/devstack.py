@@ -1,8 +1,8 @@
 """Start, check and stop the dev/test stack without Docker.
 
 Components: Apache Kafka (KRaft, from the Maven jars under .tools/kafka),
-FerretDB (.tools/bin/ferretdb) on SQLite, or with ``STORE_BACKEND=postgresql`` on a
-PostgreSQL cluster of its own (Debian's server, data in .run/postgresql), versitygw as the S3 store
+FerretDB (.tools/bin/ferretdb) on a PostgreSQL cluster of its own (Debian's server, data in
+.run/postgresql; ``STORE_BACKEND=sqlite``: on SQLite files instead), versitygw as the S3 store
 (.tools/bin/versitygw, posix backend), an aiosmtpd sink, the demo server
 (tools/demo_server.py: sample recordings and a webhook receiver), the six
 services, and Prometheus scraping them (.tools/bin/prometheus; tools/prometheus.py).
@@ -44,9 +44,9 @@ S3_SECRET_KEY = "callingest-dev-secret"  # dev-only credential of the local stor
 DEMO_WEBHOOK_SECRET = "whsec_PIvvg3U/lvFqLDLyXUiQwgSPvwcyPr2p"
 
 SERVERS = ("kafka", "mongodb", "s3", "smtp")
-POSTGRESQL = "postgresql"  # FerretDB's store when STORE_BACKEND=postgresql (started before mongodb)
+POSTGRESQL = "postgresql"  # FerretDB's store unless STORE_BACKEND=sqlite (started before mongodb)
 STORE_BACKENDS = ("sqlite", "postgresql")
-DEFAULT_STORE_BACKEND = "sqlite"
+DEFAULT_STORE_BACKEND = "postgresql"
 SERVICES = stages.SERVICES  # the gateway, every stage of the stage graph, webhooks
 DEMO = "demo"  # tools/demo_server.py: sample recordings and a webhook receiver (make up only)
 PROMETHEUS = "prometheus"  # scrapes every service (tools/prometheus.py; make up only)
@@ -79,11 +79,11 @@ class Ports:
 
 
 def store_backend() -> str:
-    """FerretDB's store in this stack: ``STORE_BACKEND`` (sqlite, the default, or postgresql).
+    """FerretDB's store in this stack: ``STORE_BACKEND`` (postgresql, the default, or sqlite).
 
-    PostgreSQL measured better for submissions under a busy pipeline, but FerretDB 1.24's
-    PostgreSQL backend deadlocked its connection pool once (a CI rehearsal's flood test)
-    (docs/benchmarks.md, "Store backend", "Decision"), so SQLite stays the default."""
+    PostgreSQL because its writers queue for row locks: on SQLite, one writer at a time, a
+    submission's insert waited out SQLite's busy-handler sleeps behind the pipeline's updates
+    (docs/benchmarks.md, "Store backend"). FerretDB's pool there: :data:`PG_POOL_MAX_CONNS`."""
     backend = os.environ.get("STORE_BACKEND", "").strip().lower() or DEFAULT_STORE_BACKEND
     if backend not in STORE_BACKENDS:
         raise SystemExit(f"STORE_BACKEND={backend!r}: expected one of {', '.join(STORE_BACKENDS)}")
@@ -333,10 +333,18 @@ def start_mongodb(ports: Ports) -> None:
 # inside they are not root, outside their files stay root's. Otherwise they run as the caller.
 PG_USER = "postgres"
 PG_DATABASE = "postgres"  # FerretDB keeps each MongoDB database as a schema of it
+# FerretDB's pool of PostgreSQL connections. FerretDB 1.24 runs an update (update,
+# findAndModify) as a query whose result keeps one pooled connection open while the write takes
+# a second: as many concurrent updates as the pool holds (its default is 50) each hold one and
+# wait for another, for good (tests/tools/test_store_backend.py). The pool is therefore sized
+# above the concurrent operations the stack's clients can issue; idle connections close after
+# a minute (pgx's default is 30), so a flood's backends do not stay.
+PG_POOL_MAX_CONNS = 500
 # The dev cluster's settings beyond the defaults: loopback TCP only, no Unix socket (no
-# /var/run/postgresql needed), room for FerretDB's pool (50 connections by default).
+# /var/run/postgresql needed), room for FerretDB's pool and a few other sessions (deploy/ferretdb's
+# index upkeep, psql).
 PG_SETTINGS = {"listen_addresses": "127.0.0.1", "unix_socket_directories": "",
-               "max_connections": "120", "shared_buffers": "128MB",
+               "max_connections": str(PG_POOL_MAX_CONNS + 20), "shared_buffers": "128MB",
                # FerretDB filters {_id: v} as `_jsonb -> $1 @> $2`: planned with the key as a
                # constant, that matches the GIN index deploy/ferretdb adds on `_jsonb -> '_id'`.
                "plan_cache_mode": "force_custom_plan",
@@ -355,7 +363,9 @@ def postgresql_bin() -> Path:
 
 
 def postgresql_url(ports: Ports) -> str:
-    return f"postgres://{PG_USER}@127.0.0.1:{ports.postgresql}/{PG_DATABASE}"
+    """FerretDB's connection string for this stack's cluster, with its pool's size."""
+    return (f"postgres://{PG_USER}@127.0.0.1:{ports.postgresql}/{PG_DATABASE}"
+            f"?pool_max_conns={PG_POOL_MAX_CONNS}&pool_max_conn_idle_time=1m")
 
 
 def _as_pg_user(argv: list[str]) -> list[str]:

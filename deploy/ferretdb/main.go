@@ -23,6 +23,7 @@ import (
 
 	"github.com/FerretDB/FerretDB/ferretdb"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	_ "modernc.org/sqlite" // the driver FerretDB's SQLite backend uses
 )
 
@@ -201,7 +202,14 @@ func indexIDContainment(ctx context.Context, logger *slog.Logger, url string) {
 		}
 		var err error
 		if conn == nil {
-			if conn, err = pgx.Connect(ctx, url); err != nil {
+			// url is FerretDB's: pgxpool's parser takes its pool_* settings out of what one
+			// connection sends PostgreSQL (which would refuse them as unknown parameters).
+			var config *pgxpool.Config
+			if config, err = pgxpool.ParseConfig(url); err != nil {
+				logger.Error("bad --postgresql-url", "error", err)
+				return
+			}
+			if conn, err = pgx.ConnectConfig(ctx, config.ConnConfig); err != nil {
 				conn = nil
 				logger.Debug("cannot connect for the _id containment indexes yet", "error", err)
 				continue

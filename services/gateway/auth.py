@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any
 
 from aiohttp import web
+from cachetools import TLRUCache
 from pymongo.asynchronous.database import AsyncDatabase
 
 from services.gateway.domain import Principal
@@ -24,6 +25,7 @@ _TOKEN_HEADER = re.compile(r'Token\s+token="?(?P<token>[^"\s,]+)"?', re.IGNORECA
 _BEARER_HEADER = re.compile(r"Bearer\s+(?P<token>\S+)", re.IGNORECASE)
 NEGATIVE_CACHE_SECONDS = 1.0
 MAX_CACHE_ENTRIES = 10_000
+_UNCACHED: Any = object()
 
 
 def token_hash(token: str) -> str:
@@ -49,24 +51,23 @@ class TokenAuthenticator:
 
     def __init__(self, db: AsyncDatabase[dict[str, Any]], cache_seconds: float) -> None:
         self._tokens = db.api_tokens
-        self._cache_seconds = cache_seconds
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+        def expiry(_digest: str, principal: Principal | None, now: float) -> float:
+            return now + (cache_seconds if principal is not None else NEGATIVE_CACHE_SECONDS)
+
+        # token digest -> principal (None: unknown), least recently used out first when full
+        self._cache: TLRUCache[str, Principal | None] = TLRUCache(
+            maxsize=MAX_CACHE_ENTRIES, ttu=expiry, timer=time.monotonic)
 
     async def authenticate(self, token: str | None) -> Principal:
         """The principal of ``token``; raises :class:`NotAuthorized` if missing or unknown."""
         if not token:
             raise NotAuthorized("Invalid or missing oauth token.")
         digest = token_hash(token)
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            principal = cached[1]
-        else:
+        principal = self._cache.get(digest, _UNCACHED)
+        if principal is _UNCACHED:
             principal = await self._lookup(digest)
-            if len(self._cache) >= MAX_CACHE_ENTRIES:
-                self._cache.clear()
-            ttl = self._cache_seconds if principal is not None else NEGATIVE_CACHE_SECONDS
-            self._cache[digest] = (now + ttl, principal)
+            self._cache[digest] = principal
         if principal is None:
             raise NotAuthorized("Invalid or missing oauth token.")
         return principal

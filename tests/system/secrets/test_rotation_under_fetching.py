@@ -151,15 +151,22 @@ async def test_rotating_keys_while_fetching_with_every_auth_method_fails_nothing
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         output = asyncio.create_task(rotation.communicate())
         try:
-            # Calls stream in while the rotation runs; once it has re-sealed some networks, it is
-            # held (SIGSTOP) and calls of every method go to networks sealed with either key.
+            # Calls stream in while the rotation runs in short bursts (SIGCONT, 20 ms, SIGSTOP:
+            # one burst re-seals a few of the 90 networks at most, so checking between bursts
+            # catches it part-way however fast the store is); once it has re-sealed some
+            # networks it stays held and calls of every method go to networks sealed with
+            # either key.
             i = 6
+            os.kill(rotation.pid, signal.SIGSTOP)
             while not (kids := await _kids_by_network(db)) or "new" not in kids.values():
                 assert rotation.returncode is None, "the rotation finished before it was caught"
                 await submit(i)
                 i += 1
-            os.kill(rotation.pid, signal.SIGSTOP)
+                os.kill(rotation.pid, signal.SIGCONT)
+                await asyncio.sleep(0.02)
+                os.kill(rotation.pid, signal.SIGSTOP)
             kids = await _kids_by_network(db)
+            assert "old" in kids.values(), f"the rotation was not caught part-way: {kids}"
             held = {kid: next(n for n, k in sorted(kids.items()) if k == kid)
                     for kid in ("new", "old")}
             meanwhile = [await submit(m, network=held[kid]) for kid in held for m in range(3)]

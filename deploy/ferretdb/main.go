@@ -168,17 +168,27 @@ func checkpointWAL(ctx context.Context, file string) error {
 	return err
 }
 
-// missingIDContainmentIndexes lists, as CREATE INDEX statements, the GIN indexes on
-// `_jsonb -> '_id'` that FerretDB's collection tables (a `_jsonb` column, in a schema per
-// MongoDB database) lack.
+// missingIDContainmentIndexes lists, as statements, what the GIN indexes on `_jsonb -> '_id'`
+// of FerretDB's collection tables (a `_jsonb` column, in a schema per MongoDB database) lack:
+// a CREATE INDEX for a table without one, an ALTER INDEX for one that still has GIN's pending
+// list on (fastupdate, PostgreSQL's default). With the pending list, new keys wait unsorted
+// until a vacuum merges them, and every `{_id: v}` lookup reads the whole list: under a steady
+// insert flow (4 writers) the lookups grew slower for the minute between two autovacuums (p50
+// 5 -> 13 ms), and the flow ran at 482 pairs/s against 745 with fastupdate off (docs/benchmarks.md,
+// "Store backend").
 const missingIDContainmentIndexes = `
-SELECT format('CREATE INDEX IF NOT EXISTS %I ON %I.%I USING gin ((_jsonb -> ''_id''))',
+SELECT format('CREATE INDEX IF NOT EXISTS %I ON %I.%I USING gin ((_jsonb -> ''_id'')) WITH (fastupdate = off)',
               c.relname || '__id_gin', n.nspname, c.relname)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'public')
   AND n.nspname NOT LIKE 'pg\_%' AND c.relname <> '_ferretdb_database_metadata'
   AND EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = '_jsonb')
-  AND NOT EXISTS (SELECT 1 FROM pg_class i WHERE i.relnamespace = n.oid AND i.relname = c.relname || '__id_gin')`
+  AND NOT EXISTS (SELECT 1 FROM pg_class i WHERE i.relnamespace = n.oid AND i.relname = c.relname || '__id_gin')
+UNION ALL
+SELECT format('ALTER INDEX %I.%I SET (fastupdate = off)', n.nspname, i.relname)
+FROM pg_class i JOIN pg_namespace n ON n.oid = i.relnamespace
+WHERE i.relkind = 'i' AND i.relname LIKE '%\_\_id\_gin'
+  AND NOT coalesce('fastupdate=off' = ANY (i.reloptions), false)`
 
 // indexIDContainment adds, once a second, to every collection table of FerretDB 1.24's
 // PostgreSQL backend a GIN index on `_jsonb -> '_id'`. That backend filters `{_id: v}` with

@@ -47,17 +47,26 @@ def _psql(port: int, sql: str) -> str:
     return done.stdout.strip()
 
 
+def _store_up(env: dict[str, str]) -> str:
+    """FerretDB and the PostgreSQL under it started under ``env``; the servers started, in order."""
+    up = subprocess.run([PYTHON, "-c", "from tools import devstack as d\n"
+                         "print(','.join(d.servers_up(d.Ports(), ['mongodb'])))"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+    return up.stdout.strip()
+
+
+def _store_down(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PYTHON, "-m", "tools.devstack", "down"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 def test_devstack_runs_ferretdb_on_its_own_postgresql(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     pg_port, mongo_port = free_port(), free_port()
     env = _env(run_dir, POSTGRESQL_PORT=pg_port, MONGODB_PORT=mongo_port)
     try:
-        up = subprocess.run(
-            [PYTHON, "-c", "from tools import devstack as d\n"
-             "print(','.join(d.servers_up(d.Ports(), ['mongodb'])))"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
-        assert up.stdout.strip() == "postgresql,mongodb"
+        assert _store_up(env) == "postgresql,mongodb"
         assert (run_dir / "postgresql" / "data" / "PG_VERSION").exists()
 
         database = f"store_{os.getpid()}"
@@ -80,8 +89,7 @@ def test_devstack_runs_ferretdb_on_its_own_postgresql(tmp_path: Path) -> None:
                                 capture_output=True, text=True, timeout=60)
         assert "postgresql  pid=" in status.stdout and f"port={pg_port} listening" in status.stdout
     finally:
-        down = subprocess.run([PYTHON, "-m", "tools.devstack", "down"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=120)
+        down = _store_down(env)
     assert down.returncode == 0, down.stderr
     assert "stopped postgresql" in down.stdout and "stopped mongodb" in down.stdout
     for port in (pg_port, mongo_port):
@@ -97,19 +105,14 @@ def test_many_concurrent_updates_do_not_deadlock_ferretdb_on_postgresql(tmp_path
     fetcher alone has up to 256 calls in flight) each held one and waited for another, and
     FerretDB answered nothing more, not even a ping. devstack sizes the pool above what the
     stack's clients can issue at once (``devstack.PG_POOL_MAX_CONNS``)."""
-    run_dir = tmp_path / "run"
-    pg_port, mongo_port = free_port(), free_port()
-    env = _env(run_dir, POSTGRESQL_PORT=pg_port, MONGODB_PORT=mongo_port)
+    mongo_port = free_port()
+    env = _env(tmp_path / "run", POSTGRESQL_PORT=free_port(), MONGODB_PORT=mongo_port)
     try:
-        up = subprocess.run([PYTHON, "-c", "from tools import devstack as d\n"
-                             "d.servers_up(d.Ports(), ['mongodb'])"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+        _store_up(env)
         rounds = asyncio.run(_concurrent_updates(f"mongodb://127.0.0.1:{mongo_port}/", 300))
         assert rounds == [300, 300, 300]
     finally:
-        subprocess.run([PYTHON, "-m", "tools.devstack", "down"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+        _store_down(env)
 
 
 async def _concurrent_updates(uri: str, count: int) -> list[int]:

@@ -362,6 +362,15 @@ def postgresql_bin() -> Path:
     return found[-1].parent
 
 
+def psql(port: int, sql: str, timeout: float = 30.0) -> str:
+    """``sql`` run by psql on the cluster at ``port`` (tests, benchmarks); its unaligned output.
+    Raises :class:`subprocess.CalledProcessError` (with psql's stderr) if psql fails."""
+    done = subprocess.run([str(postgresql_bin() / "psql"), "-h", "127.0.0.1", "-p", str(port),
+                           "-U", PG_USER, "-d", PG_DATABASE, "-XAtc", sql],
+                          capture_output=True, text=True, timeout=timeout, check=True)
+    return done.stdout.strip()
+
+
 def postgresql_url(ports: Ports) -> str:
     """FerretDB's connection string for this stack's cluster, with its pool's size."""
     return (f"postgres://{PG_USER}@127.0.0.1:{ports.postgresql}/{PG_DATABASE}"

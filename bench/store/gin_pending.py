@@ -12,7 +12,6 @@ dropped at the end. All traffic is loopback. See docs/benchmarks.md, "Store back
 """
 
 import asyncio
-import subprocess
 import sys
 import time
 import uuid
@@ -24,13 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tools import devstack
 
 URI, PGPORT, SECONDS = sys.argv[1], sys.argv[2], float(sys.argv[3])
-PSQL = str(devstack.postgresql_bin() / "psql")
 WINDOW = 5
 
 
 def psql(sql: str) -> str:
-    return subprocess.run([PSQL, "-h", "127.0.0.1", "-p", PGPORT, "-U", devstack.PG_USER, "-XAtc", sql],
-                          capture_output=True, text=True, timeout=10).stdout.strip()
+    return devstack.psql(int(PGPORT), sql, timeout=10)
 
 
 def quantile(values: list[float], q: float) -> float:

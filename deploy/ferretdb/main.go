@@ -168,7 +168,7 @@ func checkpointWAL(ctx context.Context, file string) error {
 	return err
 }
 
-// missingIDContainmentIndexes lists, as statements, what the GIN indexes on `_jsonb -> '_id'`
+// idContainmentIndexRepairs lists, as statements, what the GIN indexes on `_jsonb -> '_id'`
 // of FerretDB's collection tables (a `_jsonb` column, in a schema per MongoDB database) lack:
 // a CREATE INDEX for a table without one, an ALTER INDEX for one that still has GIN's pending
 // list on (fastupdate, PostgreSQL's default). With the pending list, new keys wait unsorted
@@ -176,7 +176,7 @@ func checkpointWAL(ctx context.Context, file string) error {
 // insert flow (4 writers) the lookups grew slower for the minute between two autovacuums (p50
 // 5 -> 13 ms), and the flow ran at 482 pairs/s against 745 with fastupdate off (docs/benchmarks.md,
 // "Store backend").
-const missingIDContainmentIndexes = `
+const idContainmentIndexRepairs = `
 SELECT format('CREATE INDEX IF NOT EXISTS %I ON %I.%I USING gin ((_jsonb -> ''_id'')) WITH (fastupdate = off)',
               c.relname || '__id_gin', n.nspname, c.relname)
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -235,7 +235,7 @@ func indexIDContainment(ctx context.Context, logger *slog.Logger, url string) {
 }
 
 func addIDContainmentIndexes(ctx context.Context, conn *pgx.Conn) error {
-	rows, err := conn.Query(ctx, missingIDContainmentIndexes)
+	rows, err := conn.Query(ctx, idContainmentIndexRepairs)
 	if err != nil {
 		return err
 	}

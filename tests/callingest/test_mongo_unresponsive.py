@@ -19,7 +19,6 @@ import contextlib
 import math
 import os
 import signal
-import subprocess
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,42 +29,27 @@ from pymongo.errors import NetworkTimeout, PyMongoError
 
 from callingest import mongo
 from callingest.settings import Settings
-from tests.conftest import ROOT, free_port, make_settings
-from tests.system.fault.privatestack import private_env
+from tests.conftest import make_settings
+from tests.system.fault.privatestack import PrivateStore
 from tools import devstack
 
 pytestmark = [pytest.mark.mongo]
 
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
 GUARD_SECONDS = 60.0
 """Longer than any bounded failure here (3 s reply timeout; heartbeat 10 s + 5 s): still
 waiting then means the operation hangs."""
 
 
-class FrozenStore:
+class FrozenStore(PrivateStore):
     """FerretDB on PostgreSQL under ``run_dir``, whose processes a test can SIGSTOP and SIGCONT."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.env = private_env(run_dir, STORE_BACKEND="postgresql", POSTGRESQL_PORT=free_port(),
-                               MONGODB_PORT=free_port())
+        super().__init__(run_dir)
         self.stopped: set[int] = set()
 
-    @property
-    def uri(self) -> str:
-        return f"mongodb://127.0.0.1:{self.env['MONGODB_PORT']}/"
-
-    def _devstack(self, *args: str) -> None:
-        done = subprocess.run([PYTHON, *args], cwd=ROOT, env=self.env, capture_output=True,
-                              text=True, timeout=120)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-
-    def up(self) -> None:
-        self._devstack("-c", "from tools import devstack as d; d.servers_up(d.Ports(), ['mongodb'])")
-
-    def down(self) -> None:
+    def down(self) -> str:
         self.resume()
-        self._devstack("-m", "tools.devstack", "down")
+        return super().down()
 
     def pids(self, component: str) -> list[int]:
         """The component's process and its children (PostgreSQL: the postmaster and backends)."""

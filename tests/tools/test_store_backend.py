@@ -25,8 +25,8 @@ from callingest.replay import restart_failed_call
 from services.gateway.claims import Claims
 from services.gateway.domain import Principal
 from services.gateway.listing import CallQuery, list_calls
-from tests.conftest import ROOT, free_port
-from tests.system.fault.privatestack import private_env
+from tests.conftest import ROOT
+from tests.system.fault.privatestack import PrivateStore
 from tests.system.lifecycle.test_lifecycle import _processes_mentioning
 from tools import devstack
 
@@ -35,45 +35,18 @@ pytestmark = [pytest.mark.mongo]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 
 
-def _env(run_dir: Path, **ports: int) -> dict[str, str]:
-    return private_env(run_dir, STORE_BACKEND="postgresql", **ports)
-
-
-def _psql(port: int, sql: str) -> str:
-    done = subprocess.run([str(devstack.postgresql_bin() / "psql"), "-h", "127.0.0.1", "-p", str(port),
-                           "-U", devstack.PG_USER, "-d", devstack.PG_DATABASE, "-XAtc", sql],
-                          capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
-def _store_up(env: dict[str, str]) -> str:
-    """FerretDB and the PostgreSQL under it started under ``env``; the servers started, in order."""
-    up = subprocess.run([PYTHON, "-c", "from tools import devstack as d\n"
-                         "print(','.join(d.servers_up(d.Ports(), ['mongodb'])))"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
-    return up.stdout.strip()
-
-
-def _store_down(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "tools.devstack", "down"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
 def test_devstack_runs_ferretdb_on_its_own_postgresql(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    pg_port, mongo_port = free_port(), free_port()
-    env = _env(run_dir, POSTGRESQL_PORT=pg_port, MONGODB_PORT=mongo_port)
+    store = PrivateStore(run_dir)
     try:
-        assert _store_up(env) == "postgresql,mongodb"
+        assert store.up() == "postgresql,mongodb"
         assert (run_dir / "postgresql" / "data" / "PG_VERSION").exists()
 
         database = f"store_{os.getpid()}"
-        asyncio.run(_app_operations(f"mongodb://127.0.0.1:{mongo_port}/", database))
+        asyncio.run(_app_operations(store.uri, database))
 
         # What FerretDB stored is in the cluster: the database as a schema, the calls in a table.
-        assert _psql(pg_port, f"SELECT count(*) FROM information_schema.tables "
+        assert store.psql(f"SELECT count(*) FROM information_schema.tables "
                               f"WHERE table_schema = '{database}' AND table_name LIKE 'calls_%'") == "1"
         # deploy/ferretdb's upkeep gives each collection a GIN index on `_jsonb -> '_id'`, the
         # only kind of index FerretDB's `{_id: v}` filter (`_jsonb -> $1 @> $2`) can use, without
@@ -82,17 +55,17 @@ def test_devstack_runs_ferretdb_on_its_own_postgresql(tmp_path: Path) -> None:
                "AND indexname LIKE 'calls\\_%\\_\\_id\\_gin' AND indexdef LIKE '%USING gin%' "
                "AND indexdef LIKE '%WITH (fastupdate=off)%'")
         deadline = time.monotonic() + 30
-        while _psql(pg_port, gin) != "1" and time.monotonic() < deadline:
+        while store.psql(gin) != "1" and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert _psql(pg_port, gin) == "1"
-        status = subprocess.run([PYTHON, "-m", "tools.devstack", "status"], cwd=ROOT, env=env,
+        assert store.psql(gin) == "1"
+        status = subprocess.run([PYTHON, "-m", "tools.devstack", "status"], cwd=ROOT, env=store.env,
                                 capture_output=True, text=True, timeout=60)
-        assert "postgresql  pid=" in status.stdout and f"port={pg_port} listening" in status.stdout
+        assert ("postgresql  pid=" in status.stdout
+                and f"port={store.postgresql_port} listening" in status.stdout)
     finally:
-        down = _store_down(env)
-    assert down.returncode == 0, down.stderr
-    assert "stopped postgresql" in down.stdout and "stopped mongodb" in down.stdout
-    for port in (pg_port, mongo_port):
+        down = store.down()
+    assert "stopped postgresql" in down and "stopped mongodb" in down
+    for port in (store.postgresql_port, store.mongodb_port):
         assert not devstack.port_open(port)
     assert _processes_mentioning(str(run_dir)) == []
     # a clean (fast) shutdown, not a kill: the next start needs no crash recovery
@@ -105,14 +78,13 @@ def test_many_concurrent_updates_do_not_deadlock_ferretdb_on_postgresql(tmp_path
     fetcher alone has up to 256 calls in flight) each held one and waited for another, and
     FerretDB answered nothing more, not even a ping. devstack sizes the pool above what the
     stack's clients can issue at once (``devstack.PG_POOL_MAX_CONNS``)."""
-    mongo_port = free_port()
-    env = _env(tmp_path / "run", POSTGRESQL_PORT=free_port(), MONGODB_PORT=mongo_port)
+    store = PrivateStore(tmp_path / "run")
     try:
-        _store_up(env)
-        rounds = asyncio.run(_concurrent_updates(f"mongodb://127.0.0.1:{mongo_port}/", 300))
+        store.up()
+        rounds = asyncio.run(_concurrent_updates(store.uri, 300))
         assert rounds == [300, 300, 300]
     finally:
-        _store_down(env)
+        store.down()
 
 
 async def _concurrent_updates(uri: str, count: int) -> list[int]:

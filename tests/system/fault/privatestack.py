@@ -99,3 +99,40 @@ class PrivateServers:
                 self.stop(component)
             except (RuntimeError, AssertionError, subprocess.TimeoutExpired):
                 self._devstack(f"d.kill9({component!r})")
+
+
+@dataclass
+class PrivateStore:
+    """The store alone (FerretDB on a PostgreSQL cluster of its own) on free ports under
+    ``run_dir``: tests of the store's behaviour that must not touch the session's."""
+
+    run_dir: Path
+    postgresql_port: int = field(default_factory=free_port)
+    mongodb_port: int = field(default_factory=free_port)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return private_env(self.run_dir, STORE_BACKEND="postgresql",
+                           POSTGRESQL_PORT=self.postgresql_port, MONGODB_PORT=self.mongodb_port)
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.mongodb_port}/"
+
+    def up(self) -> str:
+        """Start PostgreSQL and FerretDB; the servers started, in order, comma-separated."""
+        return self._python("-c", "from tools import devstack as d\n"
+                                  "print(','.join(d.servers_up(d.Ports(), ['mongodb'])))").stdout.strip()
+
+    def down(self) -> str:
+        """``devstack down`` under this run directory; its output."""
+        return self._python("-m", "tools.devstack", "down").stdout
+
+    def psql(self, sql: str) -> str:
+        return devstack.psql(self.postgresql_port, sql)
+
+    def _python(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([str(ROOT / ".venv/bin/python"), *args], cwd=ROOT, env=self.env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return done

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -312,6 +313,8 @@ def main() -> int:
     parser.add_argument("--tracing", type=int, default=0, metavar="ROUNDS",
                         help="measure tracing off/on (ROUNDS alternations) instead of metrics on/off")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed: it comes from Debian's packages (apt-get install wrk)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / f"gateway-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.log"
     # The bare handler runs first and last: the machine is shared, its load drifts.

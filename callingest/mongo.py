@@ -60,6 +60,8 @@ INDEXES: tuple[tuple[str, list[tuple[str, int]], str, bool], ...] = (
     ("calls", [("status", ASCENDING)], "status", False),
     # The gateway's republisher reads the calls created since its last scan.
     ("calls", [("created_at", ASCENDING)], "created_at", False),
+    # ... and the receipts written since then (without it, every scan read every receipt).
+    ("published_calls", [("at", ASCENDING)], "at", False),
     # GET calls.json (services/gateway/listing.py): newest first within a network, by
     # received time then _id; one index per kind of filter (docs/architecture.md).
     ("calls", [("network_id", ASCENDING), *_LIST_ORDER], "list_network", False),

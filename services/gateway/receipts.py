@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from callingest.logging import get_logger
 from services.gateway.writer import CallWriter, WriterStopped
@@ -33,6 +33,11 @@ RECENT_MAX = 50_000  # cuids whose event this process saw acknowledged
 # creation (clock differences between gateway hosts); receipts are read with the same margin.
 SCAN_MARGIN = timedelta(seconds=10)
 EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+# How far back every call is known published: ``{_id: "unpublished_calls", until}`` in
+# ``scan_marks``, advanced by the republishers' scans (:func:`advance_scan_mark`), read by a
+# starting gateway so that its first scan does not read every call ever stored.
+SCAN_MARKS = "scan_marks"
+_MARK_ID = "unpublished_calls"
 
 
 def aware(value: Any) -> datetime:
@@ -68,6 +73,24 @@ async def unpublished_cuids(
             continue
         pending.append(doc)
     return pending
+
+
+async def scan_mark(db: AsyncDatabase[Document]) -> datetime | None:
+    """The time before which every stored call is published (None: no scan has finished yet,
+    so nothing is known and a scan reads every call)."""
+    mark = await db[SCAN_MARKS].find_one({"_id": _MARK_ID})
+    return None if mark is None else aware(mark.get("until"))
+
+
+async def advance_scan_mark(db: AsyncDatabase[Document], until: datetime) -> None:
+    """Record that every call created before ``until`` is published. The mark only moves
+    forward (``$max``): gateways scan concurrently, and each one's ``until`` holds on its own."""
+    for _ in range(2):  # two first upserts at once: one inserts, the other's $max runs again
+        try:
+            await db[SCAN_MARKS].update_one({"_id": _MARK_ID}, {"$max": {"until": until}}, upsert=True)
+            return
+        except DuplicateKeyError:
+            continue
 
 
 class Receipts:

@@ -21,7 +21,13 @@ from callingest.logging import get_logger
 from callingest.replay import republish_unpublished_restarts
 from services.gateway.claims import CLAIM_SECONDS
 from services.gateway.publisher import CallPublisher, KafkaUnavailable
-from services.gateway.receipts import SCAN_MARGIN, aware, unpublished_cuids
+from services.gateway.receipts import (
+    SCAN_MARGIN,
+    advance_scan_mark,
+    aware,
+    scan_mark,
+    unpublished_cuids,
+)
 
 log = get_logger(__name__)
 
@@ -36,19 +42,25 @@ class Republisher:
     def __init__(self, db: AsyncDatabase[Document], publisher: CallPublisher) -> None:
         self._db = db
         self._publisher = publisher
-        self._scan_from: datetime | None = None  # None: the next scan reads everything
+        self._scan_from: datetime | None = None  # None: read the stored mark first
+        self._marked = False
 
     async def republish_pending(self, older_than_seconds: float, limit: int = 1000) -> int:
         """Publish calls left unpublished for ``older_than_seconds``; returns how many.
 
-        The first scan of a process reads ``calls`` and the receipts whole (the calls of a
-        gateway that stopped before us); later ones only what was created since the oldest
-        call the previous scan left unpublished, or since its cut-off (see
-        :func:`~services.gateway.receipts.unpublished_cuids`). Sets the unpublished-calls
-        gauge to what is left.
+        A scan reads what was created since the oldest call the previous scan left
+        unpublished, or since its cut-off (see
+        :func:`~services.gateway.receipts.unpublished_cuids`), and stores that point as the
+        scan mark, shared by every gateway. The first scan of a process starts at the stored
+        mark (the calls of a gateway that stopped before us are after it), or, on a database
+        no scan has finished on, reads ``calls`` and the receipts whole. Sets the
+        unpublished-calls gauge to what is left.
         """
         publisher, receipts = self._publisher, self._publisher.receipts
         await publisher.kafka()  # no claims are taken while Kafka is known to be down
+        if not self._marked:
+            self._scan_from = await scan_mark(self._db)
+            self._marked = True
         cutoff = datetime.now(UTC) - timedelta(seconds=older_than_seconds)
         candidates = await unpublished_cuids(self._db, older_than=cutoff, created_since=self._scan_from)
         candidates = [c for c in candidates if not receipts.seen(c["_id"])]
@@ -66,6 +78,7 @@ class Republisher:
         # The next scan starts at the oldest call still unpublished (claimed by another
         # publisher, over the limit), or at this cut-off (less a margin for slow inserts).
         self._scan_from = min([cutoff - SCAN_MARGIN, *(aware(c.get("created_at")) for c in left)])
+        await advance_scan_mark(self._db, self._scan_from)
         metrics.UNPUBLISHED_CALLS.set(len(left))
         return len(done)
 
@@ -94,7 +107,7 @@ class Republisher:
                   scans: bool = True) -> None:
         """Forever (never raises): every ``interval_seconds`` :meth:`retry_failed`;
         ``older_than_seconds`` after start and then every :data:`FULL_SCAN_SECONDS`
-        :meth:`republish_pending` (the whole collection once, then what was created since)
+        :meth:`republish_pending` (from the stored scan mark, then what was created since)
         and the restarts of failed calls whose event was never published (callingest/replay.py).
         ``scans=False``: only the retries (another worker scans).
         """

@@ -15,7 +15,7 @@ from callingest import avro, events
 from callingest.settings import Settings
 from services.gateway import keys
 from services.gateway import publisher as publisher_module
-from services.gateway.receipts import unpublished_cuids
+from services.gateway.receipts import SCAN_MARKS, advance_scan_mark, scan_mark, unpublished_cuids
 from tests.conftest import free_port
 from tests.services.gateway.conftest import EventReader, poll, start_client
 from tests.services.gateway.test_gateway_api import call_body, get_call, post
@@ -105,6 +105,53 @@ async def test_republisher_publishes_unpublished_calls_once(
         await second.close()
     published = await read_events(expected=3, settle=3.0)
     assert sorted(e["cuid"] for e in published) == sorted(s["_id"] for s in stored)
+
+
+@pytest.mark.slow
+async def test_a_starting_republisher_scans_from_the_stored_mark_not_the_whole_history(
+    settings: Settings, configured_db: Any, topics: Any, read_events: EventReader
+) -> None:
+    """Every scan stores how far back all calls are known published (``scan_marks``); a gateway
+    that starts scans from there, not every call and receipt ever stored (a production database
+    holds millions). On a database without a mark it reads everything, as before."""
+    now = datetime.now(UTC).replace(microsecond=0)  # the store keeps milliseconds
+    history, recent = [await submit_while_kafka_is_down(settings, configured_db, call_body(f"mark-{name}"))
+                       for name in ("history", "recent")]
+    # A call left unpublished before the mark: only a whole-history scan would find it.
+    await configured_db.calls.update_one({"_id": history["_id"]},
+                                         {"$set": {"created_at": now - timedelta(hours=2)}})
+    await configured_db.calls.update_one({"_id": recent["_id"]},
+                                         {"$set": {"created_at": now - timedelta(seconds=60)}})
+    await advance_scan_mark(configured_db, now - timedelta(hours=1))
+    await advance_scan_mark(configured_db, now - timedelta(hours=3))  # the mark only moves forward
+    assert await scan_mark(configured_db) == now - timedelta(hours=1)
+
+    async def recent_published() -> bool:
+        return await configured_db.published_calls.find_one({"_id": recent["_id"]}) is not None
+
+    starting = await start_client(settings.model_copy(update={"republish_after_seconds": 1.0}))
+    try:
+        await poll(recent_published)
+        mark = await poll(lambda: marked_after(configured_db, now - timedelta(minutes=2)))
+    finally:
+        await starting.close()
+    assert mark <= datetime.now(UTC)
+    assert [c["_id"] for c in await unpublished_cuids(configured_db)] == [history["_id"]]
+    assert [e["cuid"] for e in await read_events(expected=1, settle=3.0)] == [recent["_id"]]
+
+    # Without a mark (a new database), the first scan reads everything and finds the old call.
+    await configured_db[SCAN_MARKS].delete_many({})
+    fresh = await start_client(settings.model_copy(update={"republish_after_seconds": 1.0}))
+    try:
+        await wait_all_published(configured_db)
+    finally:
+        await fresh.close()
+
+
+async def marked_after(db: Any, earliest: datetime) -> datetime | None:
+    """The stored scan mark once it is later than ``earliest`` (else None)."""
+    mark = await scan_mark(db)
+    return mark if mark is not None and mark > earliest else None
 
 
 async def crash_after_kafka_ack(settings: Settings, db: Any, body: dict[str, Any]) -> str:

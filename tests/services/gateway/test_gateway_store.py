@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pymongo.errors import OperationFailure
 
+from callingest import mongo
 from services.gateway import keys, writer
 from services.gateway.receipts import unpublished_cuids
 from tests.services.gateway.conftest import EventReader, poll
@@ -143,6 +144,9 @@ async def test_scan_since_reads_only_calls_created_since(db: Any) -> None:
     assert sorted(c["_id"] for c in everything) == ["old", "recent"]
     window = await unpublished_cuids(db, older_than=cutoff, created_since=now - timedelta(minutes=10))
     assert [c["_id"] for c in window] == ["recent"]
+    # On MongoDB the window is an index range in both collections, not a scan of the history.
+    indexed = {(collection, keys[0][0]) for collection, keys, _, _ in mongo.INDEXES}
+    assert {("calls", "created_at"), ("published_calls", "at")} <= indexed
 
 
 @pytest.mark.mongo

@@ -62,6 +62,10 @@ INDEXES: tuple[tuple[str, list[tuple[str, int]], str, bool], ...] = (
     ("calls", [("created_at", ASCENDING)], "created_at", False),
     # ... and the receipts written since then (without it, every scan read every receipt).
     ("published_calls", [("at", ASCENDING)], "at", False),
+    # ... and the restarts whose event is not out yet (callingest/replay.py), every minute.
+    ("call_restarts", [("published", ASCENDING), ("at", ASCENDING)], "published_at", False),
+    # A call's publication claims, deleted together once its receipt is written.
+    ("publish_claims", [("cuid", ASCENDING)], "cuid", False),
     # GET calls.json (services/gateway/listing.py): newest first within a network, by
     # received time then _id; one index per kind of filter (docs/architecture.md).
     ("calls", [("network_id", ASCENDING), *_LIST_ORDER], "list_network", False),

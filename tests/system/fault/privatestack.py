@@ -1,4 +1,5 @@
-"""A private set of servers (Kafka, FerretDB, versitygw, the SMTP sink) for fault tests.
+"""A private set of servers (Kafka, FerretDB and its PostgreSQL, versitygw, the SMTP sink)
+for fault tests.
 
 Fault tests stop and kill servers. Other developers run tests on the same
 machine against the shared servers on the default ports, so a fault test
@@ -21,10 +22,10 @@ from pathlib import Path
 from tests.conftest import ROOT, free_port
 from tools import devstack
 
-SERVERS = ("kafka", "mongodb", "s3", "smtp")
+SERVERS = devstack.servers()  # in start order: PostgreSQL, if FerretDB runs on it, before FerretDB
 _PORT_VARS = {"kafka": "KAFKA_PORT", "kafka_controller": "KAFKA_CONTROLLER_PORT",
               "mongodb": "MONGODB_PORT", "s3": "S3_PORT", "smtp": "SMTP_PORT",
-              "gateway": "GATEWAY_PORT"}
+              "gateway": "GATEWAY_PORT", "postgresql": "POSTGRESQL_PORT"}
 
 
 def private_env(run_dir: Path, **variables: str | int) -> dict[str, str]:
@@ -44,7 +45,7 @@ class PrivateServers:
     run_dir: Path
     ports: devstack.Ports = field(default_factory=lambda: devstack.Ports(
         kafka=free_port(), kafka_controller=free_port(), mongodb=free_port(), s3=free_port(),
-        smtp=free_port(), gateway=free_port()))
+        smtp=free_port(), gateway=free_port(), postgresql=free_port()))
 
     @property
     def env(self) -> dict[str, str]:

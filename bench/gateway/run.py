@@ -212,9 +212,22 @@ def new_settings() -> Settings:
     return settings
 
 
-def start_gateway(env: dict[str, str], metrics_on: bool, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_sink(log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """The loopback OTLP/HTTP sink spans are exported to (``otlp_sink.py``), and its port."""
     port = free_port()
-    cmd = [PYTHON, str(HERE / "serve_gateway.py")] + ([] if metrics_on else ["--no-metrics"])
+    return start([PYTHON, str(HERE / "otlp_sink.py"), str(port)], {}, log.with_suffix(".otlp.log")), port
+
+
+def require_wrk(parser: argparse.ArgumentParser) -> None:
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not installed: it comes from Debian's packages (apt-get install wrk)")
+
+
+def start_gateway(env: dict[str, str], metrics_on: bool, log: Path,
+                  scans: bool = True) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cmd = ([PYTHON, str(HERE / "serve_gateway.py")] + ([] if metrics_on else ["--no-metrics"])
+           + ([] if scans else ["--no-scans"]))
     gateway = start(cmd, {**env, "HTTP_PORT": str(port)}, log.with_suffix(".gateway.log"))
     try:
         wait_ready(f"http://127.0.0.1:{port}/readyz")
@@ -244,8 +257,7 @@ def measure_tracing(workers: int, duration: int, rounds: int, log: Path) -> list
     """Tracing off and on side by side (see the module's docstring): one result per target
     and round, in the order measured, each with ``round`` and ``tracing``; the last result of
     each target carries ``published`` (its calls in the database)."""
-    sink_port = free_port()
-    sink = start([PYTHON, str(HERE / "otlp_sink.py"), str(sink_port)], {}, log.with_suffix(".otlp.log"))
+    sink, sink_port = start_sink(log)
     targets: dict[str, tuple[Settings, subprocess.Popen[bytes], int]] = {}
     results: list[dict[str, Any]] = []
     try:
@@ -313,8 +325,7 @@ def main() -> int:
     parser.add_argument("--tracing", type=int, default=0, metavar="ROUNDS",
                         help="measure tracing off/on (ROUNDS alternations) instead of metrics on/off")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        parser.error("wrk is not installed: it comes from Debian's packages (apt-get install wrk)")
+    require_wrk(parser)
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / f"gateway-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.log"
     # The bare handler runs first and last: the machine is shared, its load drifts.

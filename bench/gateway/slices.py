@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,12 +31,25 @@ VACUUMS = ("SELECT coalesce(string_agg(relid::regclass || ' ' || phase, ', '), '
 
 
 def vacuums() -> str:
-    if os.environ.get("STORE_BACKEND", devstack.DEFAULT_STORE_BACKEND) != "postgresql":
+    if devstack.store_backend() != "postgresql":
         return "n/a"
     try:
         return devstack.psql(devstack.Ports().postgresql, VACUUMS, timeout=5)
     except (subprocess.SubprocessError, OSError) as exc:
         return f"({type(exc).__name__})"
+
+
+def measure(pid: int, port: int, args: argparse.Namespace, log: Path) -> None:
+    """wrk in ``args.slices`` slices of ``args.seconds``; a table row per slice."""
+    started = time.monotonic()
+    print("| s | req/s | p50 ms | p99 ms | CPU µs per request | vacuums |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for _ in range(args.slices):
+        cpu = run.cpu_seconds(pid)
+        result = run.wrk(port, args.connections, args.seconds, uuid.uuid4().hex[:8], log)
+        cpu_us = (run.cpu_seconds(pid) - cpu) / max(result["requests"], 1) * 1e6
+        print(f"| {time.monotonic() - started:.0f} | {result['rps']:.0f} | {result['p50_us'] / 1000:.1f} "
+              f"| {result['p99_us'] / 1000:.1f} | {cpu_us:.0f} | {vacuums()} |", flush=True)
 
 
 def main() -> int:
@@ -49,31 +60,20 @@ def main() -> int:
     parser.add_argument("--tracing", choices=("off", "on", "default"), default="off")
     parser.add_argument("--no-scans", action="store_true")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        parser.error("wrk is not installed: it comes from Debian's packages (apt-get install wrk)")
+    run.require_wrk(parser)
     run.RESULTS.mkdir(parents=True, exist_ok=True)
     log = run.RESULTS / f"slices-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}.log"
-    sink_port = run.free_port()
-    sink = run.start([run.PYTHON, str(run.HERE / "otlp_sink.py"), str(sink_port)], {},
-                     log.with_suffix(".otlp.log"))
+    sink, sink_port = run.start_sink(log)
     settings = run.new_settings()
     tracing = None if args.tracing == "default" else args.tracing
-    env = {**run.gateway_env(settings, 1, tracing, sink_port), "HTTP_PORT": str(run.free_port())}
-    command = [run.PYTHON, str(run.HERE / "serve_gateway.py")] + (["--no-scans"] if args.no_scans else [])
-    gateway = run.start(command, env, log.with_suffix(".gateway.log"))
     try:
-        run.wait_ready(f"http://127.0.0.1:{env['HTTP_PORT']}/readyz")
-        started = time.monotonic()
-        print("| s | req/s | p50 ms | p99 ms | CPU µs per request | vacuums |")
-        print("|---:|---:|---:|---:|---:|---|")
-        for _ in range(args.slices):
-            cpu = run.cpu_seconds(gateway.pid)
-            result = run.wrk(int(env["HTTP_PORT"]), args.connections, args.seconds, uuid.uuid4().hex[:8], log)
-            cpu_us = (run.cpu_seconds(gateway.pid) - cpu) / max(result["requests"], 1) * 1e6
-            print(f"| {time.monotonic() - started:.0f} | {result['rps']:.0f} | {result['p50_us'] / 1000:.1f} "
-                  f"| {result['p99_us'] / 1000:.1f} | {cpu_us:.0f} | {vacuums()} |", flush=True)
+        gateway, port = run.start_gateway(run.gateway_env(settings, 1, tracing, sink_port), True, log,
+                                          scans=not args.no_scans)
+        try:
+            measure(gateway.pid, port, args, log)
+        finally:
+            run.stop(gateway)
     finally:
-        run.stop(gateway)
         run.stop(sink)
         asyncio.run(run.cleanup(settings))
     print(f"raw output: {log}")

@@ -23,13 +23,14 @@ from services.gateway.app import init_app
 log = get_logger(__name__)
 
 
-async def serve(settings: Settings, *, with_metrics: bool = True) -> None:
-    """Serve the gateway until SIGTERM/SIGINT; with several workers, supervise them."""
+async def serve(settings: Settings, *, with_metrics: bool = True, scans_unpublished: bool = True) -> None:
+    """Serve the gateway until SIGTERM/SIGINT; with several workers, supervise them.
+    ``scans_unpublished=False`` (benchmarks only): no process scans for unpublished calls."""
     configure("gateway", settings.log_level)
     if settings.gateway_workers > 1:
-        await _supervise(settings, with_metrics)
+        await _supervise(settings, with_metrics, scans_unpublished)
     else:
-        await serve_one(settings, with_metrics=with_metrics)
+        await serve_one(settings, with_metrics=with_metrics, scans_unpublished=scans_unpublished)
 
 
 async def serve_one(settings: Settings, *, with_metrics: bool = True, reuse_port: bool = False,
@@ -58,13 +59,14 @@ def _worker(settings: Settings, with_metrics: bool, scans_unpublished: bool) -> 
                           scans_unpublished=scans_unpublished))
 
 
-async def _supervise(settings: Settings, with_metrics: bool) -> None:
+async def _supervise(settings: Settings, with_metrics: bool, scans_unpublished: bool) -> None:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="callingest-gateway-metrics-")
     context = multiprocessing.get_context("spawn")
     workers = [
         # One worker scans for calls other gateways left unpublished; every worker retries its own.
-        context.Process(target=_worker, args=(settings, with_metrics, i == 0), name=f"gateway-{i}")
+        context.Process(target=_worker, args=(settings, with_metrics, scans_unpublished and i == 0),
+                        name=f"gateway-{i}")
         for i in range(settings.gateway_workers)
     ]
     for worker in workers:

@@ -85,12 +85,11 @@ async def scan_mark(db: AsyncDatabase[Document]) -> datetime | None:
 async def advance_scan_mark(db: AsyncDatabase[Document], until: datetime) -> None:
     """Record that every call created before ``until`` is published. The mark only moves
     forward (``$max``): gateways scan concurrently, and each one's ``until`` holds on its own."""
-    for _ in range(2):  # two first upserts at once: one inserts, the other's $max runs again
-        try:
-            await db[SCAN_MARKS].update_one({"_id": _MARK_ID}, {"$max": {"until": until}}, upsert=True)
-            return
-        except DuplicateKeyError:
-            continue
+    mark, advance = {"_id": _MARK_ID}, {"$max": {"until": until}}
+    try:
+        await db[SCAN_MARKS].update_one(mark, advance, upsert=True)
+    except DuplicateKeyError:  # another gateway's first upsert won the insert: the mark exists now
+        await db[SCAN_MARKS].update_one(mark, advance)
 
 
 class Receipts:

@@ -38,6 +38,16 @@ def private_env(run_dir: Path, **variables: str | int) -> dict[str, str]:
     return env
 
 
+def run_python(env: dict[str, str], *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """The project's Python with ``args``, in the repository, under ``env``; raises
+    :class:`RuntimeError` with its output if it fails."""
+    done = subprocess.run([str(ROOT / ".venv/bin/python"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)[:200]!r} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
+    return done
+
+
 @dataclass
 class PrivateServers:
     """Servers of one fault test module, on their own ports under ``run_dir``."""
@@ -60,11 +70,7 @@ class PrivateServers:
     def _devstack(self, code: str, timeout: float = 120.0) -> None:
         script = ("import sys\nfrom tools import devstack as d\n"
                   f"assert str(d.RUN) == {str(self.run_dir)!r}\np = d.Ports()\n{code}\n")
-        done = subprocess.run([str(ROOT / ".venv/bin/python"), "-c", script], cwd=ROOT,
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
-        if done.returncode != 0:
-            raise RuntimeError(f"devstack {code!r} failed:\n{done.stdout[-2000:]}"
-                               f"{done.stderr[-3000:]}")
+        run_python(self.env, "-c", script, timeout=timeout)
 
     def start(self, component: str) -> float:
         """Start ``component`` (a no-op if it listens) and wait until ready; returns seconds."""
@@ -122,18 +128,12 @@ class PrivateStore:
 
     def up(self) -> str:
         """Start PostgreSQL and FerretDB; the servers started, in order, comma-separated."""
-        return self._python("-c", "from tools import devstack as d\n"
-                                  "print(','.join(d.servers_up(d.Ports(), ['mongodb'])))").stdout.strip()
+        return run_python(self.env, "-c", "from tools import devstack as d\n"
+                          "print(','.join(d.servers_up(d.Ports(), ['mongodb'])))").stdout.strip()
 
     def down(self) -> str:
         """``devstack down`` under this run directory; its output."""
-        return self._python("-m", "tools.devstack", "down").stdout
+        return run_python(self.env, "-m", "tools.devstack", "down").stdout
 
     def psql(self, sql: str) -> str:
         return devstack.psql(self.postgresql_port, sql)
-
-    def _python(self, *args: str) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([str(ROOT / ".venv/bin/python"), *args], cwd=ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-        return done

@@ -5,7 +5,7 @@ event is being handled): pass them in ``extra``. Lines written inside a trace
 (a request, a stage's processing of an event) carry its ``trace_id``.
 Scrubbing is a last line of
 defence: code must not log secrets in the first place, but URL query strings,
-userinfo and Authorization values are removed from every rendered line, and
+path parameters, userinfo and Authorization values are removed from every rendered line, and
 values registered with :func:`register_secret` are masked wherever they appear.
 """
 
@@ -31,6 +31,9 @@ _AUTH_VALUES = re.compile(
     r"(?i)(authorization|oauth_token|token|api[-_]?key|secret)"  # the credential's name
     r"(\"?\s*[:=]\s*\"?)([^\s\",&]+)"  # separator, then the value (redacted)
 )
+# Path parameters (RFC 3986 ";name=value" in a segment: ``/a.wav;jsessionid=...``) carry
+# sessions as query strings do: dropped from every URL shown (and from fetcher.urls.redact_url).
+PATH_PARAMETERS = re.compile(r";[^/]*")
 _PATH_QUERY = re.compile(r"(?P<path>(?:^|(?<=[\s\"']))/[^\s?#\"']*)\?[^\s#\"']*")
 _BEARER = re.compile(r"(?i)\b(bearer|token\s+token=)\s*[^\s\",]+")
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -47,8 +50,9 @@ def register_secret(value: str) -> None:
 
 
 def scrub(text: str) -> str:
-    """``text`` without URL query strings, URL userinfo, credential values or registered secrets."""
-    text = _URL_SECRETS.sub(lambda m: m.group("scheme") + m.group("rest"), text)
+    """``text`` without URL query strings, path parameters and userinfo, credential values or
+    registered secrets."""
+    text = _URL_SECRETS.sub(lambda m: m.group("scheme") + PATH_PARAMETERS.sub("", m.group("rest")), text)
     text = _PATH_QUERY.sub(lambda m: m.group("path"), text)
     text = _BEARER.sub(lambda m: m.group(1) + " [redacted]", text)
     text = _AUTH_VALUES.sub(lambda m: m.group(1) + m.group(2) + "[redacted]", text)

@@ -1,5 +1,5 @@
-"""Recording URLs: parsed exactly as given, and shown without secrets (userinfo, query
-string, fragment) wherever they are logged or stored."""
+"""Recording URLs: parsed exactly as given, and shown without secrets (userinfo, path
+parameters, query string, fragment) wherever they are logged or stored."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from urllib.parse import urlsplit
 from yarl import URL
 
 from callingest.errors import PermanentError
+from callingest.logging import PATH_PARAMETERS
 
 
 def redact_url(url: str | URL) -> str:
-    """``url`` without userinfo, query string and fragment: safe to log. Never raises."""
+    """``url`` without userinfo, path parameters (``;jsessionid=...``, a session's carrier like a
+    query string), query string and fragment: safe to log. Never raises."""
     try:
         parts = urlsplit(str(url))
         host = parts.hostname or ""
@@ -19,7 +21,7 @@ def redact_url(url: str | URL) -> str:
             host = f"[{host}]"
         port = f":{parts.port}" if parts.port is not None else ""
         scheme = f"{parts.scheme}://" if parts.scheme else ""
-        return f"{scheme}{host}{port}{parts.path}"
+        return f"{scheme}{host}{port}{PATH_PARAMETERS.sub('', parts.path)}"
     except ValueError:
         return "<unparseable URL>"
 

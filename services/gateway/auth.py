@@ -20,6 +20,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from services.gateway.domain import Principal
 from services.gateway.errors import NotAuthorized, TooManyRequests
+from services.gateway.parsing import storable
 
 _TOKEN_HEADER = re.compile(r'Token\s+token="?(?P<token>[^"\s,]+)"?', re.IGNORECASE)
 _BEARER_HEADER = re.compile(r"Bearer\s+(?P<token>\S+)", re.IGNORECASE)
@@ -61,7 +62,7 @@ class TokenAuthenticator:
 
     async def authenticate(self, token: str | None) -> Principal:
         """The principal of ``token``; raises :class:`NotAuthorized` if missing or unknown."""
-        if not token:
+        if not token or not storable(token):  # a NUL or a surrogate: no token has one
             raise NotAuthorized("Invalid or missing oauth token.")
         digest = token_hash(token)
         principal = self._cache.get(digest, _UNCACHED)

@@ -47,6 +47,7 @@ from services.gateway.errors import (
     UnauthorizedOperation,
 )
 from services.gateway.models import ValidationContext
+from services.gateway.parsing import storable
 from services.gateway.publisher import CallPublisher, KafkaUnavailable
 from services.gateway.validation import NormalizedCall, validate_submission
 from services.gateway.writer import CallWriter
@@ -159,7 +160,7 @@ class CallService:
         self, principal: Principal, network: NetworkSettings, body: Document
     ) -> tuple[StoredCampaign | None, str | None]:
         """The campaign and its configuration problem (shared with the validator), if any;
-        ``(None, None)`` when the id is missing or malformed (validation names it).
+        ``(None, None)`` when the id is missing or malformed (validation names it), unlooked-up.
 
         Another advertiser's campaign (scoped token) is refused here at once (403
         UnauthorizedAdvertiser); a configuration problem is reported by :meth:`submit`
@@ -167,7 +168,8 @@ class CallService:
         """
         call = body.get("call")
         raw = call.get("advertiser_campaign_id_from_network") if isinstance(call, dict) else None
-        if isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).strip():
+        if (isinstance(raw, bool) or not isinstance(raw, str | int) or not str(raw).strip()
+                or not storable(str(raw))):
             return None, None
         campaign = await self._config.campaign(network.id, str(raw).strip())
         if campaign is not None and not principal.may_use(campaign.advertiser_id):
@@ -274,6 +276,8 @@ class CallService:
 
     async def find(self, principal: Principal, cuid: str) -> Document | None:
         """The call ``cuid`` if the principal may see it (its network, its advertisers)."""
+        if not storable(cuid):  # no call has such an id, and the store would refuse the query
+            return None
         call = await self._calls.find_one({"_id": cuid})  # by _id alone (see writer.py)
         if call is None or call.get("network_id") != principal.network_id:
             return None

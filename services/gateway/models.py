@@ -29,10 +29,12 @@ from callingest import rules
 from callingest.config_file import LanguageCode as LanguageCodes
 from callingest.config_file import NetworkSettings
 from services.gateway.parsing import (
+    UNSTORABLE_TEXT,
     FieldError,
     normalize_phone_number,
     parse_signal_value,
     parse_start_time,
+    storable,
 )
 
 MAX_ID_LENGTH = 255
@@ -67,11 +69,17 @@ def _required(value: Any) -> Any:
     return value
 
 
+def _storable(text: str) -> str:
+    if not storable(text):
+        raise _problem(UNSTORABLE_TEXT)
+    return text
+
+
 def _identifier(value: Any) -> str:
     value = _required(value)
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise _problem("must be a string or an integer")
-    text = str(value).strip()
+    text = _storable(str(value).strip())
     if len(text) > MAX_ID_LENGTH:
         raise _problem(f"must be at most {MAX_ID_LENGTH} characters")
     return text
@@ -102,7 +110,7 @@ def _recording_url(value: Any, info: ValidationInfo) -> str:
     value = _required(value)
     if not isinstance(value, str):
         raise _problem("must be a string")
-    url = value.strip()
+    url = _storable(value.strip())
     if len(url) > MAX_URL_LENGTH:
         raise _problem(f"must be at most {MAX_URL_LENGTH} characters")
     try:
@@ -135,7 +143,7 @@ def _language_code(value: Any, info: ValidationInfo) -> str | None:
         return None
     if not isinstance(value, str):
         raise _problem("must be a string")
-    return _rule(rules.language_code, value, info)
+    return _rule(rules.language_code, _storable(value), info)
 
 
 def _recording_auth_config_id(value: Any, info: ValidationInfo) -> str | None:
@@ -148,7 +156,7 @@ def _name(value: Any) -> str:
     value = _required(value)
     if not isinstance(value, str) or len(value) > MAX_NAME_LENGTH:
         raise _problem("must be a string")
-    return value
+    return _storable(value)
 
 
 def _signal_name(value: Any, info: ValidationInfo) -> str:
@@ -169,7 +177,7 @@ def _custom_data_name(value: Any, info: ValidationInfo) -> str:
 def _custom_data_value(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise _problem("must be a string or a number")
-    text = value if isinstance(value, str) else json.dumps(value)
+    text = _storable(value) if isinstance(value, str) else json.dumps(value)
     if len(text) > MAX_CUSTOM_VALUE_LENGTH:
         raise _problem(f"must be at most {MAX_CUSTOM_VALUE_LENGTH} characters")
     return text

@@ -3,8 +3,11 @@
 Concurrent requests do not write themselves: they queue their documents here and one task
 applies them, grouped per collection into one ``insert_many(ordered=False)`` each. A busy
 database is retried briefly (:data:`BUSY_RETRY_DELAYS`); after that the error reaches the
-caller (the gateway answers 503 with Retry-After). Why (FerretDB on SQLite scans on every
-read or update and serializes writers): docs/architecture.md, "Publication".
+caller (the gateway answers 503 with Retry-After). A batch the store refuses as a whole
+(one document it cannot hold fails the whole statement on FerretDB) is tried again one
+document at a time, so the refusal reaches only the callers whose documents it concerns.
+Why batches (FerretDB on SQLite scans on every read or update and serializes writers):
+docs/architecture.md, "Publication".
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from bson.errors import BSONError
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
 
@@ -202,11 +206,12 @@ class CallWriter:
                 else:
                     _fail(op, exc)
             return retry
-        except OperationFailure as exc:
+        except (OperationFailure, BSONError, UnicodeError) as exc:  # the store refused the batch
             if is_busy(exc) and not final:
                 return ops
-            for op in ops:
-                _fail(op, exc)
+            if len(ops) > 1:  # maybe for one document's sake: try each alone, so only it fails
+                return [op for one in ops for op in await self._attempt(collection, [one], final)]
+            _fail(ops[0], exc)
             return []
         except Exception as exc:  # the store is unavailable: every caller gets the error
             for op in ops:

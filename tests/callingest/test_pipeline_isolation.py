@@ -83,7 +83,8 @@ class Script:
         action = plan[min(count, len(plan) - 1)]
         if action == "transient":
             raise TransientError(
-                "timed out fetching http://rec.example/a.wav?token=sup3r-s3cret", "RecordingTimeout")
+                "timed out fetching http://rec.example/a.wav;jsessionid=s3cret-session?token=sup3r-s3cret",
+                "RecordingTimeout")
         if action == "deferred":
             raise Deferred("rec.example already has 32 downloads running", "RecordingHostBusy")
         return _ok(event)
@@ -93,7 +94,7 @@ async def test_a_waiting_retry_holds_no_slot_and_says_where_it_stands(
         settings: Settings, db: Any, topics: Topics) -> None:
     """One slot: a call waiting 30 s for its retry does not stop the next call; while it
     waits the call has ``retrying`` and a ``retrying`` history entry with the error class,
-    and neither carries the URL's query string."""
+    and neither carries the URL's path parameters or query string."""
     waiting, after = call_doc(), call_doc()
     step = Script({waiting["_id"]: ["transient", "ok"]})
     tuned = settings.model_copy(update={"max_in_flight": 1, "retry_delays_seconds": [30.0, 30.0]})

@@ -105,8 +105,9 @@ def test_url_safe_base64_keys_are_accepted() -> None:
 
 
 @pytest.mark.parametrize("service", ["fetcher", "webhooks"])
-def test_fetcher_without_a_key_stops_naming_the_variable(settings: Settings, service: str) -> None:
-    env = _production_without_keys(settings)
+def test_fetcher_without_a_key_stops_naming_the_variable(settings: Settings, service: str,
+                                                         tmp_path: Path) -> None:
+    env = _production_without_keys(settings, tmp_path / "run")
     # No server is needed: the check comes before any connection (the Kafka address is unused).
     env["KAFKA_BOOTSTRAP_SERVERS"] = "127.0.0.1:9"
     result = subprocess.run([str(ROOT / ".venv/bin/callingest"), "serve", service], env=env,
@@ -115,11 +116,13 @@ def test_fetcher_without_a_key_stops_naming_the_variable(settings: Settings, ser
     assert "SECRET_KEYS" in result.stderr
 
 
-def _production_without_keys(settings: Settings) -> dict[str, str]:
+def _production_without_keys(settings: Settings, run_dir: Path) -> dict[str, str]:
     """The environment of ``settings`` outside the dev profile, every setting given but
-    ``SECRET_KEYS``."""
+    ``SECRET_KEYS``; ``run_dir`` (empty) as the run directory, so that an operator command does
+    not take the dev stack's settings (``use_dev_stack_env``) when ``make up`` is running."""
     env = {k: v for k, v in {**os.environ, **settings_env(settings)}.items() if k != "SECRET_KEYS"}
     env["CALLINGEST_ENV"] = "production"
+    env["CALLINGEST_RUN_DIR"] = str(run_dir)
     return env
 
 
@@ -129,7 +132,7 @@ def test_config_apply_and_rotate_without_a_key_stop_naming_the_variable(
     path.write_text(config_yaml(1, "k"))
     for args in (("config", "apply", str(path)), ("admin", "rotate-secrets")):
         result = subprocess.run([str(ROOT / ".venv/bin/callingest"), *args],
-                                env=_production_without_keys(settings),
+                                env=_production_without_keys(settings, tmp_path / "run"),
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "SECRET_KEYS" in result.stderr

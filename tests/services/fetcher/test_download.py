@@ -365,6 +365,7 @@ def test_unusable_auth_configs_rejected(doc: dict[str, Any]) -> None:
         ("http://h.example/a.wav?X-Amz-Signature=s", "http://h.example/a.wav"),
         ("http://[::1]:8080/a?b", "http://[::1]:8080/a"),
         ("s3://bucket/key.wav?versionId=3", "s3://bucket/key.wav"),
+        ("https://h.example/rec;v=2/a.wav;jsessionid=s3cr3t?x=1", "https://h.example/rec/a.wav"),
         ("http://h.example:99999/", "<unparseable URL>"),
     ],
 )

@@ -13,6 +13,7 @@ Every setting may also come from a file: ``<NAME>_FILE=/path`` reads the value o
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,21 @@ DEV_PROFILE = "dev"
 _DEV = "callingest_dev_default"
 _REQUIRED = "callingest_required_outside_dev"
 _UNLESS = "callingest_required_unless"
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def ip_networks(text: str) -> tuple[IPNetwork, ...]:
+    """The networks of a comma-separated list of addresses and CIDRs (``TRUSTED_PROXIES``)."""
+    networks = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(networks)
 
 
 def required_outside_dev(dev: Any, unless: str | None = None) -> Any:
@@ -156,6 +172,9 @@ class Settings(BaseSettings):
     auth_cache_seconds: float = Field(30.0, ge=0)
     auth_failure_threshold: int = Field(20, ge=1)
     auth_failure_window_seconds: float = Field(60.0, gt=0)
+    trusted_proxies: str = Field(
+        "", description="comma-separated addresses or CIDR networks of the proxies in front of the "
+        "gateway (an ingress controller's pods): behind them X-Forwarded-For names the client")
 
     allow_loopback_webhooks: bool = False
     webhook_timeout_seconds: float = Field(10.0, gt=0, description="a 2xx within this is a delivery")
@@ -201,6 +220,12 @@ class Settings(BaseSettings):
                 continue
             filled[name] = extra[_DEV]
         return filled
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_networks(cls, value: str) -> str:
+        ip_networks(value)  # a ValueError names the entry
+        return value
 
     @field_validator("s3_endpoint_url")
     @classmethod

@@ -18,7 +18,7 @@ from callingest import infra, mongo, s3, tracing
 from callingest.http import add_ops_routes
 from callingest.kafka import PublishError, TopicScanner, client_options
 from callingest.logging import get_logger
-from callingest.settings import Settings
+from callingest.settings import Settings, ip_networks
 from callingest.topics import Topics
 from services.gateway import keys
 from services.gateway.auth import FailureThrottle, TokenAuthenticator
@@ -43,7 +43,8 @@ async def mongo_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.DB] = db
     app[keys.AUTHENTICATOR] = TokenAuthenticator(db, settings.auth_cache_seconds)
     app[keys.AUTH_THROTTLE] = FailureThrottle(settings.auth_failure_threshold,
-                                              settings.auth_failure_window_seconds)
+                                              settings.auth_failure_window_seconds,
+                                              ip_networks(settings.trusted_proxies))
     writer = CallWriter(db)
     writer.start()
     app[keys.WRITER] = writer

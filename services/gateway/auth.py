@@ -8,16 +8,18 @@ burst of submissions costs one lookup. A token is never logged or echoed.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import re
 import time
 from collections import deque
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from cachetools import TLRUCache
 from pymongo.asynchronous.database import AsyncDatabase
 
+from callingest.settings import IPNetwork
 from services.gateway.domain import Principal
 from services.gateway.errors import NotAuthorized, TooManyRequests
 from services.gateway.parsing import storable
@@ -89,13 +91,43 @@ class FailureThrottle:
     ``window`` seconds, that address gets 429 until the oldest failure leaves the window.
 
     Per process, in memory, bounded: at most ``MAX_CACHE_ENTRIES`` addresses are tracked.
-    Other addresses are unaffected.
+    Other addresses are unaffected. The source address is the client's (:meth:`address_of`):
+    behind ``trusted_proxies`` (an ingress), the one their ``X-Forwarded-For`` names, so that one
+    client's failures do not lock out every client of the same ingress.
     """
 
-    def __init__(self, threshold: int, window: float) -> None:
+    def __init__(self, threshold: int, window: float,
+                 trusted_proxies: tuple[IPNetwork, ...] = ()) -> None:
         self.threshold = threshold
         self.window = window
+        self.trusted_proxies = trusted_proxies
         self._failures: dict[str, deque[float]] = {}
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
+
+    def address_of(self, request: web.Request) -> str:
+        """The client's address: the peer's, unless the peer is a trusted proxy; then the
+        nearest ``X-Forwarded-For`` entry (read from the right) that is not one, or the last
+        trusted hop when the next entry is not an address (no client can name itself past
+        a proxy it does not control: only what trusted proxies appended is believed)."""
+        address = request.remote or "unknown"
+        if not self.trusted_proxies or not self._trusted(address):
+            return address
+        hops = [hop.strip() for header in request.headers.getall(hdrs.X_FORWARDED_FOR, ())
+                for hop in header.split(",")]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                try:
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    return address
+            address = hop
+        return address
 
     def _recent(self, address: str, now: float) -> deque[float] | None:
         failures = self._failures.get(address)

@@ -73,7 +73,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 async def _principal(request: web.Request, body: dict[str, Any] | None = None) -> Principal:
     """The token's principal; failed tokens count against the source address (429 past a limit)."""
     throttle = request.app[keys.AUTH_THROTTLE]
-    address = request.remote or "unknown"
+    address = throttle.address_of(request)
     throttle.check(address)
     try:
         return await request.app[keys.AUTHENTICATOR].authenticate(request_token(request, body))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from callingest import s3
-from callingest.settings import REQUIRED_OUTSIDE_DEV, Settings
+from callingest.settings import REQUIRED_OUTSIDE_DEV, Settings, ip_networks
 from callingest.settings_usage import reads
 from tests.conftest import ROOT, Services, free_port, settings_env
 
@@ -29,10 +30,13 @@ SETTING_NAMES = {name.upper() for name in Settings.model_fields}
 
 
 def bare_env(**given: str) -> dict[str, str]:
-    """os.environ without any setting, ``<NAME>_FILE`` or profile, plus ``given``."""
+    """os.environ without any setting, ``<NAME>_FILE`` or profile, plus ``given``; the run
+    directory is one without a dev stack, so that an operator command does not take the settings
+    of a running ``make up`` (``use_dev_stack_env``)."""
     env = {k: v for k, v in os.environ.items()
            if k.upper() not in SETTING_NAMES and k.upper().removesuffix("_FILE") not in SETTING_NAMES}
     env.pop("MAKEFLAGS", None)
+    env["CALLINGEST_RUN_DIR"] = str(Path(tempfile.gettempdir()) / "callingest-no-dev-stack")
     return {**env, **given}
 
 
@@ -253,3 +257,13 @@ def test_bad_secret_files_exit_2(tmp_path: Path) -> None:
     done, _ = run(["calls", "show", "x"], bare_env(MONGODB_URI="mongodb://127.0.0.1:1/",
                                                    MONGODB_URI_FILE=str(tmp_path / "uri")))
     assert done.returncode == 2 and "both set" in done.stderr
+
+
+@pytest.mark.usefixtures("clean_environ")
+def test_trusted_proxies_are_addresses_or_networks() -> None:
+    assert [str(n) for n in ip_networks(" 10.0.0.0/8, 192.0.2.1 ,fd00::/8,")] == [
+        "10.0.0.0/8", "192.0.2.1/32", "fd00::/8"]
+    assert ip_networks("") == ()
+    done, _ = run(["serve", "gateway"], bare_env(TRUSTED_PROXIES="10.0.0.0/8, ingress"))
+    assert done.returncode == 2
+    assert "TRUSTED_PROXIES" in done.stderr and "'ingress' is not an IP address" in done.stderr

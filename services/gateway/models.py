@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     PlainValidator,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -138,8 +139,13 @@ def _rule(rule: Any, value: str, info: ValidationInfo) -> str:
     return result
 
 
+def _absent(value: Any) -> bool:
+    """An optional field not given: null, or a blank string (clients send "" for "none")."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 def _language_code(value: Any, info: ValidationInfo) -> str | None:
-    if value is None:
+    if _absent(value):
         return None
     if not isinstance(value, str):
         raise _problem("must be a string")
@@ -147,7 +153,7 @@ def _language_code(value: Any, info: ValidationInfo) -> str | None:
 
 
 def _recording_auth_config_id(value: Any, info: ValidationInfo) -> str | None:
-    if value is None:
+    if _absent(value):
         return None
     return _rule(rules.recording_auth_config_id, _identifier(value), info)
 
@@ -301,6 +307,11 @@ class CallSubmission(_Lenient):
     oauth_token: str | None = Field(
         None, description="API token; may instead be given in the query string or a header."
     )
+
+    @field_validator("signals", "custom_data", mode="before")
+    @classmethod
+    def _null_is_none(cls, value: Any) -> Any:
+        return [] if value is None else value
 
     @model_validator(mode="after")
     def _unique_names(self) -> CallSubmission:

@@ -62,3 +62,18 @@ async def test_timestamp_digits_must_be_ascii(gateway: Client, start_time: str) 
     status, answer = await post(gateway, call_body("gap-time", start_time=start_time))
     text = assert_error(status, answer, 403, "RecordInvalid")
     assert text == "Validation failed: 'call.start_time' is not a supported timestamp format"
+
+
+async def test_optional_fields_given_empty_or_null_are_not_given(gateway: Client) -> None:
+    """The optional fields sent as "" or null (as many clients send "none"): the network's
+    language, no auth config, no signals or custom data; a null call is a call not passed."""
+    body = call_body("gap-empty", language_code="", recording_auth_config_id=" ")
+    body["signals"], body["custom_data"] = None, None
+    status, answer = await post(gateway, body)
+    assert status == 201, answer
+    resp = await gateway.get(f"/api/2022-03-01/calls/{answer['cuid']}.json",
+                             headers={"Authorization": f"Bearer {body['oauth_token']}"})
+    view = await resp.json()
+    assert (view["language_code"], view["signals"], view["custom_data"]) == ("en-US", [], [])
+    status, answer = await post(gateway, {"call": None, "oauth_token": body["oauth_token"]})
+    assert assert_error(status, answer, 403, "RecordInvalid") == "Validation failed: 'call' is required"

@@ -5,6 +5,7 @@
   path answers 404 (the README tour breaks a call with ``/missing.wav``).
 * ``POST /webhooks``: stores each delivery (headers and raw body) as one JSON file under
   ``--dir`` (``.run/webhooks/``) and answers 204; ``GET /webhooks`` lists them.
+* ``GET /healthz``, ``/readyz``, ``/metrics``: as on every service.
 
 Usage: ``python -m tools.demo_server --port 8000 --dir .run/webhooks``.
 """
@@ -21,6 +22,8 @@ from pathlib import Path
 import av
 import numpy as np
 from aiohttp import web
+
+from callingest.http import add_ops_routes
 
 SECONDS = 3.0
 CALLER_HZ = 440.0
@@ -91,15 +94,16 @@ async def list_webhooks(request: web.Request) -> web.Response:
     return web.json_response([json.loads(p.read_text()) for p in files])
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def nothing_to_check() -> dict[str, bool]:
+    """Readiness: the recordings are in memory, the webhook directory is created on write."""
+    return {}
 
 
 def make_app(webhook_dir: Path) -> web.Application:
     app = web.Application()
     app[RECORDINGS] = {"call.wav": wav_bytes(), "call.mp3": mp3_bytes()}
     app[WEBHOOK_DIR] = webhook_dir
-    app.router.add_get("/healthz", healthz)
+    add_ops_routes(app, nothing_to_check)  # /healthz, /readyz, /metrics as on every service
     app.router.add_post("/webhooks", receive_webhook)
     app.router.add_get("/webhooks", list_webhooks)
     app.router.add_get("/{name}", recording)

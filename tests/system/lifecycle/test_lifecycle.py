@@ -71,6 +71,9 @@ def test_make_up_then_down(tmp_path: Path) -> None:
                 assert json.loads(resp.read())["status"] == "ready"
         demo = f"http://127.0.0.1:{ports['DEMO_RECORDINGS_PORT']}"
         assert f"{demo}/call.wav" in up.stdout
+        for path in ("/healthz", "/readyz", "/metrics"):  # the demo server's, as every service's
+            with urllib.request.urlopen(f"{demo}{path}", timeout=5) as resp:
+                assert resp.status == 200, ("demo recordings", path)
         for path, kind in (("/call.wav", b"RIFF"), ("/call.mp3", b"")):
             with urllib.request.urlopen(f"{demo}{path}", timeout=5) as resp:
                 assert resp.status == 200 and resp.read().startswith(kind), path

@@ -188,10 +188,15 @@ def build_openapi(server_url: str) -> dict[str, Any]:
             "schemas": definitions,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
+                "tokenHeader": {
+                    "type": "apiKey", "in": "header", "name": "Authorization",
+                    "description": "The whole header value: Token token=<token>",
+                },
                 "queryToken": {"type": "apiKey", "in": "query", "name": "oauth_token"},
             },
         },
-        "security": [{"bearer": []}, {"queryToken": []}],
+        # A submission may also carry the token in its body (oauth_token, described there).
+        "security": [{"bearer": []}, {"tokenHeader": []}, {"queryToken": []}],
         "paths": {
             f"/api/{API_VERSION}/calls.json": {
                 "post": {**submit, "operationId": "submitCall"},

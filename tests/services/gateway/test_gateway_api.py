@@ -574,6 +574,12 @@ async def test_openapi_document_is_generated_from_the_models(gateway: Client) ->
         "call_direction",
         "recording_url",
     }
+    # every way of giving the token the gateway accepts (the body's is CallSubmission.oauth_token)
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert (schemes["tokenHeader"]["in"], schemes["tokenHeader"]["name"]) == ("header", "Authorization")
+    assert (schemes["queryToken"]["in"], schemes["queryToken"]["name"]) == ("query", "oauth_token")
+    assert doc["security"] == [{name: []} for name in schemes]
 
 
 async def test_ops_endpoints_and_route_metrics(gateway: Client) -> None:

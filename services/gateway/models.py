@@ -10,6 +10,7 @@ document (``services.gateway.openapi``), so the document cannot drift.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -183,6 +184,8 @@ def _custom_data_name(value: Any, info: ValidationInfo) -> str:
 def _custom_data_value(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         raise _problem("must be a string or a number")
+    if isinstance(value, float) and not math.isfinite(value):  # 1e400 reads as infinity
+        raise _problem("must be a finite number")
     text = _storable(value) if isinstance(value, str) else json.dumps(value)
     if len(text) > MAX_CUSTOM_VALUE_LENGTH:
         raise _problem(f"must be at most {MAX_CUSTOM_VALUE_LENGTH} characters")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -77,3 +78,12 @@ async def test_optional_fields_given_empty_or_null_are_not_given(gateway: Client
     assert (view["language_code"], view["signals"], view["custom_data"]) == ("en-US", [], [])
     status, answer = await post(gateway, {"call": None, "oauth_token": body["oauth_token"]})
     assert assert_error(status, answer, 403, "RecordInvalid") == "Validation failed: 'call' is required"
+
+
+async def test_a_custom_data_number_out_of_range_is_refused(gateway: Client) -> None:
+    """1e400 is valid JSON that reads as infinity: refused, not stored as "Infinity"."""
+    body = json.dumps(call_body("gap-inf")).replace(
+        '"oauth_token"', '"custom_data": [{"name": "channel", "value": 1e400}], "oauth_token"')
+    status, answer = await post(gateway, body)
+    assert assert_error(status, answer, 403, "RecordInvalid") == (
+        "Validation failed: 'custom_data[0].value' must be a finite number")

@@ -162,8 +162,8 @@ class CallService:
         """The campaign and its configuration problem (shared with the validator), if any;
         ``(None, None)`` when the id is missing or malformed (validation names it), unlooked-up.
 
-        Another advertiser's campaign (scoped token) is refused here at once (403
-        UnauthorizedAdvertiser); a configuration problem is reported by :meth:`submit`
+        Another advertiser's campaign, or an unknown one, for a scoped token is refused here at
+        once (403 UnauthorizedAdvertiser); a configuration problem is reported by :meth:`submit`
         together with the fields' problems.
         """
         call = body.get("call")
@@ -172,7 +172,10 @@ class CallService:
                 or not storable(str(raw))):
             return None, None
         campaign = await self._config.campaign(network.id, str(raw).strip())
-        if campaign is not None and not principal.may_use(campaign.advertiser_id):
+        # For a scoped token an unknown campaign is one it has no access to as well: answered
+        # alike, so it cannot tell which campaign ids the network's other advertisers have.
+        if (principal.advertisers is not None if campaign is None
+                else not principal.may_use(campaign.advertiser_id)):
             raise UnauthorizedAdvertiser()
         return campaign, rules.campaign_problem(campaign)
 

@@ -291,6 +291,9 @@ async def test_advertiser_token_with_another_advertisers_campaign_is_403(gateway
     status, answer = await post(gateway, body)
     message = assert_error(status, answer, 403, "UnauthorizedAdvertiser")
     assert message == "You do not have access to this advertiser"
+    # A campaign nobody has is answered alike: the token cannot probe which ids exist.
+    body["call"]["advertiser_campaign_id_from_network"] = "999"
+    assert (await post(gateway, body)) == (status, answer)
     body["call"]["advertiser_campaign_id_from_network"] = "85"  # its own advertiser's campaign
     status, answer = await post(gateway, body)
     assert status == 201, answer

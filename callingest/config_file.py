@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pymongo.asynchronous.database import AsyncDatabase
 
-from callingest import webhooks
+from callingest import mongo, webhooks
 from callingest.secretbox import SecretCodec, seal_document, without_secrets
 
 #: The language codes the platform transcribes (the spec's list).
@@ -302,6 +302,8 @@ def load(path: Path) -> ConfigFile:
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with a 'networks' list")
+    if unstorable := mongo.unstorable_paths(data):
+        raise ConfigError("\n".join(f"{path}: {where}: {mongo.UNSTORABLE_TEXT}" for where in unstorable))
     try:
         return ConfigFile.model_validate(data)
     except ValidationError as exc:
@@ -313,13 +315,7 @@ def load(path: Path) -> ConfigFile:
 
 
 def _path(loc: tuple[Any, ...], data: Any) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
 
 
 def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:

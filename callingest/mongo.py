@@ -8,6 +8,7 @@ unique indexes; no transactions, no change streams.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
@@ -15,6 +16,33 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from callingest.settings import Settings
+
+# A NUL cannot be stored in PostgreSQL text (the dev store's FerretDB refuses the whole write),
+# and an unpaired UTF-16 surrogate (JSON "\ud800", or a header byte aiohttp decodes with
+# surrogateescape) cannot be encoded as UTF-8 at all (BSON, hashing): neither is text anyone
+# can mean, so it is refused where it comes in (a submission, a token, a configuration file),
+# before it reaches the store or a hash.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+UNSTORABLE_TEXT = "must not contain NUL characters or unpaired surrogates"
+
+
+def storable(text: str) -> bool:
+    """True unless ``text`` holds a NUL or an unpaired surrogate (see :data:`UNSTORABLE_TEXT`)."""
+    return _UNSTORABLE.search(text) is None
+
+
+def unstorable_paths(data: Any, path: str = "") -> list[str]:
+    """The paths (``networks[0].name``) of the keys and strings in ``data`` (parsed JSON or
+    YAML) that are not :func:`storable`."""
+    if isinstance(data, str):
+        return [] if storable(data) else [path or "(top level)"]
+    if isinstance(data, list):
+        return [p for i, item in enumerate(data) for p in unstorable_paths(item, f"{path}[{i}]")]
+    if isinstance(data, dict):
+        return [p for key, value in data.items()
+                for p in unstorable_paths(str(key), f"{path}.{key}".lstrip("."))
+                + unstorable_paths(value, f"{path}.{key}".lstrip("."))]
+    return []
 
 Document = dict[str, Any]
 

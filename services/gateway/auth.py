@@ -19,10 +19,10 @@ from aiohttp import hdrs, web
 from cachetools import TLRUCache
 from pymongo.asynchronous.database import AsyncDatabase
 
+from callingest.mongo import storable
 from callingest.settings import IPNetwork
 from services.gateway.domain import Principal
 from services.gateway.errors import NotAuthorized, TooManyRequests
-from services.gateway.parsing import storable
 
 _TOKEN_HEADER = re.compile(r'Token\s+token="?(?P<token>[^"\s,]+)"?', re.IGNORECASE)
 _BEARER_HEADER = re.compile(r"Bearer\s+(?P<token>\S+)", re.IGNORECASE)

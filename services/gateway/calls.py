@@ -34,6 +34,7 @@ from callingest import metrics, rules, tracing
 from callingest.config_file import NetworkSettings, StoredCampaign, load_campaign, load_network
 from callingest.kafka import PublishError
 from callingest.logging import get_logger
+from callingest.mongo import storable
 from callingest.replay import NotRestartable, Restart, restart_failed_call
 from services.gateway.domain import Principal
 from services.gateway.errors import (
@@ -47,7 +48,6 @@ from services.gateway.errors import (
     UnauthorizedOperation,
 )
 from services.gateway.models import ValidationContext
-from services.gateway.parsing import storable
 from services.gateway.publisher import CallPublisher, KafkaUnavailable
 from services.gateway.validation import NormalizedCall, validate_submission
 from services.gateway.writer import CallWriter

@@ -30,13 +30,12 @@ from pydantic_core import PydanticCustomError
 from callingest import rules
 from callingest.config_file import LanguageCode as LanguageCodes
 from callingest.config_file import NetworkSettings
+from callingest.mongo import UNSTORABLE_TEXT, storable
 from services.gateway.parsing import (
-    UNSTORABLE_TEXT,
     FieldError,
     normalize_phone_number,
     parse_signal_value,
     parse_start_time,
-    storable,
 )
 
 MAX_ID_LENGTH = 255

@@ -1,5 +1,4 @@
-"""Pure parsers for the scalar fields of a call: start_time, phone numbers, signal values,
-and the rule for text the store can hold.
+"""Pure parsers for the scalar fields of a call: start_time, phone numbers, signal values.
 
 No I/O and no state: each function takes the raw JSON value (already decoded by
 ``json.loads``) and either returns the normalized value or raises
@@ -22,21 +21,6 @@ MAX_FUTURE = timedelta(days=1)
 
 class FieldError(ValueError):
     """A field's value cannot be accepted; ``str(exc)`` says why (never echoes secrets)."""
-
-
-# --------------------------------------------------------------------------- text
-
-# A NUL cannot be stored in PostgreSQL text (the dev store's FerretDB refuses the whole write),
-# and an unpaired UTF-16 surrogate (JSON "\ud800", or a header byte aiohttp decodes with
-# surrogateescape) cannot be encoded as UTF-8 at all (BSON, hashing): neither is text a client
-# can mean, so it is refused where it comes in, before it reaches a store or a hash.
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-UNSTORABLE_TEXT = "must not contain NUL characters or unpaired surrogates"
-
-
-def storable(text: str) -> bool:
-    """True unless ``text`` holds a NUL or an unpaired surrogate (see :data:`UNSTORABLE_TEXT`)."""
-    return _UNSTORABLE.search(text) is None
 
 
 # --------------------------------------------------------------------------- start_time

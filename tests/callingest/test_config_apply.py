@@ -69,6 +69,11 @@ async def test_tokens_are_never_printed(settings: Settings, db: Any) -> None:
          "          - {id_from_network: 5, voice_signals: -1}\n",
          "networks[1].advertisers[0].campaigns[0].voice_signals"),
         ("networks:\n  - id: '1'\n    nmae: typo\n", "networks[1].nmae"),
+        # text no store holds (YAML escapes: a NUL, an unpaired surrogate), named by path
+        ('networks:\n  - id: \'1\'\n    name: "a\\0b"\n',
+         "networks[1].name: must not contain NUL characters or unpaired surrogates"),
+        ('networks:\n  - id: \'1\'\n    name: n\n    api_tokens: [{token: "tok-\\ud800-abcdef"}]\n',
+         "networks[1].api_tokens[0].token: must not contain NUL"),
         ("networks: [\n", "not valid YAML"),
         ("- just\n- a list\n", "top level"),
     ],

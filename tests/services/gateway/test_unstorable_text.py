@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from callingest.mongo import UNSTORABLE_TEXT
 from services.gateway import writer
-from services.gateway.parsing import UNSTORABLE_TEXT
 from tests.services.gateway.conftest import NETWORK_TOKEN
 from tests.services.gateway.test_gateway_api import assert_error, call_body, post
 

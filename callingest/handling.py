@@ -108,9 +108,9 @@ class MessageHandler:
                 transient = TransientError(f"internal error: {type(exc).__name__}", "InternalError")
             if (retry + 1 >= self.settings.max_processing_attempts
                     and self.spec.retry is Retry.BOUNDED):
+                attempts = f"{retry + 1} attempt{'s' if retry else ''}"
                 await self._fail(event, transient.failure_class,
-                                 f"{transient.message} (gave up after {retry + 1} attempts)",
-                                 retryable=True)
+                                 f"{transient.message} (gave up after {attempts})", retryable=True)
                 self._observe(tp, started, "failed")
             else:
                 await self._schedule_retry(record, event, retry + 1, transient, extra)

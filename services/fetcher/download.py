@@ -180,7 +180,7 @@ async def fetch_recording(
         except _Retryable as exc:
             if attempt >= policy.max_attempts:
                 raise TransientError(
-                    f"{exc.message} (after {attempt} attempts)", exc.failure_class
+                    f"{exc.message} (after {attempt} attempt{'s' if attempt > 1 else ''})", exc.failure_class
                 ) from None
             if exc.retry_after is not None and exc.retry_after > policy.max_retry_after:
                 raise TransientError(

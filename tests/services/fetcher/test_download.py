@@ -159,9 +159,12 @@ async def test_5xx_exhausted_is_transient(server: RecordingServer, http: aiohttp
     with pytest.raises(TransientError) as info:
         await fetch(url, http, store, key, max_attempts=3)
     assert info.value.failure_class == "RecordingServerError"
-    assert "HTTP 503" in info.value.message
+    assert "HTTP 503" in info.value.message and info.value.message.endswith("(after 3 attempts)")
     assert len(server.hits) == 3
     assert await store.get(key) is None
+    with pytest.raises(TransientError) as info:
+        await fetch(url, http, store, key, max_attempts=1)
+    assert info.value.message.endswith("(after 1 attempt)")
 
 
 async def test_429_retry_after_honoured(server: RecordingServer, http: aiohttp.ClientSession,

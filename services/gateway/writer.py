@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from bson.errors import BSONError
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError
+from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError, WriteConcernError
 
 Document = dict[str, Any]
 T = TypeVar("T")
@@ -209,9 +209,10 @@ class CallWriter:
         except (OperationFailure, BSONError, UnicodeError) as exc:  # the store refused the batch
             if is_busy(exc) and not final:
                 return ops
-            if len(ops) > 1:  # maybe for one document's sake: try each alone, so only it fails
+            if len(ops) > 1 and _maybe_one_documents(exc):  # try each alone, so only it fails
                 return [op for one in ops for op in await self._attempt(collection, [one], final)]
-            _fail(ops[0], exc)
+            for op in ops:
+                _fail(op, exc)
             return []
         except Exception as exc:  # the store is unavailable: every caller gets the error
             for op in ops:
@@ -220,6 +221,13 @@ class CallWriter:
         for op in ops:
             _settle(op, True)
         return []
+
+
+def _maybe_one_documents(exc: Exception) -> bool:
+    """Whether a refused batch may be refused for one document's sake: not a timeout, nor a
+    write concern left unsatisfied (the batch was written), each of which would recur (and
+    last) once per document."""
+    return not (isinstance(exc, WriteConcernError) or getattr(exc, "timeout", False))
 
 
 def _settle(op: _Op, inserted: bool) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from pymongo.errors import ExecutionTimeout, WriteConcernError
 
 from callingest.mongo import UNSTORABLE_TEXT
 from services.gateway import writer
@@ -109,3 +110,32 @@ async def test_a_document_the_store_refuses_fails_only_its_own_insert(db: Any) -
         await calls.stop()
     assert await db.calls.count_documents({"_id": {"$regex": "^ok-"}}) == 20
     assert await db.calls.count_documents({"_id": "nul"}) == (1 if stored_nul == [True] else 0)
+
+
+@pytest.mark.parametrize("error", [
+    ExecutionTimeout("operation exceeded time limit", code=50),
+    WriteConcernError("waiting for replication timed out", code=64),
+], ids=["timeout", "write-concern"])
+async def test_a_batch_refused_for_every_document_is_not_retried_one_by_one(error: Exception) -> None:
+    """A refusal that would recur for each document (a timeout; a write concern left unsatisfied,
+    the batch being written) fails the whole batch at once: one attempt, not one per document."""
+    attempts = 0
+
+    class Refusing:  # a database whose every insert is refused with ``error``
+        def __getitem__(self, _name: str) -> Refusing:
+            return self
+
+        async def insert_many(self, _docs: list[Any], ordered: bool) -> None:
+            nonlocal attempts
+            attempts += 1
+            raise error
+
+    calls = writer.CallWriter(Refusing())  # type: ignore[arg-type]
+    calls.start()
+    try:
+        futures = [calls.enqueue("calls", {"_id": f"t{i}"}) for i in range(5)]
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await calls.stop()
+    assert outcomes == [error] * 5
+    assert attempts == 1

@@ -179,9 +179,8 @@ async def fetch_recording(
                                                   outcome=outcome)
         except _Retryable as exc:
             if attempt >= policy.max_attempts:
-                raise TransientError(
-                    f"{exc.message} (after {attempt} attempt{'s' if attempt > 1 else ''})", exc.failure_class
-                ) from None
+                tries = f" (after {attempt} attempts)" if attempt > 1 else ""  # one: nothing to say
+                raise TransientError(f"{exc.message}{tries}", exc.failure_class) from None
             if exc.retry_after is not None and exc.retry_after > policy.max_retry_after:
                 raise TransientError(
                     f"{exc.message}; server asked to retry after {exc.retry_after:.0f} s",

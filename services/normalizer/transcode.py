@@ -232,6 +232,8 @@ def _transcode_container(
         raise RecordingError("RecordingFormat", "the recording has no audio stream")
     stream = container.streams.audio[0]
     ctx = stream.codec_context
+    if ctx is None:  # an audio stream of a codec FFmpeg has no decoder for (WAV format 0x1234)
+        raise RecordingError("RecordingFormat", "the recording's audio codec is not supported")
     if ctx.channels != CHANNELS:
         raise _channel_error(ctx.channels)
 

@@ -167,6 +167,21 @@ def test_not_dual_channel_wav_is_a_format_failure(
     assert "dual-channel" in caught.value.message
 
 
+def test_a_wav_codec_without_a_decoder_is_a_format_failure(tmp_path: Path) -> None:
+    """A WAV whose format tag names no codec FFmpeg decodes (0x1234): a permanent format
+    failure, not an internal error retried as if it were transient."""
+    src = tmp_path / "in.wav"
+    audiogen.write_wav(src, 1.0, 16000)
+    data = bytearray(src.read_bytes())
+    assert data[20:22] == struct.pack("<H", 1)  # the fmt chunk's format tag: PCM
+    data[20:22] = struct.pack("<H", 0x1234)
+    src.write_bytes(bytes(data))
+    with pytest.raises(RecordingError) as caught:
+        transcode_file(str(src), str(tmp_path / "out.wav"), "inbound")
+    assert caught.value.failure_class == "RecordingFormat"
+    assert "codec is not supported" in caught.value.message
+
+
 @pytest.mark.parametrize("kind", ["mp3", "flac"])
 def test_mono_and_surround_encoded_are_format_failures(tmp_path: Path, kind: str) -> None:
     for freqs in ((LEFT_HZ,), (100.0, 200.0, 300.0, 400.0, 500.0, 600.0)):

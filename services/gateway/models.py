@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -107,6 +108,9 @@ def _call_direction(value: Any) -> str:
     raise _problem("must be inbound or outbound")
 
 
+_NOT_IN_URLS = re.compile(r"[\s\x00-\x1f\x7f\\]")
+
+
 def _recording_url(value: Any, info: ValidationInfo) -> str:
     value = _required(value)
     if not isinstance(value, str):
@@ -114,6 +118,8 @@ def _recording_url(value: Any, info: ValidationInfo) -> str:
     url = _storable(value.strip())
     if len(url) > MAX_URL_LENGTH:
         raise _problem(f"must be at most {MAX_URL_LENGTH} characters")
+    if _NOT_IN_URLS.search(url):  # RFC 3986 has none of them; parsers disagree on what they mean
+        raise _problem("must not contain spaces, control characters or backslashes (percent-encode them)")
     try:
         parts = urlsplit(url)
         host = parts.hostname

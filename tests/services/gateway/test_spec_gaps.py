@@ -87,3 +87,18 @@ async def test_a_custom_data_number_out_of_range_is_refused(gateway: Client) -> 
     status, answer = await post(gateway, body)
     assert assert_error(status, answer, 403, "RecordInvalid") == (
         "Validation failed: 'custom_data[0].value' must be a finite number")
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8000/my call.wav", "http://127.0.0.1:8000/call.wav?q=a b",
+    "http://127.0.0.1:8000/ca\tll.wav", "http://127.0.0.1:8000\\@10.0.0.1/call.wav",
+])
+async def test_a_recording_url_with_spaces_controls_or_backslashes_is_refused(
+    gateway: Client, url: str
+) -> None:
+    """Not a URL as RFC 3986 writes one; sent as is, a server reads it otherwise (a raw space
+    in the request line is a 400), and parsers disagree on a backslash: refused at submission."""
+    status, answer = await post(gateway, call_body("gap-space", recording_url=url))
+    assert assert_error(status, answer, 403, "RecordInvalid") == (
+        "Validation failed: 'call.recording_url' must not contain spaces, control characters or "
+        "backslashes (percent-encode them)")

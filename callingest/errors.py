@@ -18,9 +18,12 @@ class TransientError(StepError):
 
     failure_class = "Transient"
 
-    def __init__(self, message: str, failure_class: str = "Transient") -> None:
+    def __init__(self, message: str, failure_class: str = "Transient",
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.failure_class = failure_class
+        #: The least wait before the next try the other side asked for (an HTTP Retry-After).
+        self.retry_after = retry_after
 
 
 class PermanentError(StepError):

@@ -160,7 +160,7 @@ class MessageHandler:
         status API says where the call stands before the retry can run. A deferral
         (``counted=False``) goes to the first tier and records nothing.
         """
-        plan = retry_tiers.plan(self.settings.retry_delays_seconds, retry, counted)
+        plan = retry_tiers.plan(self.settings.retry_delays_seconds, retry, counted, exc.retry_after)
         if counted:
             await self.calls.retrying(event["cuid"], retry, datetime.fromtimestamp(plan.due, UTC),
                                       exc.failure_class, exc.message)

@@ -52,9 +52,14 @@ class RetryPlan:
     headers: list[tuple[str, bytes]]
 
 
-def plan(delays: list[float], retry: int, counted: bool = True) -> RetryPlan:
-    """The tier of a counted retry after ``retry`` failed tries, or tier 0 for a deferral."""
+def plan(delays: list[float], retry: int, counted: bool = True,
+         at_least: float | None = None) -> RetryPlan:
+    """The tier of a counted retry after ``retry`` failed tries, or tier 0 for a deferral;
+    ``at_least`` (a Retry-After) moves it to the first later tier that waits that long (at
+    most the last: a tier's messages wait alike, so none waits longer than its tier)."""
     tier = min(retry - 1, len(delays) - 1) if counted else 0
+    while at_least is not None and delays[tier] < at_least and tier < len(delays) - 1:
+        tier += 1
     delay = delays[tier]
     due = time.time() + delay
     headers = [(RETRY_ATTEMPT_HEADER, str(retry).encode()),

@@ -19,7 +19,8 @@ Failures:
 * Timeouts, connection errors, 5xx, 408/425/429 are retried here with exponential backoff
   and full jitter (``Retry-After`` honoured) up to ``fetch_max_attempts`` (default 1: no
   in-place retry, the call goes straight to the consumer loop's delayed retry tiers and
-  frees its slot), then raised as :class:`~callingest.errors.TransientError`.
+  frees its slot), then raised as :class:`~callingest.errors.TransientError`, carrying the
+  server's ``Retry-After`` so that the delayed retry waits at least that long (its tier).
   Object-store failures raise TransientError at once (botocore already retried).
 * Timeouts that end hangs: ``connect_timeout`` to open the connection,
   ``first_byte_timeout`` from sending the request to the response headers (a black-hole
@@ -180,11 +181,12 @@ async def fetch_recording(
         except _Retryable as exc:
             if attempt >= policy.max_attempts:
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""  # one: nothing to say
-                raise TransientError(f"{exc.message}{tries}", exc.failure_class) from None
+                raise TransientError(f"{exc.message}{tries}", exc.failure_class,
+                                     exc.retry_after) from None
             if exc.retry_after is not None and exc.retry_after > policy.max_retry_after:
                 raise TransientError(
                     f"{exc.message}; server asked to retry after {exc.retry_after:.0f} s",
-                    exc.failure_class,
+                    exc.failure_class, exc.retry_after,
                 ) from None
             delay = backoff_delay(attempt, policy.backoff_base, policy.backoff_cap)
             if exc.retry_after is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from callingest import retry_tiers
 from callingest.errors import Deferred, TransientError
 from callingest.scheduling import network_share
 from callingest.settings import Settings
@@ -87,6 +88,9 @@ class Script:
                 "RecordingTimeout")
         if action == "deferred":
             raise Deferred("rec.example already has 32 downloads running", "RecordingHostBusy")
+        if action == "rate-limited":
+            raise TransientError("HTTP 429 from http://rec.example/a.wav", "RecordingRateLimited",
+                                 retry_after=45.0)
         return _ok(event)
 
 
@@ -165,3 +169,29 @@ async def _status_is(db: Any, cuid: str, status: str) -> bool:
 async def _with_retrying(db: Any, cuid: str) -> dict[str, Any] | None:
     call: dict[str, Any] | None = await db.calls.find_one({"_id": cuid})
     return call if call and call.get("retrying") else None
+
+
+async def test_a_retry_after_moves_the_retry_to_a_tier_that_waits_as_long(
+        settings: Settings, db: Any, topics: Topics) -> None:
+    """A server that asked for 45 s (Retry-After): the next try goes to the first tier waiting
+    at least that long (60 s here), not to the 1 s one the first retry would take."""
+    limited = call_doc()
+    step = Script({limited["_id"]: ["rate-limited", "ok"]})
+    tuned = settings.model_copy(update={"retry_delays_seconds": [1.0, 60.0]})
+    async with running(tuned, topics, step):
+        before = datetime.now(UTC)
+        await submit(settings, db, limited)
+        call = await wait_until(lambda: _with_retrying(db, limited["_id"]), timeout=20,
+                                what="retrying set")
+        await asyncio.sleep(3)  # the 1 s tier would have run the second try by now
+        assert len(step.tries) == 1
+    due = call["retrying"]["next_attempt_at"].replace(tzinfo=UTC)
+    assert before + timedelta(seconds=55) < due < datetime.now(UTC) + timedelta(seconds=61)
+
+
+def test_retry_plans_honour_a_retry_after_up_to_the_last_tier() -> None:
+    delays = [5.0, 30.0, 120.0, 600.0]
+    assert [retry_tiers.plan(delays, 1, at_least=a).tier for a in (None, 5, 6, 30, 31, 3600)] == [
+        0, 0, 1, 1, 2, 3]
+    assert retry_tiers.plan(delays, 3, at_least=10).tier == 2  # never earlier than its own tier
+    assert retry_tiers.plan(delays, 1, counted=False, at_least=100).tier == 2

@@ -186,7 +186,11 @@ async def test_long_retry_after_left_to_the_pipeline(server: RecordingServer,
         await fetch(url, http, store, key, max_attempts=4)
     assert time.monotonic() - started < 1.0
     assert info.value.failure_class == "RecordingRateLimited"
+    assert info.value.retry_after == 3600  # for the pipeline's delayed retry to honour
     assert len(server.hits) == 1
+    with pytest.raises(TransientError) as info:  # the default: one try, the rest is the pipeline's
+        await fetch(url, http, store, key, max_attempts=1)
+    assert info.value.retry_after == 3600
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 410, 451])

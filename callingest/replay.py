@@ -132,11 +132,14 @@ Send = Callable[[str, str, dict[str, Any]], Awaitable[None]]
 
 def restart_stage(call: dict[str, Any]) -> str:
     """The stage a failed call resumes from: the one that failed, or the fetcher for a
-    normalizer failure whose fetched recording is gone."""
-    stage = (call.get("failure") or {}).get("stage")
+    normalizer failure whose fetched recording is gone or was the cause (a permanent failure
+    of the normalizer is about the recording's bytes: mono, empty, corrupt, an unknown codec;
+    only a new download, of a recording fixed at the same URL, can change the outcome)."""
+    failure = call.get("failure") or {}
+    stage = failure.get("stage")
     if stage not in stages.CALL_STAGES:
         raise NotRestartable(f"failed in unknown stage {stage!r}")
-    if stage == "normalizer" and not call.get("fetched"):
+    if stage == "normalizer" and (not call.get("fetched") or failure.get("retryable") is False):
         return "fetcher"
     return str(stage)
 

@@ -114,6 +114,12 @@ def test_stage_inputs_and_restarts_follow_the_graph() -> None:
         assert events.input_topic(topics, name) == topics.name(spec.input_topic)
         failed = {**call, "status": "failed", "failure": {"stage": name}}
         assert replay.restart_stage(failed) == name
+    # The normalizer's permanent failure was the recording's bytes: a restart downloads again.
+    normalizer = {**call, "status": "failed", "failure": {"stage": "normalizer", "retryable": False}}
+    assert replay.restart_stage(normalizer) == "fetcher"
+    normalizer["failure"]["retryable"] = True  # gave up on a transient error: the same bytes
+    assert replay.restart_stage(normalizer) == "normalizer"
+    assert replay.restart_stage({**normalizer, "fetched": None}) == "fetcher"
     with pytest.raises(ValueError):
         events.stage_input(call, "notifier", 1)
 

@@ -25,12 +25,12 @@ pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 FIXED_URL = "http://127.0.0.1:9/recordings/fixed.wav"
 
 
-async def fail(db: Any, cuid: str, stage: str = "fetcher") -> dict[str, Any]:
+async def fail(db: Any, cuid: str, stage: str = "fetcher", retryable: bool = False) -> dict[str, Any]:
     """Mark the call failed at ``stage`` as the pipeline does; the stored call."""
     at = datetime.now(UTC)
     await db.calls.update_one({"_id": cuid}, {
         "$set": {"status": "failed", "failure": {"stage": stage, "class": "RecordingUnavailable",
-                                                 "message": "404", "retryable": False, "at": at}},
+                                                 "message": "404", "retryable": retryable, "at": at}},
         "$push": {"history": {"stage": stage, "status": "failed", "at": at}}})
     return dict(await db.calls.find_one({"_id": cuid}))
 
@@ -77,14 +77,32 @@ async def test_retry_resumes_from_the_failed_stage(
 async def test_retry_of_a_normalizer_failure_resumes_at_the_normalizer(
     gateway: Client, configured_db: Any, settings: Settings, topics: Topics
 ) -> None:
+    """Given up on transient errors: the normalizer runs again on the bytes already fetched."""
     _status, body = await post(gateway, call_body("retry-norm"))
     cuid = body["cuid"]
     await configured_db.calls.update_one({"_id": cuid}, {"$set": {"fetched": {
         "bucket": "b", "key": f"raw/{cuid}/1", "size_bytes": 10, "format": "wav"}}})
-    await fail(configured_db, cuid, "normalizer")
+    await fail(configured_db, cuid, "normalizer", retryable=True)
     assert await retry(gateway, cuid) == (202, {"cuid": cuid, "status": "fetched"})
     fetched = await events_of(settings, topics.fetched, cuid)
     assert [(e["attempt"], e["key"]) for e in fetched] == [(2, f"raw/{cuid}/1")]
+
+
+async def test_retry_of_a_bad_recording_downloads_it_again(
+    gateway: Client, configured_db: Any, settings: Settings, topics: Topics
+) -> None:
+    """A permanent normalizer failure (mono, corrupt, ...) was the bytes fetched: a retry (of a
+    recording fixed at the same URL, the README's case) resumes at the fetcher, not at the
+    normalizer with the same bytes."""
+    _status, body = await post(gateway, call_body("retry-bad-recording"))
+    cuid = body["cuid"]
+    await configured_db.calls.update_one({"_id": cuid}, {"$set": {"fetched": {
+        "bucket": "b", "key": f"raw/{cuid}/1", "size_bytes": 10, "format": "wav"}}})
+    await fail(configured_db, cuid, "normalizer", retryable=False)
+    assert await retry(gateway, cuid) == (202, {"cuid": cuid, "status": "validated"})
+    validated = await events_of(settings, topics.validated, cuid)
+    assert [e["attempt"] for e in validated] == [2]
+    assert await events_of(settings, topics.fetched, cuid) == []
 
 
 async def test_correction_replaces_content_and_restarts(

@@ -74,15 +74,21 @@ async def test_retry_resumes_from_the_failed_stage(
     assert view["status"] == "validated" and view["history"][-1]["stage"] == "retry"
 
 
+async def _failed_in_the_normalizer(gateway: Client, db: Any, external_id: str,
+                                    retryable: bool) -> str:
+    _status, body = await post(gateway, call_body(external_id))
+    cuid = str(body["cuid"])
+    await db.calls.update_one({"_id": cuid}, {"$set": {"fetched": {
+        "bucket": "b", "key": f"raw/{cuid}/1", "size_bytes": 10, "format": "wav"}}})
+    await fail(db, cuid, "normalizer", retryable=retryable)
+    return cuid
+
+
 async def test_retry_of_a_normalizer_failure_resumes_at_the_normalizer(
     gateway: Client, configured_db: Any, settings: Settings, topics: Topics
 ) -> None:
     """Given up on transient errors: the normalizer runs again on the bytes already fetched."""
-    _status, body = await post(gateway, call_body("retry-norm"))
-    cuid = body["cuid"]
-    await configured_db.calls.update_one({"_id": cuid}, {"$set": {"fetched": {
-        "bucket": "b", "key": f"raw/{cuid}/1", "size_bytes": 10, "format": "wav"}}})
-    await fail(configured_db, cuid, "normalizer", retryable=True)
+    cuid = await _failed_in_the_normalizer(gateway, configured_db, "retry-norm", retryable=True)
     assert await retry(gateway, cuid) == (202, {"cuid": cuid, "status": "fetched"})
     fetched = await events_of(settings, topics.fetched, cuid)
     assert [(e["attempt"], e["key"]) for e in fetched] == [(2, f"raw/{cuid}/1")]
@@ -94,11 +100,7 @@ async def test_retry_of_a_bad_recording_downloads_it_again(
     """A permanent normalizer failure (mono, corrupt, ...) was the bytes fetched: a retry (of a
     recording fixed at the same URL, the README's case) resumes at the fetcher, not at the
     normalizer with the same bytes."""
-    _status, body = await post(gateway, call_body("retry-bad-recording"))
-    cuid = body["cuid"]
-    await configured_db.calls.update_one({"_id": cuid}, {"$set": {"fetched": {
-        "bucket": "b", "key": f"raw/{cuid}/1", "size_bytes": 10, "format": "wav"}}})
-    await fail(configured_db, cuid, "normalizer", retryable=False)
+    cuid = await _failed_in_the_normalizer(gateway, configured_db, "retry-bad", retryable=False)
     assert await retry(gateway, cuid) == (202, {"cuid": cuid, "status": "validated"})
     validated = await events_of(settings, topics.validated, cuid)
     assert [e["attempt"] for e in validated] == [2]

@@ -7,7 +7,6 @@ burst of submissions costs one lookup. A token is never logged or echoed.
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import math
 import re
@@ -19,6 +18,7 @@ from aiohttp import hdrs, web
 from cachetools import TLRUCache
 from pymongo.asynchronous.database import AsyncDatabase
 
+from callingest.config_file import hash_token
 from callingest.mongo import storable
 from callingest.settings import IPNetwork
 from services.gateway.domain import Principal
@@ -29,11 +29,6 @@ _BEARER_HEADER = re.compile(r"Bearer\s+(?P<token>\S+)", re.IGNORECASE)
 NEGATIVE_CACHE_SECONDS = 1.0
 MAX_CACHE_ENTRIES = 10_000
 _UNCACHED: Any = object()
-
-
-def token_hash(token: str) -> str:
-    """The stored form of a token (``api_tokens._id``)."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def request_token(request: web.Request, body: dict[str, Any] | None) -> str | None:
@@ -66,7 +61,7 @@ class TokenAuthenticator:
         """The principal of ``token``; raises :class:`NotAuthorized` if missing or unknown."""
         if not token or not storable(token):  # a NUL or a surrogate: no token has one
             raise NotAuthorized("Invalid or missing oauth token.")
-        digest = token_hash(token)
+        digest = hash_token(token)
         principal = self._cache.get(digest, _UNCACHED)
         if principal is _UNCACHED:
             principal = await self._lookup(digest)

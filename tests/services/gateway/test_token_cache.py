@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from callingest.config_file import hash_token as token_hash
 from services.gateway import auth
-from services.gateway.auth import TokenAuthenticator, token_hash
+from services.gateway.auth import TokenAuthenticator
 from services.gateway.errors import NotAuthorized
 
 pytestmark = pytest.mark.mongo

@@ -302,20 +302,19 @@ def load(path: Path) -> ConfigFile:
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping with a 'networks' list")
-    if unstorable := mongo.unstorable_paths(data):
-        raise ConfigError("\n".join(f"{path}: {where}: {mongo.UNSTORABLE_TEXT}" for where in unstorable))
+    if unstorable := mongo.unstorable_locations(data):
+        raise ConfigError("\n".join(f"{path}: {_path(loc)}: {mongo.UNSTORABLE_TEXT}" for loc in unstorable))
     try:
         return ConfigFile.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = _path(err["loc"], data)
-            lines.append(f"{path}: {loc or '(top level)'}: {err['msg']}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError("\n".join(f"{path}: {_path(err['loc'])}: {err['msg']}"
+                                    for err in exc.errors())) from None
 
 
-def _path(loc: tuple[Any, ...], data: Any) -> str:
-    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+def _path(loc: tuple[Any, ...]) -> str:
+    """``networks[0].name`` for the location ``("networks", 0, "name")``."""
+    text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    return text or "(top level)"
 
 
 def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:

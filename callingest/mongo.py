@@ -31,18 +31,19 @@ def storable(text: str) -> bool:
     return _UNSTORABLE.search(text) is None
 
 
-def unstorable_paths(data: Any, path: str = "") -> list[str]:
-    """The paths (``networks[0].name``) of the keys and strings in ``data`` (parsed JSON or
-    YAML) that are not :func:`storable`."""
+def unstorable_locations(data: Any, loc: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Where, in ``data`` (parsed JSON or YAML), a key or a string is not :func:`storable`:
+    each as a location of keys and list indexes, like pydantic's error ``loc``."""
     if isinstance(data, str):
-        return [] if storable(data) else [path or "(top level)"]
+        return [] if storable(data) else [loc]
     if isinstance(data, list):
-        return [p for i, item in enumerate(data) for p in unstorable_paths(item, f"{path}[{i}]")]
+        return [found for i, item in enumerate(data) for found in unstorable_locations(item, (*loc, i))]
     if isinstance(data, dict):
-        return [p for key, value in data.items()
-                for p in unstorable_paths(str(key), f"{path}.{key}".lstrip("."))
-                + unstorable_paths(value, f"{path}.{key}".lstrip("."))]
+        return [found for key, value in data.items()
+                for found in unstorable_locations(str(key), (*loc, str(key)))
+                + unstorable_locations(value, (*loc, str(key)))]
     return []
+
 
 Document = dict[str, Any]
 

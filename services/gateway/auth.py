@@ -24,6 +24,8 @@ from callingest.settings import IPNetwork
 from services.gateway.domain import Principal
 from services.gateway.errors import NotAuthorized, TooManyRequests
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
 _TOKEN_HEADER = re.compile(r'Token\s+token="?(?P<token>[^"\s,]+)"?', re.IGNORECASE)
 _BEARER_HEADER = re.compile(r"Bearer\s+(?P<token>\S+)", re.IGNORECASE)
 NEGATIVE_CACHE_SECONDS = 1.0
@@ -98,13 +100,6 @@ class FailureThrottle:
         self.trusted_proxies = trusted_proxies
         self._failures: dict[str, deque[float]] = {}
 
-    def _trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        return any(ip in network for network in self.trusted_proxies)
-
     def address_of(self, request: web.Request) -> str:
         """The client's address: the peer's, unless the peer is a trusted proxy; then the
         nearest ``X-Forwarded-For`` entry (read from the right) that is not one, or the last
@@ -116,13 +111,21 @@ class FailureThrottle:
         hops = [hop.strip() for header in request.headers.getall(hdrs.X_FORWARDED_FOR, ())
                 for hop in header.split(",")]
         for hop in reversed(hops):
-            if not self._trusted(hop):
-                try:
-                    return str(ipaddress.ip_address(hop))
-                except ValueError:
-                    return address
+            try:
+                ip = ipaddress.ip_address(hop)
+            except ValueError:
+                return address
+            if not self._trusted(ip):
+                return str(ip)
             address = hop
         return address
+
+    def _trusted(self, address: str | IPAddress) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
 
     def _recent(self, address: str, now: float) -> deque[float] | None:
         failures = self._failures.get(address)

@@ -72,9 +72,9 @@ def _describe(error: Any) -> str:
         return f"'{path}' is required"
     if kind == "invalid":
         return rules.field_problem(path, error["msg"])
-    if kind in ("model_type", "model_attributes_type", "dict_type") and path and error.get("input") is None:
-        return f"'{path}' is required"  # "call": null is a call not passed
     if kind in ("model_type", "model_attributes_type", "dict_type"):
+        if path and error.get("input") is None:  # "call": null is a call not passed
+            return f"'{path}' is required"
         return f"'{path}' must be an object" if path else "the request body must be a JSON object"
     if kind == "list_type":
         return f"'{path}' must be a list"

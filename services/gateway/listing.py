@@ -117,7 +117,10 @@ def _moment(params: Any, name: str) -> datetime | None:
         raise InvalidParameter(f"'{name}' must be an ISO 8601 time such as 2026-11-30T12:00:00Z.") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00, 9999-12-31T23:59-14:00
+        raise InvalidParameter(f"'{name}' must fall between the years 1 and 9999 in UTC.") from None
 
 
 def _limit(raw: str | None) -> int:

@@ -74,7 +74,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as error:
-        return error_response(error)
+        response = error_response(error)
+        if request.content.exception() is not None:
+            # The body broke off (a Content-Encoding that does not decode): the rest of this
+            # connection's stream cannot be read, so answer and close it, without aiohttp
+            # draining the broken body afterwards (an "Unhandled exception" and a reset).
+            request.content.feed_eof()
+            response.force_close()
+        return response
     except web.HTTPRequestEntityTooLarge:
         return error_response(PayloadTooLarge("The request body is larger than 1 MiB."))
     except web.HTTPNotFound:

@@ -56,13 +56,14 @@ def parse_start_time(value: Any, network_tz: tzinfo, *, now: datetime | None = N
     before 2000-01-01 UTC or more than one day after ``now``.
     """
     parsed = _decode_start_time(value, network_tz)
-    parsed = parsed.astimezone(UTC)
-    parsed = parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
+    # The bounds first: comparing aware times cannot overflow, converting year 1 or 9999 to
+    # UTC can.
     if parsed < EARLIEST_START_TIME:
         raise FieldError("must not be before 2000-01-01")
     if parsed > (now or datetime.now(UTC)) + MAX_FUTURE:
         raise FieldError("must not be more than a day in the future")
-    return parsed
+    parsed = parsed.astimezone(UTC)
+    return parsed.replace(microsecond=parsed.microsecond // 1000 * 1000)
 
 
 def _decode_start_time(value: Any, network_tz: tzinfo) -> datetime:

@@ -48,7 +48,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object: 415 for a non-JSON content type, 413 over 1 MiB,
-    403 RecordInvalid when unparseable, not an object, or naming a key twice in an object.
+    403 RecordInvalid when undecodable, unparseable, not an object, or naming a key twice in an object.
     An empty body is ``{}``."""
     if hdrs.CONTENT_TYPE in request.headers:
         ctype = request.content_type
@@ -56,7 +56,10 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
             raise UnsupportedMediaType("Send the request body as application/json.")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise PayloadTooLarge("The request body is larger than 1 MiB.")
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.RequestPayloadError:  # a body its Content-Encoding (gzip, deflate) cannot decode
+        raise RecordInvalid(["the request body cannot be decoded as its Content-Encoding says"]) from None
     if not raw.strip():
         return {}
     try:

@@ -100,6 +100,7 @@ async def test_newest_first_with_filters_limit_and_cursor(gateway: Client, confi
     {"status": "done"}, {"status": ""}, {"limit": 0}, {"limit": 101}, {"limit": "ten"},
     {"limit": "-1"}, {"limit": "５"}, {"since": "yesterday"}, {"until": "2026-13-01T00:00:00Z"},
     {"since": "2026-11-30T12:00:00Z", "until": "2026-11-29T12:00:00Z"},
+    {"since": "9999-12-31T23:59:59-14:00"}, {"until": "0001-01-01T00:00:00+14:00"},
     {"cursor": "not-a-cursor"}, {"cursor": "WzEsMl0"}, {"external_call_unique_id": ""},
     {"external_call_unique_id": "x" * 256}, {"colour": "blue"},
 ])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 from typing import Any
@@ -422,6 +423,15 @@ async def test_bad_bodies_are_4xx_with_errors_body(gateway: Client) -> None:
 
     resp = await gateway.post(URL, data="call=1", headers={"Content-Type": "text/plain", **auth})
     assert_error(resp.status, await resp.json(), 415, "UnsupportedMediaType")
+
+    # A compressed body is read as its Content-Encoding says; one that does not decode is bad input.
+    gzipped = {"Content-Type": "application/json", "Content-Encoding": "gzip", **auth}
+    resp = await gateway.post(URL, data=gzip.compress(json.dumps(call_body("gz")).encode()),
+                              headers=gzipped)
+    assert resp.status == 201, await resp.text()
+    for broken in (b"notgzip", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xffgarbage"):
+        resp = await gateway.post(URL, data=broken, headers=gzipped)
+        assert "Content-Encoding" in assert_error(resp.status, await resp.json(), 403, "RecordInvalid")
 
     huge = json.dumps({**call_body("big"), "padding": "x" * (1024 * 1024)})
     status, body = await post(gateway, huge)

@@ -121,6 +121,29 @@ def test_implausible_times_are_rejected() -> None:
     assert parse_start_time(int(ahead.timestamp()), LA, now=NOW) == ahead
 
 
+@pytest.mark.parametrize("value", [
+    "9999/12/31T23:59:59.000-14:00", "9999-12-31 23:59:59", "9999/12/31 11:59:59 PM",
+    "0001-01-01T00:00:00+01:00", "0001-01-01 00:00:00", "0001/01/01 12:00:00 AM",
+])
+def test_times_at_the_ends_of_the_calendar_are_rejected_not_overflowed(value: str) -> None:
+    """Year 1 or 9999 in a zone: converting it to UTC leaves the calendar (OverflowError)."""
+    with pytest.raises(FieldError, match="2000|future"):
+        parse_start_time(value, LA, now=NOW)
+
+
+@given(st.datetimes(timezones=st.just(UTC)), st.integers(-23 * 60 - 59, 23 * 60 + 59),
+       st.sampled_from(["T", " "]))
+def test_any_calendar_time_with_any_offset_parses_or_is_a_field_error(
+        moment: datetime, offset: int, separator: str) -> None:
+    sign, minutes = ("-" if offset < 0 else "+"), abs(offset)
+    value = f"{moment:%Y-%m-%d}{separator}{moment:%H:%M:%S}{sign}{minutes // 60:02}:{minutes % 60:02}"
+    try:
+        parsed = parse_start_time(value, LA, now=NOW)
+    except FieldError:
+        return
+    assert datetime(2000, 1, 1, tzinfo=UTC) <= parsed <= NOW + timedelta(days=1)
+
+
 # Epoch seconds have 10 digits from 2001-09-09T01:46:40Z on.
 moments = st.datetimes(
     min_value=datetime(2001, 9, 10), max_value=datetime(2026, 11, 26), timezones=st.just(UTC)

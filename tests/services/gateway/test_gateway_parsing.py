@@ -127,7 +127,7 @@ def test_implausible_times_are_rejected() -> None:
 ])
 def test_times_at_the_ends_of_the_calendar_are_rejected_not_overflowed(value: str) -> None:
     """Year 1 or 9999 in a zone: converting it to UTC leaves the calendar (OverflowError)."""
-    with pytest.raises(FieldError, match="2000|future"):
+    with pytest.raises(FieldError, match=r"2000|future"):
         parse_start_time(value, LA, now=NOW)
 
 

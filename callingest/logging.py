@@ -27,15 +27,18 @@ _URL_SECRETS = re.compile(
     r"(?P<rest>[^\s?#\"']*)"  # host and path (kept)
     r"(?:\?[^\s#\"']*)?"  # query string (dropped)
 )
+# A quote around a name or value may be JSON-escaped (``\"``): the scrubber reads JSON text.
+_QUOTE = r"""(?:\\?["'])?"""
+_VALUE = r"""[^\s"',&\\]+"""
 _AUTH_VALUES = re.compile(
     r"(?i)(authorization|oauth_token|token|api[-_]?key|secret)"  # the credential's name
-    r"(\"?\s*[:=]\s*\"?)([^\s\",&]+)"  # separator, then the value (redacted)
+    rf"({_QUOTE}\s*[:=]\s*{_QUOTE})({_VALUE})"  # separator, then the value (redacted)
 )
 # Path parameters (RFC 3986 ";name=value" in a segment: ``/a.wav;jsessionid=...``) carry
 # sessions as query strings do: dropped from every URL shown (and from fetcher.urls.redact_url).
 PATH_PARAMETERS = re.compile(r";[^/]*")
 _PATH_QUERY = re.compile(r"(?P<path>(?:^|(?<=[\s\"']))/[^\s?#\"']*)\?[^\s#\"']*")
-_BEARER = re.compile(r"(?i)\b(bearer|token\s+token=)\s*[^\s\",]+")
+_BEARER = re.compile(rf"(?i)\b(bearer|token\s+token=)\s*{_QUOTE}{_VALUE}")
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 _secrets: set[str] = set()

@@ -26,6 +26,7 @@ _URL_SECRETS = re.compile(
     r"(?:[^/\s@\"']*@)?"  # userinfo (dropped)
     r"(?P<rest>[^\s?#\"']*)"  # host and path (kept)
     r"(?:\?[^\s#\"']*)?"  # query string (dropped)
+    r"(?:#[^\s\"']*)?"  # fragment (dropped: it may carry a token too)
 )
 # A quote around a name or value may be JSON-escaped (``\"``): the scrubber reads JSON text.
 _QUOTE = r"""(?:\\?["'])?"""
@@ -37,7 +38,7 @@ _AUTH_VALUES = re.compile(
 # Path parameters (RFC 3986 ";name=value" in a segment: ``/a.wav;jsessionid=...``) carry
 # sessions as query strings do: dropped from every URL shown (and from fetcher.urls.redact_url).
 PATH_PARAMETERS = re.compile(r";[^/]*")
-_PATH_QUERY = re.compile(r"(?P<path>(?:^|(?<=[\s\"']))/[^\s?#\"']*)\?[^\s#\"']*")
+_PATH_QUERY = re.compile(r"(?P<path>(?:^|(?<=[\s\"']))/[^\s?#\"']*)(?:\?[^\s\"']*|#[^\s\"']*)")
 _BEARER = re.compile(rf"(?i)\b(bearer|token\s+token=)\s*{_QUOTE}{_VALUE}")
 _STANDARD_ATTRS = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -53,8 +54,8 @@ def register_secret(value: str) -> None:
 
 
 def scrub(text: str) -> str:
-    """``text`` without URL query strings, path parameters and userinfo, credential values or
-    registered secrets."""
+    """``text`` without URL query strings, fragments, path parameters and userinfo, credential
+    values or registered secrets."""
     text = _URL_SECRETS.sub(lambda m: m.group("scheme") + PATH_PARAMETERS.sub("", m.group("rest")), text)
     text = _PATH_QUERY.sub(lambda m: m.group("path"), text)
     text = _BEARER.sub(lambda m: m.group(1) + " [redacted]", text)

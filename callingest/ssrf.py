@@ -31,6 +31,7 @@ aiohttp lets it through unwrapped (it would otherwise become a retryable connect
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ class AddressRefused(Exception):
     """
 
     def __init__(self, host: str, reason: str) -> None:
-        super().__init__(f"{host}: {reason}")
+        super().__init__(f"{bracketed(host)}: {reason}")
         self.host = host
         self.reason = reason
 
@@ -172,6 +173,11 @@ class AddressPolicy:
         if reason is not None:
             shown = str(address) if host is None or host == str(address) else f"{host} ({address})"
             raise AddressRefused(shown, reason)
+
+
+def bracketed(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), anything else as is."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") and " " not in host else host
 
 
 def _as_ip(address: IPAddress | str) -> IPAddress:
@@ -251,6 +257,12 @@ def _ipv4_number(part: str) -> int | None:
     return None
 
 
+def url_as_given(raw: str) -> URL:
+    """``raw`` as a URL exactly as given (a presigned URL's encoding is kept byte for byte);
+    raises ValueError if it is none."""
+    return URL(raw, encoded=True) if raw.isascii() else URL(raw)
+
+
 def check_url(url: URL, policy: AddressPolicy) -> None:
     """Refuse a URL the fetcher must not request: scheme, missing host, or a refused literal.
 
@@ -268,10 +280,28 @@ def check_url(url: URL, policy: AddressPolicy) -> None:
     ip = parse_ip_host(host)
     if ip is not None:
         policy.check(ip, host)
+    elif not valid_host_name(host):
+        raise AddressRefused(host, "not a valid host name")
 
 
 def _normalized_name(host: str) -> str:
     return host.lower().rstrip(".")
+
+
+# A DNS label as RFC 1123 writes it (an underscore too: some real hosts have one).
+_LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE | re.ASCII)
+
+
+def valid_host_name(host: str) -> bool:
+    """True if ``host`` (not an IP literal) can be looked up: IDNA-encodable, labels of 1-63
+    letters, digits, hyphens (not at either end) or underscores, 253 characters at most.
+    What fails here would fail in the resolver (``UnicodeError``) or ask DNS for nonsense."""
+    name = host[:-1] if host.endswith(".") else host
+    try:
+        encoded = name.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    return 0 < len(encoded) <= 253 and all(_LABEL.fullmatch(label) for label in encoded.split("."))
 
 
 def _result(hostname: str, ip: IPAddress, port: int) -> ResolveResult:

@@ -9,6 +9,7 @@ from yarl import URL
 
 from callingest.errors import PermanentError
 from callingest.logging import PATH_PARAMETERS
+from callingest.ssrf import url_as_given
 
 
 def redact_url(url: str | URL) -> str:
@@ -29,7 +30,7 @@ def redact_url(url: str | URL) -> str:
 def parse_url(raw: str) -> URL:
     """The URL exactly as given (a presigned URL's encoding is kept byte for byte)."""
     try:
-        return URL(raw, encoded=True) if raw.isascii() else URL(raw)
+        return url_as_given(raw)
     except (ValueError, TypeError):
         raise PermanentError("RecordingUrlRefused", "recording_url is not a valid URL") from None
 

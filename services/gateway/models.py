@@ -28,7 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from callingest import rules
+from callingest import rules, ssrf
 from callingest.config_file import LanguageCode as LanguageCodes
 from callingest.config_file import NetworkSettings
 from callingest.mongo import UNSTORABLE_TEXT, storable
@@ -108,6 +108,9 @@ def _call_direction(value: Any) -> str:
     raise _problem("must be inbound or outbound")
 
 
+# Loopback is a deployment's choice (the fetcher's ALLOW_LOOPBACK_RECORDINGS); every other
+# refused address, and a host name no resolver can look up, is refused on every deployment.
+ALWAYS_REFUSED = ssrf.AddressPolicy(allow_loopback=True)
 _NOT_IN_URLS = re.compile(r"[\s\x00-\x1f\x7f\\]")
 
 
@@ -128,6 +131,12 @@ def _recording_url(value: Any, info: ValidationInfo) -> str:
         raise _problem("is not a valid URL") from None
     scheme = parts.scheme.lower()
     if scheme in ("http", "https") and host:
+        try:  # what the fetcher refuses on every deployment, refused now rather than later
+            ssrf.check_url(ssrf.url_as_given(url), ALWAYS_REFUSED)
+        except ValueError:
+            raise _problem("is not a valid URL") from None
+        except ssrf.AddressRefused as exc:
+            raise _problem(f"is refused: {exc}") from None
         return url
     if scheme == "s3":
         if parts.netloc in _context(info).allowed_s3_buckets and parts.path.strip("/"):

@@ -24,6 +24,8 @@ FORMS = [
     "api_key: '{s}'",
     "GET /api/2022-03-01/calls.json?oauth_token={s} HTTP/1.1",
     "b'Token token=\"{s}\" and more'",
+    "fetching http://127.0.0.1:8000/a.wav#{s} failed",
+    "GET /api/2022-03-01/calls/c1.json#{s} HTTP/1.1",
 ]
 
 

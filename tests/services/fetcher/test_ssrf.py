@@ -172,6 +172,23 @@ def test_check_url_refusals(url: str, policy: AddressPolicy) -> None:
         check_url(URL(url, encoded=True), policy)
 
 
+@pytest.mark.parametrize("url", [
+    "http://%zz/a.wav", f"http://{'a' * 300}.com/a.wav", f"http://{'a' * 64}.example/a.wav",
+    "http://a..b/a.wav", "http://-a.example/a.wav", "http://a-.example/a.wav",
+])
+@pytest.mark.parametrize("policy", [STRICT, DEV], ids=["strict", "dev"])
+def test_check_url_refuses_host_names_no_resolver_can_look_up(url: str, policy: AddressPolicy) -> None:
+    """Refused as a URL (permanent), not left to fail in the resolver at every retry."""
+    with pytest.raises(AddressRefused, match="not a valid host name"):
+        check_url(URL(url, encoded=True), policy)
+
+
+@pytest.mark.parametrize("url", ["http://bücher.example/a.wav", "http://a_b.example./a.wav",
+                                 f"http://{'a' * 63}.example/a.wav", "http://recordings/a.wav"])
+def test_check_url_accepts_valid_host_names(url: str) -> None:
+    check_url(URL(url), STRICT)
+
+
 def test_check_url_leaves_names_to_the_resolver() -> None:
     check_url(URL("https://recordings.example.com/a.wav?sig=x", encoded=True), STRICT)
 

@@ -102,3 +102,22 @@ async def test_a_recording_url_with_spaces_controls_or_backslashes_is_refused(
     assert assert_error(status, answer, 403, "RecordInvalid") == (
         "Validation failed: 'call.recording_url' must not contain spaces, control characters or "
         "backslashes (percent-encode them)")
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://0.0.0.0/call.wav", "0.0.0.0: unspecified or 'this network' address"),
+    ("http://[::]/call.wav", "[::]: unspecified address"),
+    ("http://10.0.0.1/call.wav?sig=SECRET", "10.0.0.1: private address"),
+    ("http://169.254.169.254/latest/meta-data/", "169.254.169.254: cloud metadata address"),
+    ("http://%zz/call.wav", "%zz: not a valid host name"),
+    (f"http://{'a' * 300}.example/call.wav", f"{'a' * 300}.example: not a valid host name"),
+])
+async def test_a_recording_url_the_fetcher_always_refuses_is_refused_at_submission(
+    gateway: Client, url: str, why: str
+) -> None:
+    """Refused on every deployment (loopback alone is the deployment's choice): a 403 now, not a
+    201 and a failed call with a CSM email a moment later. Nothing is connected to."""
+    status, answer = await post(gateway, call_body("gap-refused", recording_url=url))
+    message = assert_error(status, answer, 403, "RecordInvalid")
+    assert message == f"Validation failed: 'call.recording_url' is refused: {why}"
+    assert "SECRET" not in message

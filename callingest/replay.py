@@ -69,14 +69,19 @@ async def replay_calls(settings: Settings, flt: ReplayFilter, dry_run: bool = Fa
     try:
         calls = await db.calls.find(flt.query()).sort("_id", 1).to_list(None)
         summary.matched = len(calls)
+        narrowed = " matching the other filters" if flt.stage or flt.failure_class or flt.since else ""
         for cuid in flt.cuids:
             if cuid not in {c["_id"] for c in calls}:
-                summary.skipped.append(f"{cuid}: no failed call with this cuid")
+                summary.skipped.append(f"{cuid}: no failed call with this cuid{narrowed}")
         if dry_run or not calls:
             for call in calls:
                 failure = call.get("failure", {})
-                print(f"would replay {call['_id']} at stage {failure.get('stage')} "
-                      f"({failure.get('class')}: {failure.get('message')})")
+                try:
+                    stage = restart_stage(call)
+                except NotRestartable as exc:
+                    stage = f"none ({exc})"
+                print(f"would replay {call['_id']} at stage {stage} (failed in "
+                      f"{failure.get('stage')}: {failure.get('class')}: {failure.get('message')})")
             return summary
         producer = Producer(settings.kafka_bootstrap_servers, "replay",
                             options=client_options(settings))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,19 @@ async def test_replay_after_correcting_the_configuration(
 
 async def _is(awaitable: Any, expected: str) -> bool:
     return bool(await awaitable == expected)
+
+
+async def test_a_dry_run_names_the_stage_the_replay_restarts_from(settings: Settings, db: Any) -> None:
+    """A permanent normalizer failure (the recording's bytes) restarts at the fetcher; the
+    dry run says so, as the replay does it."""
+    now = datetime.now(UTC)
+    await db.calls.insert_one({
+        "_id": "dry-mono", "status": "failed", "attempt": 1, "fetched": {"key": "k"},
+        "failure": {"stage": "normalizer", "class": "RecordingFormat", "message": "mono",
+                    "retryable": False, "at": now}})
+    dry = cli(settings, "replay", "--cuid", "dry-mono", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert ("would replay dry-mono at stage fetcher (failed in normalizer: RecordingFormat: mono)"
+            in dry.stdout)
+    narrowed = cli(settings, "replay", "--cuid", "dry-mono", "--stage", "fetcher", "--dry-run")
+    assert "dry-mono: no failed call with this cuid matching the other filters" in narrowed.stdout

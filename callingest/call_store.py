@@ -121,7 +121,8 @@ class CallStore:
                     f"outputs.{stage}": output,
                 },
                 "$unset": {"retrying": ""},
-                "$push": {"history": {"stage": stage, "status": "failed", "at": at}},
+                "$push": {"history": {"stage": stage, "status": "failed", "at": at,
+                                      "class": failure_class, "message": message}},
             },
         )
         return output

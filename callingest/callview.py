@@ -25,7 +25,9 @@ class CustomDatumOut(BaseModel):
 
 class HistoryEntry(BaseModel):
     """One step of the call's processing; ``retrying`` entries also carry the try that
-    failed, its error class and when the next try is due (those keys only on them)."""
+    failed, its error class and when the next try is due, ``failed`` entries the failure's
+    class and message (so a failure stays readable after a retry clears ``failure``); each
+    key only where it applies."""
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -34,14 +36,16 @@ class HistoryEntry(BaseModel):
     at: str | None = Field(description="ISO 8601 UTC with Z")
     attempt: int | None = Field(None, description="retrying entries: the try that failed (1 = first)")
     error_class: str | None = Field(None, alias="class",
-                                    description="retrying entries: the error class")
+                                    description="retrying and failed entries: the error class")
+    message: str | None = Field(None, description="failed entries: the failure's message")
     next_attempt_at: str | None = Field(None, description="retrying entries: ISO 8601 UTC with Z")
 
     @model_serializer(mode="wrap")
     def _only_set_keys(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
         return {k: v for k, v in data.items()
-                if v is not None or k not in ("attempt", "class", "error_class", "next_attempt_at")}
+                if v is not None or k not in ("attempt", "class", "error_class", "message",
+                                              "next_attempt_at")}
 
 
 class RetryError(BaseModel):

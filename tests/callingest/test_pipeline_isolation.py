@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from callingest import retry_tiers
+from callingest.callview import call_view
 from callingest.errors import Deferred, TransientError
 from callingest.scheduling import network_share
 from callingest.settings import Settings
@@ -144,6 +145,10 @@ async def test_retrying_is_cleared_by_success_and_by_the_final_failure(
         ("received", None), ("retrying", 1), ("retrying", 2), ("failed", None)]
     assert failed["failure"]["class"] == "RecordingTimeout"
     assert "gave up after 3 attempts" in failed["failure"]["message"]
+    # The failed entry keeps the failure: readable in the view after a retry clears `failure`.
+    shown = call_view({**failed, "status": "validated", "failure": None})["history"][-1]
+    assert shown == {"stage": "validator", "status": "failed", "at": shown["at"],
+                     "class": "RecordingTimeout", "message": failed["failure"]["message"]}
 
 
 async def test_a_deferral_uses_up_no_attempt(settings: Settings, db: Any, topics: Topics) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from callingest import config_file, rotation, secretbox
+from callingest import config_apply, config_file, rotation, secretbox
 from callingest.rotation import RotationReport, rotate
 from callingest.secretbox import (
     RECORDING_AUTH_CONFIGS,
@@ -205,7 +205,7 @@ async def _configure(db: Any, networks: int, token: str, codec: Any) -> None:
             {"id": 8, "method": "query_param", "name": "q", "token": f"{token}-{n}-8"},
             {"id": 9, "method": "custom_header", "name": "X-K", "token": f"{token}-{n}-9"},
         ]} for n in range(networks)]})
-    await config_file.apply(db, cfg, codec)
+    await config_apply.apply(db, cfg, codec)
 
 
 async def _kids(db: Any) -> list[str]:

@@ -53,12 +53,21 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
     return {"networks": networks, "api_tokens": tokens, "campaigns": campaigns}
 
 
+#: Collections whose documents belong to a network (``network_id``), with what removing one is
+#: called: the file is the source of truth for each network it lists, so of those networks
+#: whatever the file no longer names is removed (as their webhooks and recording auth configs
+#: are, being fields of the network's document). Networks the file does not list are left alone.
+OWNED_BY_NETWORK = {"api_tokens": "revoked"}
+
+
 async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile,
                 codec: SecretCodec) -> list[str]:
-    """Upsert every document of ``config``, its secrets sealed by ``codec``; returns one line
-    per created or changed document."""
+    """Upsert every document of ``config``, its secrets sealed by ``codec``, and remove what the
+    file no longer names of the networks it lists; returns one line per created, changed or
+    removed document."""
     changes: list[str] = []
-    for collection, docs in documents(config).items():
+    wanted = documents(config)
+    for collection, docs in wanted.items():
         for doc in docs:
             existing = await db[collection].find_one({"_id": doc["_id"]})
             doc = seal_document(codec, collection, doc, existing)
@@ -69,6 +78,13 @@ async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile,
             elif {k: existing.get(k) for k in doc} != doc:
                 await db[collection].replace_one({"_id": doc["_id"]}, doc)
                 changes.append(f"updated {label}")
+    listed = [n.id for n in config.networks]
+    for collection, removed in OWNED_BY_NETWORK.items():
+        unlisted = {"network_id": {"$in": listed}, "_id": {"$nin": [d["_id"] for d in wanted[collection]]}}
+        gone = await db[collection].find(unlisted).sort("_id", 1).to_list(None)
+        if gone:
+            await db[collection].delete_many({**unlisted, "_id": {"$in": [d["_id"] for d in gone]}})
+        changes.extend(f"{removed} {_label(collection, doc)}" for doc in gone)
     return changes
 
 

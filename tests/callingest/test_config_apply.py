@@ -95,6 +95,30 @@ async def test_bad_file_names_file_and_field_and_changes_nothing(
     assert await db.api_tokens.count_documents({}) == 0
 
 
+def network_yaml(network_id: str, *tokens: str) -> str:
+    return (f"  - id: '{network_id}'\n    name: N\n    api_tokens:\n"
+            + "".join(f"      - token: {t}\n" for t in tokens))
+
+
+async def test_a_token_no_longer_listed_for_its_network_is_revoked(
+        settings: Settings, db: Any, tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text("networks:\n" + network_yaml("9901", "old-token-9901", "kept-token-9901")
+                    + network_yaml("9902", "other-token-9902"))
+    assert apply(settings, path).returncode == 0
+    # The old token replaced by a new one; network 9902 is not in the file: left alone.
+    path.write_text("networks:\n" + network_yaml("9901", "new-token-9901", "kept-token-9901"))
+    result = apply(settings, path)
+    assert result.returncode == 0, result.stderr
+    old = hashlib.sha256(b"old-token-9901").hexdigest()
+    assert f"revoked api token of network 9901 (sha256 {old[:8]}...)" in result.stdout.splitlines()
+    assert "old-token" not in result.stdout + result.stderr
+    remaining = {d["_id"] for d in await db.api_tokens.find().to_list(None)}
+    assert remaining == {hashlib.sha256(t).hexdigest()
+                         for t in (b"new-token-9901", b"kept-token-9901", b"other-token-9902")}
+    assert "already up to date" in apply(settings, path).stdout
+
+
 def test_missing_file_is_reported(settings: Settings, tmp_path: Path) -> None:
     result = apply(settings, tmp_path / "absent.yaml")
     assert result.returncode != 0

@@ -55,9 +55,11 @@ def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
 
 #: Collections whose documents belong to a network (``network_id``), with what removing one is
 #: called: the file is the source of truth for each network it lists, so of those networks
-#: whatever the file no longer names is removed (as their webhooks and recording auth configs
-#: are, being fields of the network's document). Networks the file does not list are left alone.
-OWNED_BY_NETWORK = {"api_tokens": "revoked"}
+#: whatever the file no longer names is removed (as their advertisers, webhooks and recording
+#: auth configs are, being fields of the network's document; an advertiser's campaigns go with
+#: it). Networks the file does not list are left alone. Calls keep their campaign id and
+#: advertiser, so the calls of a removed campaign are still viewed and listed.
+OWNED_BY_NETWORK = {"api_tokens": "revoked", "campaigns": "removed"}
 
 
 async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile,

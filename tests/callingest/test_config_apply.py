@@ -119,6 +119,28 @@ async def test_a_token_no_longer_listed_for_its_network_is_revoked(
     assert "already up to date" in apply(settings, path).stdout
 
 
+async def test_campaigns_and_advertisers_no_longer_listed_are_removed(
+        settings: Settings, db: Any, tmp_path: Path) -> None:
+    path = tmp_path / "campaigns.yaml"
+    advertisers = ("    advertisers:\n      - id: adv-a\n        campaigns: [{id_from_network: 1}, "
+                   "{id_from_network: 2}]\n      - id: adv-b\n        campaigns: [{id_from_network: 3}]\n")
+    path.write_text("networks:\n" + network_yaml("9901", "token-9901") + advertisers
+                    + network_yaml("9902", "token-9902") + advertisers)
+    assert apply(settings, path).returncode == 0
+    # 9901: adv-a's campaigns emptied, adv-b gone; 9902 is not in the file: left alone.
+    path.write_text("networks:\n" + network_yaml("9901", "token-9901")
+                    + "    advertisers:\n      - id: adv-a\n        campaigns: []\n")
+    result = apply(settings, path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for removed in ("1", "2", "3"):
+        assert f"removed campaign {removed} of network 9901" in lines
+    assert await db.campaigns.count_documents({"network_id": "9901"}) == 0
+    assert await db.campaigns.count_documents({"network_id": "9902"}) == 3
+    assert (await db.networks.find_one({"_id": "9901"}))["advertisers"] == ["adv-a"]
+    assert "already up to date" in apply(settings, path).stdout
+
+
 def test_missing_file_is_reported(settings: Settings, tmp_path: Path) -> None:
     result = apply(settings, tmp_path / "absent.yaml")
     assert result.returncode != 0

@@ -1,5 +1,6 @@
-"""What `config apply` removes, as the gateway sees it: a revoked token is refused once its
-cache entry expires (``AUTH_CACHE_SECONDS``)."""
+"""What `config apply` removes, as the gateway sees it once its cache entries expire
+(``AUTH_CACHE_SECONDS``): a revoked token is refused; a removed campaign takes no new calls,
+and its calls are still viewed and listed."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from callingest.infra import prepare_infrastructure
 from callingest.settings import Settings
 from tests.conftest import DEV_KEYRING
 from tests.services.gateway.conftest import ADVERTISER_TOKEN, CONFIG_YAML, NETWORK_TOKEN, start_client
-from tests.services.gateway.test_call_list import listing
-from tests.services.gateway.test_gateway_api import Client
+from tests.services.gateway.test_call_list import listing, submit
+from tests.services.gateway.test_gateway_api import Client, assert_error, call_body, get_call, post
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -48,3 +49,23 @@ async def test_a_token_removed_from_the_file_is_refused_after_the_cache_time(
     status, body = await listing(short_cache_gateway, ADVERTISER_TOKEN)
     assert status == 401, body
     assert (await listing(short_cache_gateway, NETWORK_TOKEN))[0] == 200  # still listed: kept
+
+
+async def test_a_removed_campaign_takes_no_new_calls_and_its_calls_are_still_shown(
+        short_cache_gateway: Client, configured_db: Any, tmp_path: Path) -> None:
+    cuid = await submit(short_cache_gateway, "removed-campaign-1")  # campaign 85 of adv-1
+    without = CONFIG_YAML.replace(
+        '          - id_from_network: "85"\n            type: ExternalOnly\n'
+        "            signal_ai_enabled: true\n", "")
+    assert without != CONFIG_YAML
+    assert "removed campaign 85 of network 1001" in await reapply(configured_db, tmp_path, without)
+    await asyncio.sleep(CACHE_SECONDS + 0.2)
+    status, body = await post(short_cache_gateway, call_body("removed-campaign-2"))
+    assert "campaign not found" in assert_error(
+        status, body, 403, "call.advertiser_campaign_id_from_network")
+    for token in (NETWORK_TOKEN, ADVERTISER_TOKEN):
+        status, view = await get_call(short_cache_gateway, cuid, token)
+        assert status == 200, view
+        assert view["advertiser_campaign_id_from_network"] == "85"
+        status, page = await listing(short_cache_gateway, token)
+        assert status == 200 and [c["cuid"] for c in page["calls"]] == [cuid], page

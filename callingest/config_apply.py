@@ -79,7 +79,7 @@ async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile,
                 changes.append(f"created {label}")
             elif {k: existing.get(k) for k in doc} != doc:
                 await db[collection].replace_one({"_id": doc["_id"]}, doc)
-                changes.append(f"updated {label}")
+                changes.append(f"updated {label}: {', '.join(_changed(existing, doc))}")
     listed = [n.id for n in config.networks]
     for collection, removed in OWNED_BY_NETWORK.items():
         unlisted = {"network_id": {"$in": listed}, "_id": {"$nin": [d["_id"] for d in wanted[collection]]}}
@@ -102,6 +102,23 @@ def webhook_warnings(config: ConfigFile, allow_loopback: bool) -> list[str]:
                 warnings.append(f"warning: webhook {w.id} of network {n.id}: {exc}; deliveries "
                                 "will be refused (ALLOW_LOOPBACK_WEBHOOKS is false)")
     return warnings
+
+
+def _changed(existing: dict[str, Any], doc: dict[str, Any]) -> list[str]:
+    """The fields of ``doc`` that differ from ``existing``, never their values; in a list of
+    entries with an ``id`` (auth configs, webhooks) the entries added, changed or removed,
+    as ``field[id]``."""
+    names: list[str] = []
+    for key, value in doc.items():
+        old = existing.get(key)
+        if old == value:
+            continue
+        if isinstance(value, list) and all(isinstance(e, dict) and "id" in e for e in [*value, *(old or [])]):
+            before, after = {e["id"]: e for e in old or []}, {e["id"]: e for e in value}
+            names.extend(f"{key}[{i}]" for i in {**before, **after} if before.get(i) != after.get(i))
+        else:
+            names.append(key)
+    return names
 
 
 def _label(collection: str, doc: dict[str, Any]) -> str:

@@ -141,6 +141,24 @@ async def test_campaigns_and_advertisers_no_longer_listed_are_removed(
     assert "already up to date" in apply(settings, path).stdout
 
 
+async def test_an_update_names_the_fields_and_entries_that_changed(
+        settings: Settings, db: Any, tmp_path: Path) -> None:
+    path = tmp_path / "fields.yaml"
+    auth = ("    recording_auth_configs:\n      - {id: 7, method: bearer_header, token: s3cr3t-one}\n"
+            "      - {id: 8, method: bearer_header, token: s3cr3t-two}\n")
+    path.write_text("networks:\n" + network_yaml("9901", "token-9901")
+                    + "    csm_email: a@example.com\n    signals: [Sale]\n" + auth)
+    assert apply(settings, path).returncode == 0
+    path.write_text("networks:\n" + network_yaml("9901", "token-9901")
+                    + "    csm_email: b@example.com\n    signals: [Sale, Quote]\n"
+                    + auth.replace("s3cr3t-two", "s3cr3t-new"))
+    result = apply(settings, path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "updated network 9901: csm_email, signals, recording_auth_configs[8]")
+    assert "s3cr3t" not in result.stdout + result.stderr and "example.com" not in result.stdout
+
+
 def test_missing_file_is_reported(settings: Settings, tmp_path: Path) -> None:
     result = apply(settings, tmp_path / "absent.yaml")
     assert result.returncode != 0

@@ -188,7 +188,7 @@ async def test_config_apply_stores_only_sealed_tokens_and_stays_idempotent(
 
     path.write_text(config_yaml(2, token).replace(f"{token}-1-8", f"{token}-changed"))
     changed = cli(settings, "config", "apply", str(path), keys=keys_of(BOTH))
-    assert changed.stdout.splitlines()[0] == "updated network n001", changed.stdout
+    assert changed.stdout.splitlines()[0] == "updated network n001: recording_auth_configs[8]", changed.stdout
     n001 = await db.networks.find_one({"_id": "n001"})
     assert [i["token"]["kid"] for i in n001["recording_auth_configs"]] == ["old1", "new2", "old1"]
     assert open_item(BOTH, RECORDING_AUTH_CONFIGS, "n001",

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from callingest import config_file, mongo
+from callingest import config_apply, config_file, mongo
 from callingest.infra import prepare_infrastructure
 from callingest.secretbox import Keyring
 from callingest.settings import Settings
@@ -30,7 +30,7 @@ async def prepare(settings: Settings, *configs: Path) -> None:
     client = mongo.open_client(settings)
     try:
         for path in (DEMO_CONFIG, *configs):
-            await config_file.apply(mongo.database(client, settings), config_file.load(path), keyring)
+            await config_apply.apply(mongo.database(client, settings), config_file.load(path), keyring)
     finally:
         await client.close()
 

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _config_apply(settings: Any, path: Path) -> int:
-    from callingest import config_file, mongo
+    from callingest import config_apply, config_file, mongo
     from callingest.secretbox import load_keyring
 
     keyring = load_keyring(settings)
@@ -138,12 +138,12 @@ async def _config_apply(settings: Any, path: Path) -> int:
     client = mongo.open_client(settings)
     try:
         db = mongo.database(client, settings)
-        changes = await config_file.apply(db, config, keyring)
+        changes = await config_apply.apply(db, config, keyring)
     finally:
         await client.close()
     for line in changes:
         print(line)
-    for warning in config_file.webhook_warnings(config, settings.allow_loopback_webhooks):
+    for warning in config_apply.webhook_warnings(config, settings.allow_loopback_webhooks):
         print(warning, file=sys.stderr)
     print(f"{path}: {len(changes)} change(s) applied" if changes else f"{path}: already up to date")
     return 0

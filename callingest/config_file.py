@@ -1,4 +1,5 @@
-"""The configuration file of ``callingest config apply``: parsed, validated, upserted.
+"""The configuration file of ``callingest config apply``: parsed and validated (written to
+the store by :mod:`callingest.config_apply`).
 
 The whole file is validated before anything is written, so a bad file
 changes nothing. Errors name the file, the path of the field and the problem.
@@ -31,7 +32,7 @@ from pydantic import (
 from pymongo.asynchronous.database import AsyncDatabase
 
 from callingest import mongo, webhooks
-from callingest.secretbox import SecretCodec, seal_document, without_secrets
+from callingest.secretbox import without_secrets
 
 #: The language codes the platform transcribes (the spec's list).
 LanguageCode = Literal["en-US", "en-GB", "es-ES", "fr-FR"]
@@ -315,81 +316,3 @@ def _path(loc: tuple[Any, ...]) -> str:
     """``networks[0].name`` for the location ``("networks", 0, "name")``."""
     text = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
     return text or "(top level)"
-
-
-def documents(config: ConfigFile) -> dict[str, list[dict[str, Any]]]:
-    """The MongoDB documents ``config`` describes, by collection; secrets still in clear
-    (:func:`apply` seals them before writing)."""
-    networks, tokens, campaigns = [], [], []
-    for n in config.networks:
-        networks.append({
-            "_id": n.id,
-            "name": n.name,
-            "timezone": n.timezone,
-            "default_language_code": n.default_language_code,
-            "multi_language_enabled": n.multi_language_enabled,
-            "call_ingestion_enabled": n.call_ingestion_enabled,
-            "csm_email": n.csm_email,
-            "signals": n.signals,
-            "custom_data_fields": n.custom_data_fields,
-            "recording_auth_configs": [c.model_dump() for c in n.recording_auth_configs],
-            "advertisers": [a.id for a in n.advertisers],
-            "webhooks": [{"id": w.id, "url": w.url, "events": w.events, "secret": w.secret,
-                          "previous_secrets": list(w.previous_secrets)} for w in n.webhooks],
-        })
-        for t in n.api_tokens:
-            tokens.append({"_id": hash_token(t.token), "network_id": n.id,
-                           "advertisers": t.advertisers})
-        for a in n.advertisers:
-            for c in a.campaigns:
-                campaigns.append({
-                    "_id": campaign_id(n.id, c.id_from_network),
-                    "network_id": n.id,
-                    "advertiser_id": a.id,
-                    "id_from_network": c.id_from_network,
-                    "type": c.type,
-                    "signal_ai_enabled": c.signal_ai_enabled,
-                    "voice_signals": c.voice_signals,
-                })
-    return {"networks": networks, "api_tokens": tokens, "campaigns": campaigns}
-
-
-async def apply(db: AsyncDatabase[dict[str, Any]], config: ConfigFile,
-                codec: SecretCodec) -> list[str]:
-    """Upsert every document of ``config``, its secrets sealed by ``codec``; returns one line
-    per created or changed document."""
-    changes: list[str] = []
-    for collection, docs in documents(config).items():
-        for doc in docs:
-            existing = await db[collection].find_one({"_id": doc["_id"]})
-            doc = seal_document(codec, collection, doc, existing)
-            label = _label(collection, doc)
-            if existing is None:
-                await db[collection].insert_one(doc)
-                changes.append(f"created {label}")
-            elif {k: existing.get(k) for k in doc} != doc:
-                await db[collection].replace_one({"_id": doc["_id"]}, doc)
-                changes.append(f"updated {label}")
-    return changes
-
-
-def webhook_warnings(config: ConfigFile, allow_loopback: bool) -> list[str]:
-    """Webhooks the deliverer will refuse on this deployment (loopback without
-    ``ALLOW_LOOPBACK_WEBHOOKS``): stored anyway, but said out loud."""
-    warnings = []
-    for n in config.networks:
-        for w in n.webhooks:
-            try:
-                webhooks.check_webhook_url(w.url, allow_loopback=allow_loopback)
-            except ValueError as exc:
-                warnings.append(f"warning: webhook {w.id} of network {n.id}: {exc}; deliveries "
-                                "will be refused (ALLOW_LOOPBACK_WEBHOOKS is false)")
-    return warnings
-
-
-def _label(collection: str, doc: dict[str, Any]) -> str:
-    if collection == "api_tokens":
-        return f"api token of network {doc['network_id']} (sha256 {doc['_id'][:8]}...)"
-    if collection == "campaigns":
-        return f"campaign {doc['id_from_network']} of network {doc['network_id']}"
-    return f"network {doc['_id']}"

@@ -41,7 +41,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from callingest import config_file, mongo
+from callingest import config_apply, config_file, mongo
 from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
 from tests.conftest import (
@@ -160,7 +160,7 @@ async def fuzz_gateway(servers: devstack.Ports) -> AsyncIterator[FuzzGateway]:
     TEST_LOGS.mkdir(parents=True, exist_ok=True)
     path = TEST_LOGS / f"fuzz-config-{uuid.uuid4().hex[:6]}.yaml"
     path.write_text(CONFIG)
-    await config_file.apply(db, config_file.load(path), DEV_KEYRING)
+    await config_apply.apply(db, config_file.load(path), DEV_KEYRING)
     path.unlink()
     log_dir = TEST_LOGS / f"fuzz-{uuid.uuid4().hex[:6]}"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,70 @@ async def test_bad_file_names_file_and_field_and_changes_nothing(
     assert await db.api_tokens.count_documents({}) == 0
 
 
+def network_yaml(network_id: str, *tokens: str) -> str:
+    return (f"  - id: '{network_id}'\n    name: N\n    api_tokens:\n"
+            + "".join(f"      - token: {t}\n" for t in tokens))
+
+
+async def test_a_token_no_longer_listed_for_its_network_is_revoked(
+        settings: Settings, db: Any, tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    path.write_text("networks:\n" + network_yaml("9901", "old-token-9901", "kept-token-9901")
+                    + network_yaml("9902", "other-token-9902"))
+    assert apply(settings, path).returncode == 0
+    # The old token replaced by a new one; network 9902 is not in the file: left alone.
+    path.write_text("networks:\n" + network_yaml("9901", "new-token-9901", "kept-token-9901"))
+    result = apply(settings, path)
+    assert result.returncode == 0, result.stderr
+    old = hashlib.sha256(b"old-token-9901").hexdigest()
+    assert f"revoked api token of network 9901 (sha256 {old[:8]}...)" in result.stdout.splitlines()
+    assert "old-token" not in result.stdout + result.stderr
+    remaining = {d["_id"] for d in await db.api_tokens.find().to_list(None)}
+    assert remaining == {hashlib.sha256(t).hexdigest()
+                         for t in (b"new-token-9901", b"kept-token-9901", b"other-token-9902")}
+    assert "already up to date" in apply(settings, path).stdout
+
+
+async def test_campaigns_and_advertisers_no_longer_listed_are_removed(
+        settings: Settings, db: Any, tmp_path: Path) -> None:
+    path = tmp_path / "campaigns.yaml"
+    advertisers = ("    advertisers:\n      - id: adv-a\n        campaigns: [{id_from_network: 1}, "
+                   "{id_from_network: 2}]\n      - id: adv-b\n        campaigns: [{id_from_network: 3}]\n")
+    path.write_text("networks:\n" + network_yaml("9901", "token-9901") + advertisers
+                    + network_yaml("9902", "token-9902") + advertisers)
+    assert apply(settings, path).returncode == 0
+    # 9901: adv-a's campaigns emptied, adv-b gone; 9902 is not in the file: left alone.
+    path.write_text("networks:\n" + network_yaml("9901", "token-9901")
+                    + "    advertisers:\n      - id: adv-a\n        campaigns: []\n")
+    result = apply(settings, path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for removed in ("1", "2", "3"):
+        assert f"removed campaign {removed} of network 9901" in lines
+    assert await db.campaigns.count_documents({"network_id": "9901"}) == 0
+    assert await db.campaigns.count_documents({"network_id": "9902"}) == 3
+    assert (await db.networks.find_one({"_id": "9901"}))["advertisers"] == ["adv-a"]
+    assert "already up to date" in apply(settings, path).stdout
+
+
+async def test_an_update_names_the_fields_and_entries_that_changed(
+        settings: Settings, db: Any, tmp_path: Path) -> None:
+    path = tmp_path / "fields.yaml"
+    auth = ("    recording_auth_configs:\n      - {id: 7, method: bearer_header, token: s3cr3t-one}\n"
+            "      - {id: 8, method: bearer_header, token: s3cr3t-two}\n")
+    path.write_text("networks:\n" + network_yaml("9901", "token-9901")
+                    + "    csm_email: a@example.com\n    signals: [Sale]\n" + auth)
+    assert apply(settings, path).returncode == 0
+    path.write_text("networks:\n" + network_yaml("9901", "token-9901")
+                    + "    csm_email: b@example.com\n    signals: [Sale, Quote]\n"
+                    + auth.replace("s3cr3t-two", "s3cr3t-new"))
+    result = apply(settings, path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == (
+        "updated network 9901: csm_email, signals, recording_auth_configs[8]")
+    assert "s3cr3t" not in result.stdout + result.stderr and "example.com" not in result.stdout
+
+
 def test_missing_file_is_reported(settings: Settings, tmp_path: Path) -> None:
     result = apply(settings, tmp_path / "absent.yaml")
     assert result.returncode != 0

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from callingest import config_file, rotation, secretbox
+from callingest import config_apply, config_file, rotation, secretbox
 from callingest.rotation import RotationReport, rotate
 from callingest.secretbox import (
     RECORDING_AUTH_CONFIGS,
@@ -188,7 +188,7 @@ async def test_config_apply_stores_only_sealed_tokens_and_stays_idempotent(
 
     path.write_text(config_yaml(2, token).replace(f"{token}-1-8", f"{token}-changed"))
     changed = cli(settings, "config", "apply", str(path), keys=keys_of(BOTH))
-    assert changed.stdout.splitlines()[0] == "updated network n001", changed.stdout
+    assert changed.stdout.splitlines()[0] == "updated network n001: recording_auth_configs[8]", changed.stdout
     n001 = await db.networks.find_one({"_id": "n001"})
     assert [i["token"]["kid"] for i in n001["recording_auth_configs"]] == ["old1", "new2", "old1"]
     assert open_item(BOTH, RECORDING_AUTH_CONFIGS, "n001",
@@ -205,7 +205,7 @@ async def _configure(db: Any, networks: int, token: str, codec: Any) -> None:
             {"id": 8, "method": "query_param", "name": "q", "token": f"{token}-{n}-8"},
             {"id": 9, "method": "custom_header", "name": "X-K", "token": f"{token}-{n}-9"},
         ]} for n in range(networks)]})
-    await config_file.apply(db, cfg, codec)
+    await config_apply.apply(db, cfg, codec)
 
 
 async def _kids(db: Any) -> list[str]:

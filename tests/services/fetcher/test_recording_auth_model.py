@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from callingest import config_file
+from callingest import config_apply, config_file
 from callingest.config_file import RecordingAuthConfig
 from callingest.errors import PermanentError
 from services.fetcher.step import load_recording_auth_config
@@ -42,7 +42,7 @@ async def test_the_fetcher_opens_the_applied_config_as_the_same_model(db: Any,
                                                                       tmp_path: Path) -> None:
     path = tmp_path / "auth.yaml"
     path.write_text(CONFIG.format(token=TOKEN))
-    await config_file.apply(db, config_file.load(path), DEV_KEYRING)
+    await config_apply.apply(db, config_file.load(path), DEV_KEYRING)
 
     auth = await load_recording_auth_config(db, "4401", "7", DEV_KEYRING)
 

@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer
 
-from callingest import avro, config_file
+from callingest import avro, config_apply, config_file
 from callingest.infra import prepare_infrastructure
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -97,7 +97,7 @@ async def configured_db(db: Any, tmp_path: Path) -> Any:
     """This test's database with the configuration above applied the way ``config apply`` does."""
     path = tmp_path / "config.yaml"
     path.write_text(CONFIG_YAML)
-    await config_file.apply(db, config_file.load(path), DEV_KEYRING)
+    await config_apply.apply(db, config_file.load(path), DEV_KEYRING)
     return db
 
 

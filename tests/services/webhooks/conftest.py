@@ -16,7 +16,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from callingest import config_file
+from callingest import config_apply, config_file
 from tests.conftest import DEV_KEYRING, ROOT, used_secret
 from tests.helpers import serve_recordings
 
@@ -106,4 +106,4 @@ def write_config(tmp_path: Path, networks: list[dict[str, Any]]) -> Path:
 
 async def apply(db: Any, tmp_path: Path, networks: list[dict[str, Any]]) -> None:
     """Store ``networks`` the way ``callingest config apply`` does."""
-    await config_file.apply(db, config_file.load(write_config(tmp_path, networks)), DEV_KEYRING)
+    await config_apply.apply(db, config_file.load(write_config(tmp_path, networks)), DEV_KEYRING)

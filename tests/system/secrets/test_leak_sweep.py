@@ -46,7 +46,7 @@ from bson import json_util
 from pydantic import SecretStr
 from standardwebhooks import Webhook
 
-from callingest import config_file, mongo, s3
+from callingest import config_apply, config_file, mongo, s3
 from callingest.secretbox import generate_key_entry
 from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
@@ -257,7 +257,7 @@ async def leaky(request: pytest.FixtureRequest, servers: Any,
         assert applied.returncode == 0, applied.stderr
         (log_dir / "config-apply.out").write_text(applied.stdout + applied.stderr)
     else:
-        await config_file.apply(db, config_file.ConfigFile.model_validate(
+        await config_apply.apply(db, config_file.ConfigFile.model_validate(
             _config(api_token, tokens, hook)), PlaintextCodec())
 
     wav = tmp_path / "call.wav"

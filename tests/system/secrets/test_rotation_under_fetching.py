@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from callingest import config_file, events, mongo
+from callingest import config_apply, config_file, events, mongo
 from callingest.kafka import Producer
 from callingest.secretbox import Keyring, generate_key_entry
 from callingest.settings import Settings
@@ -120,7 +120,7 @@ async def test_rotating_keys_while_fetching_with_every_auth_method_fails_nothing
     old, new = Keyring.parse(generate_key_entry("old")), Keyring.parse(generate_key_entry("new"))
     tokens = {(f"r{n:03d}", c): used_secret(f"rot-{c}-{uuid.uuid4().hex}")
               for n in range(NETWORKS) for c in METHODS}
-    await config_file.apply(db, configuration(tokens), old)
+    await config_apply.apply(db, configuration(tokens), old)
     recordings = Recordings(tokens)
     runner, base = await serve_recordings(recordings.handle)
 

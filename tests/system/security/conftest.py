@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from callingest import config_file, mongo, s3
+from callingest import config_apply, config_file, mongo, s3
 from callingest.settings import Settings
 from callingest.topics import Topics, ensure_topics
 from tests.conftest import (
@@ -116,7 +116,7 @@ async def secure_gateway(servers: devstack.Ports, name: str,
     path = TEST_LOGS / f"{name}-config.yaml"
     TEST_LOGS.mkdir(parents=True, exist_ok=True)
     path.write_text(CONFIG)
-    await config_file.apply(db, config_file.load(path), DEV_KEYRING)
+    await config_apply.apply(db, config_file.load(path), DEV_KEYRING)
     path.unlink()
     cuid_b = await normalized_call_of_b(settings, db)
     log_dir = TEST_LOGS / f"{name}-{uuid.uuid4().hex[:6]}"

@@ -14,9 +14,14 @@ from typing import Any
 
 from callingest.stages import CALL_STAGES, SERVICES
 
-COMMANDS = {"config": "config-apply", "calls": "calls-show", "replay": "replay",
-            "admin": "admin-init"}
-"""Command -> its entry in :data:`callingest.settings_usage.ENTRY_POINTS`."""
+
+def command_name(args: argparse.Namespace) -> str:
+    """The command's entry in :data:`callingest.settings_usage.ENTRY_POINTS`: the service of
+    ``serve``, else the command and its action (``admin-rotate-secrets``, ``replay``)."""
+    if args.command == "serve":
+        return str(args.service)
+    action = getattr(args, f"{args.command}_command", None)
+    return f"{args.command}-{action}" if action else str(args.command)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,13 +92,18 @@ def main(argv: list[str] | None = None) -> int:
     from callingest.settings import load_settings, use_dev_stack_env
     from callingest.settings_usage import reads
 
+    if args.command == "admin" and args.admin_command == "generate-secret-key":
+        # It reads no setting (its entry in ENTRY_POINTS reads none): none is loaded or required.
+        from callingest.secretbox import generate_key_entry
+
+        print(generate_key_entry(args.kid))
+        return 0
     if args.command != "serve":
         use_dev_stack_env()
 
     # Only what the command reads is required (the gateway needs no SMTP_HOST); checked
     # before anything connects.
-    command = args.service if args.command == "serve" else COMMANDS[args.command]
-    settings = load_settings(reads(command))
+    settings = load_settings(reads(command_name(args)))
     if args.command == "serve":
         module = importlib.import_module(f"services.{args.service}.main")
         try:
@@ -115,11 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         from callingest.rotation import run_rotation
 
         return asyncio.run(run_rotation(settings))
-    if args.command == "admin" and args.admin_command == "generate-secret-key":
-        from callingest.secretbox import generate_key_entry
-
-        print(generate_key_entry(args.kid))
-        return 0
     if args.command == "admin":
         return asyncio.run(_admin_init(settings))
     return 2

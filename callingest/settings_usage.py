@@ -28,11 +28,14 @@ PACKAGES = ("callingest", "services")
 ENTRY_POINTS: dict[str, tuple[str, str]] = {
     **{service: (f"services.{service}.main", "serve") for service in SERVICES},
     "admin-init": ("callingest.infra", "prepare_infrastructure"),
+    "admin-rotate-secrets": ("callingest.rotation", "run_rotation"),
+    "admin-generate-secret-key": ("callingest.secretbox", "generate_key_entry"),
     "config-apply": ("callingest.cli", "_config_apply"),
     "calls-show": ("callingest.cli", "_calls_show"),
     "replay": ("callingest.replay", "run_replay"),
 }
-"""Command (a ``callingest serve`` service, or the admin-init Job) -> (module, function)."""
+"""Command (a ``callingest serve`` service, or another command and its action, as
+:func:`callingest.cli.command_name` names it; the admin-init Job) -> (module, function)."""
 
 FIELDS = frozenset(Settings.model_fields)
 _MODULE_LEVEL = "<module>"
@@ -202,11 +205,17 @@ def reads_of(module: str, function: str) -> frozenset[str]:
     return frozenset(reads)
 
 
+PROFILE = "callingest_env"
+"""Read by every command that reads a setting: the profile decides which settings are required
+and which values are allowed (:mod:`callingest.settings`)."""
+
+
 def reads(command: str) -> frozenset[str]:
     """The settings ``command`` (a key of :data:`ENTRY_POINTS`) reads; a stage also reads the
     setting the stage graph names as its bound on events in flight (read by name)."""
     spec = BY_NAME.get(command)
-    return reads_of(*ENTRY_POINTS[command]) | ({spec.in_flight_setting} if spec else set())
+    found = reads_of(*ENTRY_POINTS[command]) | ({spec.in_flight_setting} if spec else set())
+    return found | {PROFILE} if found else found
 
 
 def env_names(command: str) -> frozenset[str]:

@@ -118,10 +118,13 @@ def test_fetcher_without_a_key_stops_naming_the_variable(settings: Settings, ser
 
 def _production_without_keys(settings: Settings, run_dir: Path) -> dict[str, str]:
     """The environment of ``settings`` outside the dev profile, every setting given but
-    ``SECRET_KEYS``; ``run_dir`` (empty) as the run directory, so that an operator command does
-    not take the dev stack's settings (``use_dev_stack_env``) when ``make up`` is running."""
+    ``SECRET_KEYS`` (the dev-only values replaced: they are refused there); ``run_dir`` (empty)
+    as the run directory, so that an operator command does not take the dev stack's settings
+    (``use_dev_stack_env``) when ``make up`` is running."""
     env = {k: v for k, v in {**os.environ, **settings_env(settings)}.items() if k != "SECRET_KEYS"}
-    env["CALLINGEST_ENV"] = "production"
+    env.update(CALLINGEST_ENV="production", S3_ACCESS_KEY_ID="AKIAEXAMPLE",
+               S3_SECRET_ACCESS_KEY="not-the-dev-secret", ALLOW_LOOPBACK_RECORDINGS="false",
+               ALLOW_LOOPBACK_WEBHOOKS="false")
     env["CALLINGEST_RUN_DIR"] = str(run_dir)
     return env
 

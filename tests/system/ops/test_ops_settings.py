@@ -13,6 +13,7 @@ static S3 keys):
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import tempfile
@@ -20,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from callingest.settings import REQUIRED_OUTSIDE_DEV
-from callingest.settings_usage import env_names
+from callingest.settings import REQUIRED_OUTSIDE_DEV, Settings
+from callingest.settings_usage import env_names, reads
 from tests.system.ops.manifests import K8S, Resource, of_kind, render, render_overlay
 
 NOT_SETTINGS = {"PROMETHEUS_MULTIPROC_DIR"}  # read by prometheus-client, not a setting
@@ -158,3 +160,45 @@ def test_irsa_annotates_the_service_account_and_drops_the_keys() -> None:
     assert account["metadata"]["annotations"][IRSA_ANNOTATION].startswith("arn:aws:iam::")
     for workload in workloads(resources):
         assert not S3_KEYS & set(env_of(workload))
+
+
+#: Stand-ins for the prod overlay's Secret, created out of band (not rendered).
+PROD_SECRETS = {"MONGODB_URI": "mongodb+srv://callingest:pw@cluster0.example.net/?authSource=admin",
+                "S3_ACCESS_KEY_ID": "AKIAEXAMPLE", "S3_SECRET_ACCESS_KEY": "example-secret",
+                "SECRET_KEYS": "k1:" + "A" * 43 + "="}
+
+
+def workload_environ(resources: list[Resource], workload: Resource) -> dict[str, str]:
+    """The environment variables the workload's container gets (ConfigMap and Secret resolved)."""
+    (config_map,) = of_kind(resources, "ConfigMap").values()
+    secrets = {k: base64.b64decode(v).decode() for s in of_kind(resources, "Secret").values()
+               for k, v in s.get("data", {}).items()} or PROD_SECRETS
+    out = {}
+    for var, entry in env_of(workload).items():
+        ref = entry.get("valueFrom", {})
+        if "configMapKeyRef" in ref:
+            out[var] = config_map["data"][ref["configMapKeyRef"]["key"]]
+        elif "secretKeyRef" in ref:
+            out[var] = secrets[ref["secretKeyRef"]["key"]]
+        else:
+            out[var] = entry["value"]
+    return out
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_workload_starts_with_its_settings(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What load_settings checks before anything connects: every value well-formed (dev-only
+    # values only with CALLINGEST_ENV=dev, as the dev overlay sets) and nothing required missing.
+    resources = VARIANTS[variant]()
+    for key in [k for k in os.environ if k.upper().removesuffix("_FILE").lower() in Settings.model_fields]:
+        monkeypatch.delenv(key)
+    for workload in workloads(resources):
+        command = command_of(workload)
+        with monkeypatch.context() as env:
+            for var, value in workload_environ(resources, workload).items():
+                env.setenv(var, value)
+            try:
+                settings = Settings()
+            except ValidationError as exc:
+                pytest.fail(f"{variant} {command}: {exc}")
+            assert settings.missing(reads(command)) == [], (variant, command)

@@ -14,7 +14,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,8 @@ import pytest
 from callingest import s3
 from callingest.settings import REQUIRED_OUTSIDE_DEV, Settings, ip_networks
 from callingest.settings_usage import reads
-from tests.conftest import ROOT, Services, free_port, settings_env
+from tests.conftest import ROOT, Services, free_port, settings_env, used_secret
+from tools import devstack
 
 CALLINGEST = str(ROOT / ".venv" / "bin" / "callingest")
 SERVICES = ("gateway", "validator", "fetcher", "normalizer", "notifier", "webhooks")
@@ -116,23 +119,29 @@ def expected_missing(command: str, given: set[str] = frozenset()) -> set[str]:  
 
 
 def missing_in(stderr: str) -> set[str]:
-    prefix = "callingest: missing required setting "
-    return {line[len(prefix):].split()[0] for line in stderr.splitlines() if line.startswith(prefix)}
+    """The variables of the lines ``callingest: bad setting NAME: required (or NAME_FILE)``."""
+    prefix = "callingest: bad setting "
+    return {line[len(prefix):].partition(":")[0] for line in stderr.splitlines()
+            if line.startswith(prefix) and ": required (or " in line}
 
 
 def test_each_service_reads_the_required_settings_it_needs_and_no_others() -> None:
     # What the code reads decides what is required: the gateway sends no mail, the validator
     # and the notifier never touch S3, the notifier is the only one that needs SMTP.
     everything = {n.upper() for n in REQUIRED_OUTSIDE_DEV}
-    smtp, keys = {"SMTP_HOST"}, {"SECRET_KEYS"}  # the data keys: only who opens sealed secrets
+    smtp, keys = {"SMTP_HOST", "SMTP_FROM"}, {"SECRET_KEYS"}  # keys: who opens sealed secrets
     s3_all = {"S3_BUCKET", "S3_REGION", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"}
+    url = {"PUBLIC_BASE_URL"}  # the gateway's OpenAPI document
     assert expected_missing("gateway") == everything - smtp - keys
-    assert expected_missing("validator") == everything - smtp - s3_all - keys
-    assert expected_missing("fetcher") == everything - smtp
-    assert expected_missing("normalizer") == everything - smtp - keys
-    assert expected_missing("notifier") == everything - s3_all - keys
-    assert expected_missing("webhooks") == everything - smtp - s3_all
-    assert expected_missing("admin-init") == everything - smtp - keys
+    assert expected_missing("validator") == everything - smtp - s3_all - keys - url
+    assert expected_missing("fetcher") == everything - smtp - url
+    assert expected_missing("normalizer") == everything - smtp - keys - url
+    assert expected_missing("notifier") == everything - s3_all - keys - url
+    assert expected_missing("webhooks") == everything - smtp - s3_all - url
+    assert expected_missing("admin-init") == everything - smtp - keys - url
+    # Rotation reads MongoDB and the keys only; a new key needs no setting at all.
+    assert expected_missing("admin-rotate-secrets") == {"MONGODB_URI", "SECRET_KEYS"}
+    assert reads("admin-generate-secret-key") == frozenset()
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -209,9 +218,42 @@ async def test_empty_s3_endpoint_means_the_providers_default() -> None:
             client.meta.endpoint_url == "https://s3.us-east-1.amazonaws.com"
 
 
-def production_env(settings: Settings, secrets_dir: Path, **extra: str) -> dict[str, str]:
-    """The production profile with ``settings``'s values; secrets as ``<NAME>_FILE`` files."""
+@dataclass
+class S3Store:
+    """An S3 server of this test whose keys are not the dev stack's (refused in production)."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+
+@pytest.fixture
+def production_s3(tmp_path: Path) -> Iterator[S3Store]:
+    port = free_port()
+    store = S3Store(f"http://127.0.0.1:{port}", "production-test",
+                    used_secret(f"production-{uuid.uuid4().hex}"))
+    (tmp_path / "s3").mkdir()
+    with (tmp_path / "s3.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [str(devstack.TOOLS / "bin" / "versitygw"), "--port", f"127.0.0.1:{port}", "--quiet",
+             "posix", str(tmp_path / "s3")], stdout=log, stderr=subprocess.STDOUT,
+            env={"ROOT_ACCESS_KEY": store.access_key, "ROOT_SECRET_KEY": store.secret_key})
+    try:
+        devstack.wait_for(lambda: devstack.port_open(port), "versitygw", 30)
+        yield store
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def production_env(settings: Settings, secrets_dir: Path, store: S3Store,
+                   **extra: str) -> dict[str, str]:
+    """The production profile with ``settings``'s values but ``store`` for S3 and loopback
+    refused (dev-only values are refused there); secrets as ``<NAME>_FILE`` files."""
     env = {k: v for k, v in settings_env(settings).items() if k != "CALLINGEST_ENV"}
+    env.update(S3_ENDPOINT_URL=store.endpoint, S3_ACCESS_KEY_ID=store.access_key,
+               S3_SECRET_ACCESS_KEY=store.secret_key, ALLOW_LOOPBACK_RECORDINGS="false",
+               ALLOW_LOOPBACK_WEBHOOKS="false")
     for name in ("MONGODB_URI", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY"):
         path = secrets_dir / name.lower()
         path.write_text(env.pop(name) + "\n")  # a Secret volume's file may end in a newline
@@ -220,10 +262,11 @@ def production_env(settings: Settings, secrets_dir: Path, **extra: str) -> dict[
 
 
 def test_secrets_from_files_in_production(settings: Settings, tmp_path: Path,
-                                          services: Services) -> None:
-    services.admin_init()
-    env = production_env(settings, tmp_path)
+                                          services: Services, production_s3: S3Store) -> None:
+    env = production_env(settings, tmp_path, production_s3)
     assert "CALLINGEST_ENV" not in env and "MONGODB_URI" not in env
+    init, _ = run(["admin", "init"], env, timeout=120)  # topics, indexes, bucket: production too
+    assert init.returncode == 0, init.stderr
     shown, _ = run(["calls", "show", "no-such-call"], env)
     assert shown.returncode == 1 and "no call no-such-call" in shown.stderr  # reached MongoDB
     # A whole service in the production profile, its secrets from files: it gets ready.

@@ -8,10 +8,12 @@ delivered on a 2xx within ``WEBHOOK_TIMEOUT_SECONDS`` (10 s), otherwise schedule
 jitter) until ``WEBHOOK_RETRY_FOR_SECONDS`` after the event, then given up.
 
 Isolation: each endpoint (network + webhook id) has at most
-``WEBHOOK_CONCURRENCY_PER_ENDPOINT`` attempts in flight, and the query for due
-deliveries skips endpoints at that cap, so a receiver that hangs or is down holds only
-its own lane for at most the timeout; other receivers and networks go on. No Kafka
-consumer waits on a receiver (the intake only writes deliveries).
+``WEBHOOK_CONCURRENCY_PER_ENDPOINT`` attempts in flight, each network (all its endpoints
+together) at most ``WEBHOOK_MAX_IN_FLIGHT_PER_NETWORK`` of the process's
+``WEBHOOK_MAX_IN_FLIGHT``, and the query for due deliveries skips endpoints and networks at
+their cap, so a receiver that hangs or is down holds only its own lane for at most the
+timeout, and a network with many such receivers only its own share; other networks go on.
+No Kafka consumer waits on a receiver (the intake only writes deliveries).
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class Dispatcher:
         self.wake = wake or asyncio.Event()
         self.policy = AddressPolicy(allow_loopback=settings.allow_loopback_webhooks)
         self.keyring = load_keyring(settings)
-        self.in_flight: dict[str, int] = defaultdict(int)
+        self.in_flight: dict[str, int] = defaultdict(int)  # per endpoint
+        self.in_flight_by_network: dict[str, int] = defaultdict(int)
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -89,23 +92,38 @@ class Dispatcher:
             await self._session.close()
 
     async def dispatch_due(self) -> int:
-        """Claim and start the due deliveries there is room for; returns how many started."""
-        free = self.settings.webhook_max_in_flight - len(self._tasks)
-        if free <= 0:
-            return 0
-        cap = self.settings.webhook_concurrency_per_endpoint
-        busy = [endpoint for endpoint, n in self.in_flight.items() if n >= cap]
+        """Claim and start the due deliveries there is room for; returns how many started.
+
+        A round that fills an endpoint's or a network's cap looks again without them, so the
+        deliveries of other networks queued behind theirs start now, not at the next poll.
+        """
+        started = 0
+        while (free := self.settings.webhook_max_in_flight - len(self._tasks)) > 0:
+            started_now, capped = await self._dispatch_round(free)
+            started += started_now
+            if not capped:
+                break
+        return started
+
+    async def _dispatch_round(self, free: int) -> tuple[int, bool]:
+        """(started, whether a due delivery was skipped for a cap reached in this round)."""
+        endpoint_cap = self.settings.webhook_concurrency_per_endpoint
+        network_cap = self.settings.webhook_max_in_flight_per_network
         now = datetime.now(UTC)
         query: dict[str, Any] = {"status": "pending", "next_attempt_at": {"$lte": now}}
-        if busy:
+        if busy := [endpoint for endpoint, n in self.in_flight.items() if n >= endpoint_cap]:
             query["endpoint"] = {"$nin": busy}
-        started = 0
+        if busy := [net for net, n in self.in_flight_by_network.items() if n >= network_cap]:
+            query["network_id"] = {"$nin": busy}
+        started, capped = 0, False
         cursor = self.db.webhook_deliveries.find(
             query, {"body": 0, "attempts": 0}).sort("next_attempt_at", 1).limit(free)
         lease = now + timedelta(seconds=self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
         async for doc in cursor:
-            endpoint = doc["endpoint"]
-            if self.in_flight[endpoint] >= cap:
+            endpoint, network = doc["endpoint"], doc["network_id"]
+            if (self.in_flight[endpoint] >= endpoint_cap
+                    or self.in_flight_by_network[network] >= network_cap):
+                capped = True
                 continue
             claimed = await self.db.webhook_deliveries.find_one_and_update(
                 {"_id": doc["_id"], "status": "pending", "next_attempt_at": doc["next_attempt_at"]},
@@ -117,17 +135,20 @@ class Dispatcher:
             metrics.WEBHOOK_DISPATCH_DELAY.observe(
                 max(0.0, (now - doc["next_attempt_at"]).total_seconds()))
             self.in_flight[endpoint] += 1
+            self.in_flight_by_network[network] += 1
             task = asyncio.create_task(self._attempt(claimed))
             self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._finished, endpoint=endpoint))
+            task.add_done_callback(functools.partial(self._finished, endpoint=endpoint,
+                                                     network=network))
             started += 1
-        return started
+        return started, capped
 
-    def _finished(self, task: asyncio.Task[None], *, endpoint: str) -> None:
+    def _finished(self, task: asyncio.Task[None], *, endpoint: str, network: str) -> None:
         self._tasks.discard(task)
-        self.in_flight[endpoint] -= 1
-        if self.in_flight[endpoint] <= 0:
-            del self.in_flight[endpoint]
+        for counts, key in ((self.in_flight, endpoint), (self.in_flight_by_network, network)):
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
         self.wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook attempt crashed; it will be retried after its lease",

@@ -1,6 +1,7 @@
 """The deliverer on the real servers (Kafka in, MongoDB, loopback receivers): a hanging or dead
-receiver delays no other receiver or network; production refuses loopback without connecting;
-retries keep the event id and give up only after the retry period."""
+receiver delays no other receiver or network, nor do many hanging receivers of one network;
+production refuses loopback without connecting; retries keep the event id and give up only
+after the retry period."""
 
 from __future__ import annotations
 
@@ -129,6 +130,42 @@ async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
         timed_out = await db.webhook_deliveries.find_one(
             {"webhook_id": "hangs", "attempts.outcome": "timeout"})
         assert timed_out["attempts"][0]["error"] == "no answer within 10 s"
+
+
+async def test_a_network_of_many_hanging_receivers_takes_only_its_share_of_the_lanes(
+        settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
+        tmp_path: Path) -> None:
+    # Six hanging endpoints of one network want 12 lanes, more than the process has (8).
+    settings = _tuned(settings, webhook_timeout_seconds=30.0, webhook_max_in_flight=8,
+                      webhook_max_in_flight_per_network=4, webhook_concurrency_per_endpoint=2)
+    hanging: list[Receiver] = [await receivers(hang=True) for _ in range(6)]
+    healthy: Receiver = await receivers()
+    await apply(db, tmp_path, [
+        network("1001", [{"id": f"hangs-{i}", "url": r.url, "secret": new_secret(),
+                          "events": ["call.failed"]} for i, r in enumerate(hanging)]),
+        network("3003", [
+            {"id": "ok", "url": healthy.url, "secret": new_secret(), "events": ["call.failed"]}]),
+    ])
+
+    def hung() -> int:
+        return sum(len(r.requests) for r in hanging)
+
+    async with deliverer(settings):
+        await _fail_calls(settings, db, ["1001"] * 4)
+        await wait_until(lambda: db.webhook_deliveries.count_documents({"network_id": "1001"}),
+                         timeout=60, what="the hanging network's deliveries")
+        await wait_until(lambda: hung() >= 4, timeout=60, what="hanging attempts")
+        await asyncio.sleep(1.0)  # five polls: room for more attempts, had the network any
+        assert await db.webhook_deliveries.count_documents({"network_id": "1001"}) == 24
+        assert hung() == 4  # its share, although 20 of its deliveries are due
+        ok = await _fail_calls(settings, db, ["3003"] * 3)
+        await wait_until(lambda: len(set(healthy.ids())) == 3, timeout=60, what="healthy deliveries")
+        # Delivered while every hanging attempt still hangs: none has ended (timed out).
+        ended = await db.webhook_deliveries.count_documents(
+            {"network_id": "1001", "attempts_made": {"$gt": 0}})
+        assert ended == 0
+        assert hung() == 4
+    assert {f"evt_{cuid}_failed_1" for cuid in ok} == set(healthy.ids())
 
 
 async def test_production_refuses_loopback_receivers_without_connecting(

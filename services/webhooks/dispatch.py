@@ -150,11 +150,18 @@ class Dispatcher:
             if counts[key] <= 0:
                 del counts[key]
         self.wake.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("webhook attempt crashed; it will be retried after its lease",
-                      extra={"error": type(task.exception()).__name__})
 
     async def _attempt(self, delivery: dict[str, Any]) -> None:
+        """One attempt inside the call's trace (stored with the delivery by the intake), so
+        every log line about it carries the call's ``trace_id``."""
+        with tracing.attached(delivery.get("trace_context")):
+            try:
+                await self._deliver(delivery)
+            except Exception as exc:
+                log.error("webhook attempt crashed; it will be retried after its lease",
+                          extra={**_about(delivery), "error": type(exc).__name__})
+
+    async def _deliver(self, delivery: dict[str, Any]) -> None:
         network = await self.db.networks.find_one({"_id": delivery["network_id"]}, {"webhooks": 1})
         endpoint = next((w for w in (network or {}).get("webhooks") or []
                          if w["id"] == delivery["webhook_id"]), None)
@@ -163,8 +170,7 @@ class Dispatcher:
                 {"_id": delivery["_id"]}, {"$set": {"status": "cancelled", "ended_at": _now()}})
             metrics.WEBHOOK_DELIVERIES.labels(delivery["type"], "cancelled").inc()
             log.info("webhook no longer configured; delivery cancelled",
-                     extra={"cuid": delivery["cuid"], "event_id": delivery["event_id"],
-                            "webhook_id": delivery["webhook_id"]})
+                     extra=_about(delivery))
             return
         started = time.monotonic()
         status_code, outcome, error = await self._post(delivery, endpoint)
@@ -219,8 +225,7 @@ class Dispatcher:
         entry = {"attempt": attempt, "at": now, "status_code": status_code, "outcome": outcome,
                  "error": error, "duration_seconds": round(duration, 3)}
         update: dict[str, Any] = {"$push": {"attempts": entry}, "$inc": {"attempts_made": 1}}
-        extra = {"cuid": delivery["cuid"], "event_id": delivery["event_id"],
-                 "webhook_id": delivery["webhook_id"], "attempt": attempt, "outcome": outcome,
+        extra = {**_about(delivery), "attempt": attempt, "outcome": outcome,
                  "status_code": status_code}
         metrics.WEBHOOK_ATTEMPTS.labels(delivery["type"], outcome).inc()
         if outcome == "delivered":
@@ -252,6 +257,12 @@ class Dispatcher:
             {"status": "pending"}, {"created_at": 1}, sort=[("created_at", 1)])
         age = (_now() - oldest["created_at"]).total_seconds() if oldest else 0.0
         metrics.WEBHOOK_OLDEST_PENDING.set(max(0.0, age))
+
+
+def _about(delivery: dict[str, Any]) -> dict[str, Any]:
+    """What a log line about ``delivery`` names (its ``trace_id`` comes from :meth:`Dispatcher._attempt`)."""
+    return {"cuid": delivery["cuid"], "event_id": delivery["event_id"],
+            "webhook_id": delivery["webhook_id"]}
 
 
 def _now() -> datetime:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +16,21 @@ import pytest
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 
-from callingest import avro
-from callingest.kafka import Producer
 from callingest.settings import Settings
 from callingest.topics import Topics
 from callingest.webhooks import next_retry_in
 from services.webhooks.dispatch import Dispatcher
 from services.webhooks.intake import Intake
 from tests.conftest import free_port, wait_until
-from tests.helpers import call_doc
-from tests.services.webhooks.conftest import Receiver, apply, doc_verify, network, new_secret
+from tests.services.webhooks.conftest import (
+    Receiver,
+    apply,
+    doc_verify,
+    fail_call,
+    fail_calls,
+    network,
+    new_secret,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -61,34 +64,6 @@ def deliverer(db: Any, topics: Topics) -> Callable[..., Any]:
     return run
 
 
-async def _fail_calls(settings: Settings, db: Any, network_ids: list[str]) -> list[str]:
-    """Store one failed call per entry of ``network_ids`` and publish their CallFailed events
-    in that order, as a stage does."""
-    producer = Producer(settings.kafka_bootstrap_servers, "tests")
-    await producer.start()
-    cuids = []
-    try:
-        for network_id in network_ids:
-            doc = call_doc(network_id=network_id, status="failed",
-                           failure={"stage": "validator", "class": "call.x", "message": "bad"})
-            await db.calls.insert_one(doc)
-            record = {"event_id": str(uuid.uuid4()), "cuid": doc["_id"],
-                      "occurred_at": datetime.now(UTC),
-                      "schema_version": avro.LATEST["CallFailed"].version,
-                      "network_id": network_id, "attempt": 1, "stage": "validator",
-                      "failure_class": "call.x", "message": "bad", "retryable": False}
-            await producer.send(f"{settings.topic_prefix}calls.failed", "CallFailed", record,
-                                key=doc["_id"])
-            cuids.append(str(doc["_id"]))
-    finally:
-        await producer.stop()
-    return cuids
-
-
-async def _fail_call(settings: Settings, db: Any, network_id: str) -> str:
-    return (await _fail_calls(settings, db, [network_id]))[0]
-
-
 async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
         settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
         tmp_path: Path) -> None:
@@ -105,7 +80,7 @@ async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
             {"id": "ok", "url": healthy.url, "secret": new_secret(), "events": ["call.failed"]}]),
     ])
     # The troubled network's events come first and outnumber every limit.
-    cuids = await _fail_calls(settings, db, ["1001"] * 8 + ["3003"] * 3)
+    cuids = await fail_calls(settings, db, ["1001"] * 8 + ["3003"] * 3)
     ok = cuids[8:]
     async with deliverer(settings):
         await wait_until(lambda: len(set(healthy.ids())) == 3, timeout=60, what="healthy deliveries")
@@ -151,14 +126,14 @@ async def test_a_network_of_many_hanging_receivers_takes_only_its_share_of_the_l
         return sum(len(r.requests) for r in hanging)
 
     async with deliverer(settings):
-        await _fail_calls(settings, db, ["1001"] * 4)
+        await fail_calls(settings, db, ["1001"] * 4)
         await wait_until(lambda: db.webhook_deliveries.count_documents({"network_id": "1001"}),
                          timeout=60, what="the hanging network's deliveries")
         await wait_until(lambda: hung() >= 4, timeout=60, what="hanging attempts")
         await asyncio.sleep(1.0)  # five polls: room for more attempts, had the network any
         assert await db.webhook_deliveries.count_documents({"network_id": "1001"}) == 24
         assert hung() == 4  # its share, although 20 of its deliveries are due
-        ok = await _fail_calls(settings, db, ["3003"] * 3)
+        ok = await fail_calls(settings, db, ["3003"] * 3)
         await wait_until(lambda: len(set(healthy.ids())) == 3, timeout=60, what="healthy deliveries")
         # Delivered while every hanging attempt still hangs: none has ended (timed out).
         ended = await db.webhook_deliveries.count_documents(
@@ -179,7 +154,7 @@ async def test_production_refuses_loopback_receivers_without_connecting(
         {"id": "named", "url": f"http://localhost:{port}/hook", "secret": new_secret(),
          "events": ["call.failed"]}])])
     async with deliverer(settings):
-        cuid = await _fail_call(settings, db, "1001")
+        cuid = await fail_call(settings, db, "1001")
 
         async def refused() -> dict[str, str]:
             out = {}
@@ -203,7 +178,7 @@ async def test_while_a_secret_is_rotated_deliveries_verify_with_the_old_and_the_
         {"id": "wh", "url": receiver.url, "secret": new, "previous_secrets": [old],
          "events": ["call.failed"]}])])
     async with deliverer(_tuned(settings)):
-        await _fail_call(settings, db, "1001")
+        await fail_call(settings, db, "1001")
         await wait_until(lambda: receiver.requests, timeout=60, what="a delivery")
     (request,) = receiver.requests
     assert len(request.headers["webhook-signature"].split(" ")) == 2
@@ -224,7 +199,7 @@ async def test_a_receiver_that_always_fails_is_retried_with_one_id_then_given_up
     before = REGISTRY.get_sample_value("callingest_webhook_deliveries_total",
                                        {"event": "call.failed", "outcome": "abandoned"}) or 0.0
     async with deliverer(settings):
-        cuid = await _fail_call(settings, db, "1001")
+        cuid = await fail_call(settings, db, "1001")
         await wait_until(lambda: db.webhook_deliveries.find_one({"cuid": cuid, "status": "failed"}),
                          timeout=60, what="given up")
     delivery = await db.webhook_deliveries.find_one({"cuid": cuid})

@@ -42,6 +42,9 @@ log = get_logger(__name__)
 
 LEASE_MARGIN_SECONDS = 30.0
 USER_AGENT = "callingest-webhooks/1"
+# How long the dispatcher remembers that an endpoint or network left its cap (the largest
+# bucket of callingest_webhook_dispatch_delay_seconds below +Inf).
+FREED_KEPT_SECONDS = 900.0
 
 
 class Dispatcher:
@@ -56,6 +59,8 @@ class Dispatcher:
         self.keyring = load_keyring(settings)
         self.in_flight: dict[str, int] = defaultdict(int)  # per endpoint
         self.in_flight_by_network: dict[str, int] = defaultdict(int)
+        # When an endpoint or network last left its cap: what waited before waited for itself.
+        self._freed_at: dict[tuple[str, str], datetime] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -132,8 +137,7 @@ class Dispatcher:
             )
             if claimed is None:
                 continue  # another replica took it
-            metrics.WEBHOOK_DISPATCH_DELAY.observe(
-                max(0.0, (now - doc["next_attempt_at"]).total_seconds()))
+            metrics.WEBHOOK_DISPATCH_DELAY.observe(self._dispatch_delay(doc, now))
             self.in_flight[endpoint] += 1
             self.in_flight_by_network[network] += 1
             task = asyncio.create_task(self._attempt(claimed))
@@ -143,9 +147,22 @@ class Dispatcher:
             started += 1
         return started, capped
 
+    def _dispatch_delay(self, doc: dict[str, Any], now: datetime) -> float:
+        """Seconds a due delivery waited for the dispatcher, not counting the time its own
+        endpoint or network was at its cap (one client's hanging endpoint is not lag)."""
+        freed = (self._freed_at.get(("endpoint", doc["endpoint"])),
+                 self._freed_at.get(("network", doc["network_id"])))
+        waited_from = max([doc["next_attempt_at"], *(at for at in freed if at is not None)])
+        return max(0.0, (now - waited_from).total_seconds())
+
     def _finished(self, task: asyncio.Task[None], *, endpoint: str, network: str) -> None:
         self._tasks.discard(task)
-        for counts, key in ((self.in_flight, endpoint), (self.in_flight_by_network, network)):
+        caps = {"endpoint": self.settings.webhook_concurrency_per_endpoint,
+                "network": self.settings.webhook_max_in_flight_per_network}
+        for kind, counts, key in (("endpoint", self.in_flight, endpoint),
+                                  ("network", self.in_flight_by_network, network)):
+            if counts[key] >= caps[kind]:
+                self._freed_at[(kind, key)] = _now()
             counts[key] -= 1
             if counts[key] <= 0:
                 del counts[key]
@@ -251,6 +268,8 @@ class Dispatcher:
         if time.monotonic() - self._last_gauges < 5.0:
             return
         self._last_gauges = time.monotonic()
+        forgotten = _now() - timedelta(seconds=FREED_KEPT_SECONDS)
+        self._freed_at = {key: at for key, at in self._freed_at.items() if at > forgotten}
         pending = await self.db.webhook_deliveries.count_documents({"status": "pending"})
         metrics.WEBHOOK_PENDING.set(pending)
         oldest = await self.db.webhook_deliveries.find_one(

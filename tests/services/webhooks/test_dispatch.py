@@ -143,6 +143,31 @@ async def test_a_network_of_many_hanging_receivers_takes_only_its_share_of_the_l
     assert {f"evt_{cuid}_failed_1" for cuid in ok} == set(healthy.ids())
 
 
+async def test_waiting_for_its_own_busy_endpoint_is_not_dispatch_lag(
+        settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
+        tmp_path: Path) -> None:
+    # One lane: each of the hanging receiver's deliveries waits for the previous one's timeout.
+    settings = _tuned(settings, webhook_timeout_seconds=2.0, webhook_concurrency_per_endpoint=1)
+    hanging: Receiver = await receivers(hang=True)
+    await apply(db, tmp_path, [network("1001", [
+        {"id": "hangs", "url": hanging.url, "secret": new_secret(), "events": ["call.failed"]}])])
+
+    def delays() -> tuple[float, float]:
+        """(observations of the dispatch delay, those of at most 1 s) so far."""
+        name = "callingest_webhook_dispatch_delay_seconds"
+        return (REGISTRY.get_sample_value(f"{name}_count") or 0.0,
+                REGISTRY.get_sample_value(f"{name}_bucket", {"le": "1.0"}) or 0.0)
+
+    count, prompt = delays()
+    async with deliverer(settings):
+        await fail_calls(settings, db, ["1001"] * 3)
+        # the third event's first attempt waited for two timeouts of its endpoint
+        await wait_until(lambda: len(set(hanging.ids())) == 3, timeout=60, what="three attempts")
+    after_count, after_prompt = delays()
+    assert after_count - count >= 3
+    assert after_prompt - prompt == after_count - count  # none counted its endpoint's wait
+
+
 async def test_production_refuses_loopback_receivers_without_connecting(
         settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
         tmp_path: Path) -> None:

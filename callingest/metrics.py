@@ -205,7 +205,8 @@ WEBHOOK_DELIVERY_LAG = Histogram(
 # deliverer's own backlog, independent of how receivers behave.
 WEBHOOK_DISPATCH_DELAY = Histogram(
     "callingest_webhook_dispatch_delay_seconds",
-    "Time a due webhook delivery waited for the dispatcher",
+    "Time a due webhook delivery waited for the dispatcher, not counting the time its own "
+    "endpoint or network was at its in-flight cap",
     buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0),
 )
 # Deliveries not yet delivered, given up or cancelled (waiting for a retry included).

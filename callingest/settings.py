@@ -226,6 +226,9 @@ class Settings(BaseSettings):
         26 * 3600.0, DAY, description="keep retrying this long after the event (>= 24 h outside dev)")
     webhook_concurrency_per_endpoint: int = Field(4, ge=1)
     webhook_max_in_flight: int = Field(64, ge=1)
+    webhook_max_in_flight_per_network: int = Field(
+        16, ge=1, description="attempts in flight for one network's endpoints together, so one "
+        "network's hanging endpoints cannot take all of WEBHOOK_MAX_IN_FLIGHT")
     webhook_poll_interval_seconds: Seconds = 1.0
 
     #: Data keys sealing stored credentials, ``kid:base64key,...`` newest first (callingest.secretbox).

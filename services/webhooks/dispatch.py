@@ -8,10 +8,12 @@ delivered on a 2xx within ``WEBHOOK_TIMEOUT_SECONDS`` (10 s), otherwise schedule
 jitter) until ``WEBHOOK_RETRY_FOR_SECONDS`` after the event, then given up.
 
 Isolation: each endpoint (network + webhook id) has at most
-``WEBHOOK_CONCURRENCY_PER_ENDPOINT`` attempts in flight, and the query for due
-deliveries skips endpoints at that cap, so a receiver that hangs or is down holds only
-its own lane for at most the timeout; other receivers and networks go on. No Kafka
-consumer waits on a receiver (the intake only writes deliveries).
+``WEBHOOK_CONCURRENCY_PER_ENDPOINT`` attempts in flight, each network (all its endpoints
+together) at most ``WEBHOOK_MAX_IN_FLIGHT_PER_NETWORK`` of the process's
+``WEBHOOK_MAX_IN_FLIGHT``, and the query for due deliveries skips endpoints and networks at
+their cap, so a receiver that hangs or is down holds only its own lane for at most the
+timeout, and a network with many such receivers only its own share; other networks go on.
+No Kafka consumer waits on a receiver (the intake only writes deliveries).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ log = get_logger(__name__)
 
 LEASE_MARGIN_SECONDS = 30.0
 USER_AGENT = "callingest-webhooks/1"
+# How long the dispatcher remembers that an endpoint or network left its cap (the largest
+# bucket of callingest_webhook_dispatch_delay_seconds below +Inf).
+FREED_KEPT_SECONDS = 900.0
 
 
 class Dispatcher:
@@ -52,7 +57,10 @@ class Dispatcher:
         self.wake = wake or asyncio.Event()
         self.policy = AddressPolicy(allow_loopback=settings.allow_loopback_webhooks)
         self.keyring = load_keyring(settings)
-        self.in_flight: dict[str, int] = defaultdict(int)
+        self.in_flight: dict[str, int] = defaultdict(int)  # per endpoint
+        self.in_flight_by_network: dict[str, int] = defaultdict(int)
+        # When an endpoint or network last left its cap: what waited before waited for itself.
+        self._freed_at: dict[tuple[str, str], datetime] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
@@ -89,23 +97,38 @@ class Dispatcher:
             await self._session.close()
 
     async def dispatch_due(self) -> int:
-        """Claim and start the due deliveries there is room for; returns how many started."""
-        free = self.settings.webhook_max_in_flight - len(self._tasks)
-        if free <= 0:
-            return 0
-        cap = self.settings.webhook_concurrency_per_endpoint
-        busy = [endpoint for endpoint, n in self.in_flight.items() if n >= cap]
+        """Claim and start the due deliveries there is room for; returns how many started.
+
+        A round that fills an endpoint's or a network's cap looks again without them, so the
+        deliveries of other networks queued behind theirs start now, not at the next poll.
+        """
+        started = 0
+        while (free := self.settings.webhook_max_in_flight - len(self._tasks)) > 0:
+            started_now, capped = await self._dispatch_round(free)
+            started += started_now
+            if not capped:
+                break
+        return started
+
+    async def _dispatch_round(self, free: int) -> tuple[int, bool]:
+        """(started, whether a due delivery was skipped for a cap reached in this round)."""
+        endpoint_cap = self.settings.webhook_concurrency_per_endpoint
+        network_cap = self.settings.webhook_max_in_flight_per_network
         now = datetime.now(UTC)
         query: dict[str, Any] = {"status": "pending", "next_attempt_at": {"$lte": now}}
-        if busy:
+        if busy := [endpoint for endpoint, n in self.in_flight.items() if n >= endpoint_cap]:
             query["endpoint"] = {"$nin": busy}
-        started = 0
+        if busy := [net for net, n in self.in_flight_by_network.items() if n >= network_cap]:
+            query["network_id"] = {"$nin": busy}
+        started, capped = 0, False
         cursor = self.db.webhook_deliveries.find(
             query, {"body": 0, "attempts": 0}).sort("next_attempt_at", 1).limit(free)
         lease = now + timedelta(seconds=self.settings.webhook_timeout_seconds + LEASE_MARGIN_SECONDS)
         async for doc in cursor:
-            endpoint = doc["endpoint"]
-            if self.in_flight[endpoint] >= cap:
+            endpoint, network = doc["endpoint"], doc["network_id"]
+            if (self.in_flight[endpoint] >= endpoint_cap
+                    or self.in_flight_by_network[network] >= network_cap):
+                capped = True
                 continue
             claimed = await self.db.webhook_deliveries.find_one_and_update(
                 {"_id": doc["_id"], "status": "pending", "next_attempt_at": doc["next_attempt_at"]},
@@ -114,26 +137,48 @@ class Dispatcher:
             )
             if claimed is None:
                 continue  # another replica took it
-            metrics.WEBHOOK_DISPATCH_DELAY.observe(
-                max(0.0, (now - doc["next_attempt_at"]).total_seconds()))
+            metrics.WEBHOOK_DISPATCH_DELAY.observe(self._dispatch_delay(doc, now))
             self.in_flight[endpoint] += 1
+            self.in_flight_by_network[network] += 1
             task = asyncio.create_task(self._attempt(claimed))
             self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._finished, endpoint=endpoint))
+            task.add_done_callback(functools.partial(self._finished, endpoint=endpoint,
+                                                     network=network))
             started += 1
-        return started
+        return started, capped
 
-    def _finished(self, task: asyncio.Task[None], *, endpoint: str) -> None:
+    def _dispatch_delay(self, doc: dict[str, Any], now: datetime) -> float:
+        """Seconds a due delivery waited for the dispatcher, not counting the time its own
+        endpoint or network was at its cap (one client's hanging endpoint is not lag)."""
+        freed = (self._freed_at.get(("endpoint", doc["endpoint"])),
+                 self._freed_at.get(("network", doc["network_id"])))
+        waited_from = max([doc["next_attempt_at"], *(at for at in freed if at is not None)])
+        return max(0.0, (now - waited_from).total_seconds())
+
+    def _finished(self, task: asyncio.Task[None], *, endpoint: str, network: str) -> None:
         self._tasks.discard(task)
-        self.in_flight[endpoint] -= 1
-        if self.in_flight[endpoint] <= 0:
-            del self.in_flight[endpoint]
+        caps = {"endpoint": self.settings.webhook_concurrency_per_endpoint,
+                "network": self.settings.webhook_max_in_flight_per_network}
+        for kind, counts, key in (("endpoint", self.in_flight, endpoint),
+                                  ("network", self.in_flight_by_network, network)):
+            if counts[key] >= caps[kind]:
+                self._freed_at[(kind, key)] = _now()
+            counts[key] -= 1
+            if counts[key] <= 0:
+                del counts[key]
         self.wake.set()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("webhook attempt crashed; it will be retried after its lease",
-                      extra={"error": type(task.exception()).__name__})
 
     async def _attempt(self, delivery: dict[str, Any]) -> None:
+        """One attempt inside the call's trace (stored with the delivery by the intake), so
+        every log line about it carries the call's ``trace_id``."""
+        with tracing.attached(delivery.get("trace_context")):
+            try:
+                await self._deliver(delivery)
+            except Exception as exc:
+                log.error("webhook attempt crashed; it will be retried after its lease",
+                          extra={**_about(delivery), "error": type(exc).__name__})
+
+    async def _deliver(self, delivery: dict[str, Any]) -> None:
         network = await self.db.networks.find_one({"_id": delivery["network_id"]}, {"webhooks": 1})
         endpoint = next((w for w in (network or {}).get("webhooks") or []
                          if w["id"] == delivery["webhook_id"]), None)
@@ -142,8 +187,7 @@ class Dispatcher:
                 {"_id": delivery["_id"]}, {"$set": {"status": "cancelled", "ended_at": _now()}})
             metrics.WEBHOOK_DELIVERIES.labels(delivery["type"], "cancelled").inc()
             log.info("webhook no longer configured; delivery cancelled",
-                     extra={"cuid": delivery["cuid"], "event_id": delivery["event_id"],
-                            "webhook_id": delivery["webhook_id"]})
+                     extra=_about(delivery))
             return
         started = time.monotonic()
         status_code, outcome, error = await self._post(delivery, endpoint)
@@ -198,8 +242,7 @@ class Dispatcher:
         entry = {"attempt": attempt, "at": now, "status_code": status_code, "outcome": outcome,
                  "error": error, "duration_seconds": round(duration, 3)}
         update: dict[str, Any] = {"$push": {"attempts": entry}, "$inc": {"attempts_made": 1}}
-        extra = {"cuid": delivery["cuid"], "event_id": delivery["event_id"],
-                 "webhook_id": delivery["webhook_id"], "attempt": attempt, "outcome": outcome,
+        extra = {**_about(delivery), "attempt": attempt, "outcome": outcome,
                  "status_code": status_code}
         metrics.WEBHOOK_ATTEMPTS.labels(delivery["type"], outcome).inc()
         if outcome == "delivered":
@@ -225,12 +268,20 @@ class Dispatcher:
         if time.monotonic() - self._last_gauges < 5.0:
             return
         self._last_gauges = time.monotonic()
+        forgotten = _now() - timedelta(seconds=FREED_KEPT_SECONDS)
+        self._freed_at = {key: at for key, at in self._freed_at.items() if at > forgotten}
         pending = await self.db.webhook_deliveries.count_documents({"status": "pending"})
         metrics.WEBHOOK_PENDING.set(pending)
         oldest = await self.db.webhook_deliveries.find_one(
             {"status": "pending"}, {"created_at": 1}, sort=[("created_at", 1)])
         age = (_now() - oldest["created_at"]).total_seconds() if oldest else 0.0
         metrics.WEBHOOK_OLDEST_PENDING.set(max(0.0, age))
+
+
+def _about(delivery: dict[str, Any]) -> dict[str, Any]:
+    """What a log line about ``delivery`` names (its ``trace_id`` comes from :meth:`Dispatcher._attempt`)."""
+    return {"cuid": delivery["cuid"], "event_id": delivery["event_id"],
+            "webhook_id": delivery["webhook_id"]}
 
 
 def _now() -> datetime:

@@ -7,8 +7,10 @@ import base64
 import os
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,11 @@ import pytest
 import yaml
 from aiohttp import web
 
-from callingest import config_apply, config_file
+from callingest import avro, config_apply, config_file
+from callingest.kafka import Producer
+from callingest.settings import Settings
 from tests.conftest import DEV_KEYRING, ROOT, used_secret
-from tests.helpers import serve_recordings
+from tests.helpers import call_doc, serve_recordings
 
 DOC = ROOT / "docs" / "webhooks.md"
 
@@ -107,3 +111,31 @@ def write_config(tmp_path: Path, networks: list[dict[str, Any]]) -> Path:
 async def apply(db: Any, tmp_path: Path, networks: list[dict[str, Any]]) -> None:
     """Store ``networks`` the way ``callingest config apply`` does."""
     await config_apply.apply(db, config_file.load(write_config(tmp_path, networks)), DEV_KEYRING)
+
+
+async def fail_calls(settings: Settings, db: Any, network_ids: list[str]) -> list[str]:
+    """Store one failed call per entry of ``network_ids`` and publish their CallFailed events
+    in that order, as a stage does."""
+    producer = Producer(settings.kafka_bootstrap_servers, "tests")
+    await producer.start()
+    cuids = []
+    try:
+        for network_id in network_ids:
+            doc = call_doc(network_id=network_id, status="failed",
+                           failure={"stage": "validator", "class": "call.x", "message": "bad"})
+            await db.calls.insert_one(doc)
+            record = {"event_id": str(uuid.uuid4()), "cuid": doc["_id"],
+                      "occurred_at": datetime.now(UTC),
+                      "schema_version": avro.LATEST["CallFailed"].version,
+                      "network_id": network_id, "attempt": 1, "stage": "validator",
+                      "failure_class": "call.x", "message": "bad", "retryable": False}
+            await producer.send(f"{settings.topic_prefix}calls.failed", "CallFailed", record,
+                                key=doc["_id"])
+            cuids.append(str(doc["_id"]))
+    finally:
+        await producer.stop()
+    return cuids
+
+
+async def fail_call(settings: Settings, db: Any, network_id: str) -> str:
+    return (await fail_calls(settings, db, [network_id]))[0]

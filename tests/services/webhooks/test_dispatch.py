@@ -1,15 +1,14 @@
 """The deliverer on the real servers (Kafka in, MongoDB, loopback receivers): a hanging or dead
-receiver delays no other receiver or network; production refuses loopback without connecting;
-retries keep the event id and give up only after the retry period."""
+receiver delays no other receiver or network, nor do many hanging receivers of one network;
+production refuses loopback without connecting; retries keep the event id and give up only
+after the retry period."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import random
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +16,21 @@ import pytest
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 
-from callingest import avro
-from callingest.kafka import Producer
 from callingest.settings import Settings
 from callingest.topics import Topics
 from callingest.webhooks import next_retry_in
 from services.webhooks.dispatch import Dispatcher
 from services.webhooks.intake import Intake
 from tests.conftest import free_port, wait_until
-from tests.helpers import call_doc
-from tests.services.webhooks.conftest import Receiver, apply, doc_verify, network, new_secret
+from tests.services.webhooks.conftest import (
+    Receiver,
+    apply,
+    doc_verify,
+    fail_call,
+    fail_calls,
+    network,
+    new_secret,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.mongo]
 
@@ -60,34 +64,6 @@ def deliverer(db: Any, topics: Topics) -> Callable[..., Any]:
     return run
 
 
-async def _fail_calls(settings: Settings, db: Any, network_ids: list[str]) -> list[str]:
-    """Store one failed call per entry of ``network_ids`` and publish their CallFailed events
-    in that order, as a stage does."""
-    producer = Producer(settings.kafka_bootstrap_servers, "tests")
-    await producer.start()
-    cuids = []
-    try:
-        for network_id in network_ids:
-            doc = call_doc(network_id=network_id, status="failed",
-                           failure={"stage": "validator", "class": "call.x", "message": "bad"})
-            await db.calls.insert_one(doc)
-            record = {"event_id": str(uuid.uuid4()), "cuid": doc["_id"],
-                      "occurred_at": datetime.now(UTC),
-                      "schema_version": avro.LATEST["CallFailed"].version,
-                      "network_id": network_id, "attempt": 1, "stage": "validator",
-                      "failure_class": "call.x", "message": "bad", "retryable": False}
-            await producer.send(f"{settings.topic_prefix}calls.failed", "CallFailed", record,
-                                key=doc["_id"])
-            cuids.append(str(doc["_id"]))
-    finally:
-        await producer.stop()
-    return cuids
-
-
-async def _fail_call(settings: Settings, db: Any, network_id: str) -> str:
-    return (await _fail_calls(settings, db, [network_id]))[0]
-
-
 async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
         settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
         tmp_path: Path) -> None:
@@ -104,7 +80,7 @@ async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
             {"id": "ok", "url": healthy.url, "secret": new_secret(), "events": ["call.failed"]}]),
     ])
     # The troubled network's events come first and outnumber every limit.
-    cuids = await _fail_calls(settings, db, ["1001"] * 8 + ["3003"] * 3)
+    cuids = await fail_calls(settings, db, ["1001"] * 8 + ["3003"] * 3)
     ok = cuids[8:]
     async with deliverer(settings):
         await wait_until(lambda: len(set(healthy.ids())) == 3, timeout=60, what="healthy deliveries")
@@ -131,6 +107,67 @@ async def test_a_hanging_and_a_dead_receiver_delay_no_other_receiver_or_network(
         assert timed_out["attempts"][0]["error"] == "no answer within 10 s"
 
 
+async def test_a_network_of_many_hanging_receivers_takes_only_its_share_of_the_lanes(
+        settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
+        tmp_path: Path) -> None:
+    # Six hanging endpoints of one network want 12 lanes, more than the process has (8).
+    settings = _tuned(settings, webhook_timeout_seconds=30.0, webhook_max_in_flight=8,
+                      webhook_max_in_flight_per_network=4, webhook_concurrency_per_endpoint=2)
+    hanging: list[Receiver] = [await receivers(hang=True) for _ in range(6)]
+    healthy: Receiver = await receivers()
+    await apply(db, tmp_path, [
+        network("1001", [{"id": f"hangs-{i}", "url": r.url, "secret": new_secret(),
+                          "events": ["call.failed"]} for i, r in enumerate(hanging)]),
+        network("3003", [
+            {"id": "ok", "url": healthy.url, "secret": new_secret(), "events": ["call.failed"]}]),
+    ])
+
+    def hung() -> int:
+        return sum(len(r.requests) for r in hanging)
+
+    async with deliverer(settings):
+        await fail_calls(settings, db, ["1001"] * 4)
+        await wait_until(lambda: db.webhook_deliveries.count_documents({"network_id": "1001"}),
+                         timeout=60, what="the hanging network's deliveries")
+        await wait_until(lambda: hung() >= 4, timeout=60, what="hanging attempts")
+        await asyncio.sleep(1.0)  # five polls: room for more attempts, had the network any
+        assert await db.webhook_deliveries.count_documents({"network_id": "1001"}) == 24
+        assert hung() == 4  # its share, although 20 of its deliveries are due
+        ok = await fail_calls(settings, db, ["3003"] * 3)
+        await wait_until(lambda: len(set(healthy.ids())) == 3, timeout=60, what="healthy deliveries")
+        # Delivered while every hanging attempt still hangs: none has ended (timed out).
+        ended = await db.webhook_deliveries.count_documents(
+            {"network_id": "1001", "attempts_made": {"$gt": 0}})
+        assert ended == 0
+        assert hung() == 4
+    assert {f"evt_{cuid}_failed_1" for cuid in ok} == set(healthy.ids())
+
+
+async def test_waiting_for_its_own_busy_endpoint_is_not_dispatch_lag(
+        settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
+        tmp_path: Path) -> None:
+    # One lane: each of the hanging receiver's deliveries waits for the previous one's timeout.
+    settings = _tuned(settings, webhook_timeout_seconds=2.0, webhook_concurrency_per_endpoint=1)
+    hanging: Receiver = await receivers(hang=True)
+    await apply(db, tmp_path, [network("1001", [
+        {"id": "hangs", "url": hanging.url, "secret": new_secret(), "events": ["call.failed"]}])])
+
+    def delays() -> tuple[float, float]:
+        """(observations of the dispatch delay, those of at most 1 s) so far."""
+        name = "callingest_webhook_dispatch_delay_seconds"
+        return (REGISTRY.get_sample_value(f"{name}_count") or 0.0,
+                REGISTRY.get_sample_value(f"{name}_bucket", {"le": "1.0"}) or 0.0)
+
+    count, prompt = delays()
+    async with deliverer(settings):
+        await fail_calls(settings, db, ["1001"] * 3)
+        # the third event's first attempt waited for two timeouts of its endpoint
+        await wait_until(lambda: len(set(hanging.ids())) == 3, timeout=60, what="three attempts")
+    after_count, after_prompt = delays()
+    assert after_count - count >= 3
+    assert after_prompt - prompt == after_count - count  # none counted its endpoint's wait
+
+
 async def test_production_refuses_loopback_receivers_without_connecting(
         settings: Settings, db: Any, topics: Topics, receivers: Any, deliverer: Any,
         tmp_path: Path) -> None:
@@ -142,7 +179,7 @@ async def test_production_refuses_loopback_receivers_without_connecting(
         {"id": "named", "url": f"http://localhost:{port}/hook", "secret": new_secret(),
          "events": ["call.failed"]}])])
     async with deliverer(settings):
-        cuid = await _fail_call(settings, db, "1001")
+        cuid = await fail_call(settings, db, "1001")
 
         async def refused() -> dict[str, str]:
             out = {}
@@ -166,7 +203,7 @@ async def test_while_a_secret_is_rotated_deliveries_verify_with_the_old_and_the_
         {"id": "wh", "url": receiver.url, "secret": new, "previous_secrets": [old],
          "events": ["call.failed"]}])])
     async with deliverer(_tuned(settings)):
-        await _fail_call(settings, db, "1001")
+        await fail_call(settings, db, "1001")
         await wait_until(lambda: receiver.requests, timeout=60, what="a delivery")
     (request,) = receiver.requests
     assert len(request.headers["webhook-signature"].split(" ")) == 2
@@ -187,7 +224,7 @@ async def test_a_receiver_that_always_fails_is_retried_with_one_id_then_given_up
     before = REGISTRY.get_sample_value("callingest_webhook_deliveries_total",
                                        {"event": "call.failed", "outcome": "abandoned"}) or 0.0
     async with deliverer(settings):
-        cuid = await _fail_call(settings, db, "1001")
+        cuid = await fail_call(settings, db, "1001")
         await wait_until(lambda: db.webhook_deliveries.find_one({"cuid": cuid, "status": "failed"}),
                          timeout=60, what="given up")
     delivery = await db.webhook_deliveries.find_one({"cuid": cuid})

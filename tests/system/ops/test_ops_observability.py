@@ -9,9 +9,11 @@ import re
 
 import pytest
 
+from callingest.stages import SERVICES
 from tests.system.ops.prometheus import (
     GRAFANA_DIR,
     REPO,
+    SCRAPE_SERIES,
     PrometheusServer,
     PromQLError,
     dashboard_expressions,
@@ -25,6 +27,7 @@ from tests.system.ops.prometheus import (
 
 # Alert -> the metric its expression must be built on (issue 5, item 3; issue 14, item 3).
 REQUIRED_ALERTS = {
+    "CallingestServiceDown": "up",
     "CallingestGateway5xxRatioHigh": "callingest_http_requests_total",
     "CallingestGatewayLatencyP99High": "callingest_http_request_duration_seconds_bucket",
     "CallingestConsumerLagGrowing": "callingest_consumer_lag_messages",
@@ -57,7 +60,7 @@ def test_selected_metrics_come_from_prometheus_parser(promql: PrometheusServer) 
 
 
 def test_every_queried_metric_is_declared(promql: PrometheusServer) -> None:
-    known = set(declared_series()) | record_names()
+    known = set(declared_series()) | record_names() | SCRAPE_SERIES
     unknown = {source: sorted(names - known)
                for source, names in metric_names_by_source(promql).items() if names - known}
     assert unknown == {}
@@ -76,6 +79,12 @@ def test_required_alerts_exist_on_their_metric(promql: PrometheusServer) -> None
     by_name = {r.get("alert"): r for r in rules()}
     assert by_name["CallingestConsumerLagGrowing"]["for"] == "10m"
     assert "histogram_quantile(0.99" in alerts["CallingestGatewayLatencyP99High"]
+
+
+def test_the_service_down_alert_watches_every_service() -> None:
+    (expr,) = [e for name, e in rule_expressions() if name == "CallingestServiceDown"]
+    (services,) = re.findall(r'up\{service=~"([^"]+)"\} == 0', expr)
+    assert sorted(services.split("|")) == sorted(SERVICES)
 
 
 def test_slo_recording_rules_cover_every_window(promql: PrometheusServer) -> None:

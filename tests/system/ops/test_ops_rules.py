@@ -98,3 +98,17 @@ def test_local_rule_file_is_the_deployed_prometheusrule(overlay: str, tmp_path: 
     local = yaml.safe_load(prometheus.write_rules(tmp_path / "rules.yml").read_text())
     (deployed,) = of_kind(render_overlay(overlay), "PrometheusRule").values()
     assert local == {"groups": deployed["spec"]["groups"]}
+
+
+def test_every_alert_is_per_namespace() -> None:
+    """Dev and prod in one Prometheus never mix: every alert a unit test expects to fire carries
+    the `namespace` of its series (aggregations are `by (namespace, ...)`)."""
+    without = set()
+    for path in sorted(prometheus.UNIT_TESTS.glob("*.yml")):
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for case in test.get("alert_rule_test", []):
+                for alert in case.get("exp_alerts") or []:
+                    if "namespace" not in alert.get("exp_labels", {}):
+                        without.add(case["alertname"])
+    assert without == set()
+    assert set(_alert_cases()) >= set(alert_names())

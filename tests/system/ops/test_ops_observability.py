@@ -5,11 +5,16 @@ every alert has a runbook section."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from callingest.logging import JsonFormatter
 from callingest.stages import SERVICES
+from services.gateway.receipts import RECEIPTS
 from tests.system.ops.prometheus import (
     GRAFANA_DIR,
     REPO,
@@ -164,3 +169,24 @@ def test_every_alert_has_a_runbook_section() -> None:
     assert "service-level-objectives" in headings
     for flag in ("--cuid", "--stage", "--since", "--failure-class", "--dry-run"):
         assert flag in runbook
+
+
+def test_the_runbook_first_look_grep_finds_the_services_warnings_and_errors(tmp_path: Path) -> None:
+    """The pattern of the runbook's `k logs ... | grep -E` on lines as the services write them."""
+    (pattern,) = re.findall(r"k logs deploy/<service> [^\n]*\| grep -E '([^']+)'",
+                            (REPO / "docs/runbook.md").read_text())
+    formatter = JsonFormatter("fetcher")
+    log = tmp_path / "fetcher.log"
+    log.write_text("".join(
+        formatter.format(logging.LogRecord("callingest.x", level, __file__, 1, "m", None, None)) + "\n"
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)))
+    found = subprocess.run(["grep", "-E", pattern, str(log)], capture_output=True, text=True,
+                           check=False).stdout
+    assert [json.loads(line)["level"] for line in found.splitlines()] == ["warning", "error", "critical"]
+
+
+def test_the_runbook_says_where_publication_is_recorded() -> None:
+    runbook = (REPO / "docs/runbook.md").read_text()
+    section = runbook.split("## CallingestUnpublishedCallsStuck", 1)[1].split("\n## ", 1)[0]
+    assert f"`{RECEIPTS}`" in section
+    assert "(`published: false`)" not in section

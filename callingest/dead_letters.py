@@ -6,6 +6,8 @@ code or a foreign producer should stop it rather than flood the topic (arroyo's 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from aiokafka import TopicPartition
 from aiokafka.structs import ConsumerRecord
 
@@ -21,12 +23,17 @@ MAX_CONSECUTIVE_DEAD_LETTERS = 100
 class DeadLetters:
     """One consumer's dead letters, and how many came in a row."""
 
-    def __init__(self, producer: Producer, topic: str, service: str) -> None:
+    def __init__(self, producer: Producer, topic: str, service: str,
+                 sources: Iterable[str]) -> None:
         self.producer = producer
         self.topic = topic
         self.service = service
         self.consecutive = 0
         """Reset by the consumer whenever a message decodes."""
+        for source in sources:
+            # Exported at 0 from the start: the alert's increase() sees the first dead letter
+            # (a counter child created at 1 has no increase).
+            metrics.DEAD_LETTERS.labels(service, source)
 
     def admit(self) -> bool:
         """Count one more undecodable message; False once that is more than the limit."""

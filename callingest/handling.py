@@ -48,7 +48,7 @@ class MessageHandler:
     """Handles the messages of one stage, one at a time each (many at once in all)."""
 
     def __init__(self, stage: Stage[Any], settings: Settings, db: AsyncDatabase[dict[str, Any]],
-                 producer: Producer, topics: Topics, service: str) -> None:
+                 producer: Producer, topics: Topics, service: str, consumed: list[str]) -> None:
         self.stage = stage
         self.spec = stage.spec
         self.settings = settings
@@ -57,7 +57,7 @@ class MessageHandler:
         self.topics = topics
         self.service = service
         self.calls = CallStore(db, self.spec, topics)
-        self._dead_letters = DeadLetters(producer, topics.dead_letter, service)
+        self._dead_letters = DeadLetters(producer, topics.dead_letter, service, consumed)
 
     async def handle(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         """One message in a span that continues the trace in its headers."""

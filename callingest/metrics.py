@@ -130,7 +130,8 @@ FAILURES = Counter(
     "Calls failed, by stage and failure class",
     ["stage", "failure_class"],
 )
-# Messages sent to the dead-letter topic because they could not be decoded.
+# Messages sent to the dead-letter topic because they could not be decoded; every consumer
+# exports its topics at 0 from start-up (callingest.dead_letters), so the first one alerts.
 DEAD_LETTERS = Counter(
     "callingest_dead_letters_total",
     "Undecodable messages sent to the dead-letter topic",
@@ -189,7 +190,8 @@ WEBHOOK_ATTEMPTS = Counter(
     ["event", "outcome"],
 )
 # Webhook deliveries that ended, by event type and outcome (delivered, abandoned after the
-# retry period, cancelled because the webhook was removed).
+# retry period, cancelled because the webhook was removed); all exported at 0 from start-up
+# (services.webhooks.dispatch), so the first one abandoned alerts.
 WEBHOOK_DELIVERIES = Counter(
     "callingest_webhook_deliveries_total",
     "Webhook deliveries ended, by event type and outcome",

@@ -82,7 +82,9 @@ class StageRunner:
         self.topics = Topics(settings.topic_prefix, retry_tiers=len(settings.retry_delays_seconds))
         self.input_topic = self.topics.name(self.spec.input_topic)
         self.retry_topics = self.topics.retry_topics(stage.name)
-        self._handler = MessageHandler(stage, settings, db, producer, self.topics, self.service)
+        self.consumed = [self.input_topic, *self.retry_topics]
+        self._handler = MessageHandler(stage, settings, db, producer, self.topics, self.service,
+                                       self.consumed)
         self._stopping = asyncio.Event()
         self._consumer: AIOKafkaConsumer | None = None
         self._offsets = Offsets(self.service)
@@ -144,7 +146,7 @@ class StageRunner:
             session_timeout_ms=10000,
             heartbeat_interval_ms=3000,
         )
-        consumer.subscribe([self.input_topic, *self.retry_topics], listener=Listener())
+        consumer.subscribe(self.consumed, listener=Listener())
         self._consumer = consumer
         await consumer.start()
         self.ready = True

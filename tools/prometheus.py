@@ -60,7 +60,9 @@ def write_rules(path: Path, source: Path = RULE_SOURCE) -> Path:
 def scrape_config(targets: Mapping[str, int], rules_file: Path, interval: str = "5s",
                   namespace: str = LOCAL_NAMESPACE) -> dict[str, Any]:
     """A Prometheus configuration scraping ``/metrics`` of each ``{service: port}`` on loopback,
-    with ``rules_file`` loaded. Each service is its own job; every series gets ``namespace``."""
+    with ``rules_file`` loaded. Each service is its own job; every series gets ``namespace``
+    and ``service`` (as the Prometheus Operator labels a target with its namespace and
+    Kubernetes Service; the rules' ``up{service=...}`` needs both)."""
     return {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},
         "rule_files": [str(rules_file)],
@@ -72,7 +74,7 @@ def scrape_config(targets: Mapping[str, int], rules_file: Path, interval: str = 
                 # the ServiceMonitor sets honorLabels).
                 "honor_labels": True,
                 "static_configs": [{"targets": [f"127.0.0.1:{port}"],
-                                    "labels": {"namespace": namespace}}],
+                                    "labels": {"namespace": namespace, "service": service}}],
             }
             for service, port in targets.items()
         ],

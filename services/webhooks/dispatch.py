@@ -36,11 +36,13 @@ from callingest.logging import get_logger, register_secret
 from callingest.secretbox import WEBHOOKS, SecretInvalid, SecretUnavailable, load_keyring, open_item
 from callingest.settings import Settings
 from callingest.ssrf import AddressPolicy, AddressRefused, guarded_session
-from callingest.webhooks import check_webhook_url, next_retry_in, signature_header
+from callingest.webhooks import EVENT_TYPES, check_webhook_url, next_retry_in, signature_header
 
 log = get_logger(__name__)
 
 LEASE_MARGIN_SECONDS = 30.0
+DELIVERY_OUTCOMES = ("delivered", "abandoned", "cancelled")
+"""How a delivery ends (``callingest_webhook_deliveries_total{outcome}``)."""
 USER_AGENT = "callingest-webhooks/1"
 # How long the dispatcher remembers that an endpoint or network left its cap (the largest
 # bucket of callingest_webhook_dispatch_delay_seconds below +Inf).
@@ -65,6 +67,10 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._session: aiohttp.ClientSession | None = None
         self._last_gauges = 0.0
+        for event in EVENT_TYPES:
+            for outcome in DELIVERY_OUTCOMES:
+                # Exported at 0 from the start: the alert's increase() sees the first one.
+                metrics.WEBHOOK_DELIVERIES.labels(event, outcome)
 
     def stop(self) -> None:
         self._stopping.set()

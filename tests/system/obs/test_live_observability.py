@@ -315,6 +315,8 @@ async def test_prometheus_scrapes_every_service(stack: Stack) -> None:
     targets = await wait_until(all_up, timeout=30, what="every target up")
     assert sorted(t["labels"]["job"] for t in targets) == sorted(f"callingest-{s}" for s in SERVICES)
     assert {t["labels"]["namespace"] for t in targets} == {prometheus.LOCAL_NAMESPACE}
+    # as the Prometheus Operator labels a target with its Kubernetes Service (CallingestServiceDown)
+    assert sorted(t["labels"]["service"] for t in targets) == sorted(SERVICES)
 
 
 async def test_prometheus_evaluates_the_project_rules(stack: Stack) -> None:

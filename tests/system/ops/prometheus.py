@@ -131,6 +131,10 @@ def label_values_selector(query: str) -> tuple[str | None, str]:
     return match.group(1), match.group(2)
 
 
+#: Series Prometheus writes itself for every target, which the rules may query too.
+SCRAPE_SERIES = frozenset({"up"})
+
+
 def declared_series() -> dict[str, str]:
     """Series name -> metric family, for every metric declared in callingest/metrics.py
     (``_total`` for counters, ``_bucket``/``_sum``/``_count`` for histograms)."""

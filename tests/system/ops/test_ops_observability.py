@@ -5,13 +5,20 @@ every alert has a runbook section."""
 from __future__ import annotations
 
 import json
+import logging
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
+from callingest.logging import JsonFormatter
+from callingest.stages import SERVICES
+from services.gateway.receipts import RECEIPTS
 from tests.system.ops.prometheus import (
     GRAFANA_DIR,
     REPO,
+    SCRAPE_SERIES,
     PrometheusServer,
     PromQLError,
     dashboard_expressions,
@@ -25,6 +32,7 @@ from tests.system.ops.prometheus import (
 
 # Alert -> the metric its expression must be built on (issue 5, item 3; issue 14, item 3).
 REQUIRED_ALERTS = {
+    "CallingestServiceDown": "up",
     "CallingestGateway5xxRatioHigh": "callingest_http_requests_total",
     "CallingestGatewayLatencyP99High": "callingest_http_request_duration_seconds_bucket",
     "CallingestConsumerLagGrowing": "callingest_consumer_lag_messages",
@@ -57,7 +65,7 @@ def test_selected_metrics_come_from_prometheus_parser(promql: PrometheusServer) 
 
 
 def test_every_queried_metric_is_declared(promql: PrometheusServer) -> None:
-    known = set(declared_series()) | record_names()
+    known = set(declared_series()) | record_names() | SCRAPE_SERIES
     unknown = {source: sorted(names - known)
                for source, names in metric_names_by_source(promql).items() if names - known}
     assert unknown == {}
@@ -76,6 +84,12 @@ def test_required_alerts_exist_on_their_metric(promql: PrometheusServer) -> None
     by_name = {r.get("alert"): r for r in rules()}
     assert by_name["CallingestConsumerLagGrowing"]["for"] == "10m"
     assert "histogram_quantile(0.99" in alerts["CallingestGatewayLatencyP99High"]
+
+
+def test_the_service_down_alert_watches_every_service() -> None:
+    (expr,) = [e for name, e in rule_expressions() if name == "CallingestServiceDown"]
+    (services,) = re.findall(r'up\{service=~"([^"]+)"\} == 0', expr)
+    assert sorted(services.split("|")) == sorted(SERVICES)
 
 
 def test_slo_recording_rules_cover_every_window(promql: PrometheusServer) -> None:
@@ -155,3 +169,24 @@ def test_every_alert_has_a_runbook_section() -> None:
     assert "service-level-objectives" in headings
     for flag in ("--cuid", "--stage", "--since", "--failure-class", "--dry-run"):
         assert flag in runbook
+
+
+def test_the_runbook_first_look_grep_finds_the_services_warnings_and_errors(tmp_path: Path) -> None:
+    """The pattern of the runbook's `k logs ... | grep -E` on lines as the services write them."""
+    (pattern,) = re.findall(r"k logs deploy/<service> [^\n]*\| grep -E '([^']+)'",
+                            (REPO / "docs/runbook.md").read_text())
+    formatter = JsonFormatter("fetcher")
+    log = tmp_path / "fetcher.log"
+    log.write_text("".join(
+        formatter.format(logging.LogRecord("callingest.x", level, __file__, 1, "m", None, None)) + "\n"
+        for level in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)))
+    found = subprocess.run(["grep", "-E", pattern, str(log)], capture_output=True, text=True,
+                           check=False).stdout
+    assert [json.loads(line)["level"] for line in found.splitlines()] == ["warning", "error", "critical"]
+
+
+def test_the_runbook_says_where_publication_is_recorded() -> None:
+    runbook = (REPO / "docs/runbook.md").read_text()
+    section = runbook.split("## CallingestUnpublishedCallsStuck", 1)[1].split("\n## ", 1)[0]
+    assert f"`{RECEIPTS}`" in section
+    assert "(`published: false`)" not in section

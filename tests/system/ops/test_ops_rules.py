@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
+from callingest import stages
+from callingest.topics import Topics
 from tests.system.ops.manifests import OVERLAYS, of_kind, render_overlay
-from tests.system.ops.prometheus import alert_names, require_prometheus
+from tests.system.ops.prometheus import alert_names, keda_expressions, require_prometheus
 from tools import prometheus
 
 
@@ -98,3 +100,38 @@ def test_local_rule_file_is_the_deployed_prometheusrule(overlay: str, tmp_path: 
     local = yaml.safe_load(prometheus.write_rules(tmp_path / "rules.yml").read_text())
     (deployed,) = of_kind(render_overlay(overlay), "PrometheusRule").values()
     assert local == {"groups": deployed["spec"]["groups"]}
+
+
+def test_every_alert_is_per_namespace() -> None:
+    """Dev and prod in one Prometheus never mix: every alert a unit test expects to fire carries
+    the `namespace` of its series (aggregations are `by (namespace, ...)`)."""
+    without = set()
+    for path in sorted(prometheus.UNIT_TESTS.glob("*.yml")):
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for case in test.get("alert_rule_test", []):
+                for alert in case.get("exp_alerts") or []:
+                    if "namespace" not in alert.get("exp_labels", {}):
+                        without.add(case["alertname"])
+    assert without == set()
+    assert set(_alert_cases()) >= set(alert_names())
+
+
+def test_lag_scaling_leaves_out_the_retry_tiers(tmp_path: Path) -> None:
+    """KEDA scales each consumer on the lag of its input topic: its retry tiers are paused
+    until their events are due (callingest.retry_tiers), so their lag is no backlog."""
+    require_prometheus()
+    topics = Topics("dev-", retry_tiers=4)
+    tests = []
+    for name, query in keda_expressions():
+        def lag(topic: str, value: int, stage: str = name) -> dict[str, str]:
+            return {"series": f'callingest_consumer_lag_messages{{service="{stage}", topic="{topic}", '
+                              f'partition="0"}}', "values": f"{value}x10"}
+        series = [lag(topics.name(stages.BY_NAME[name].input_topic), 100),
+                  *(lag(retry, 1000) for retry in topics.retry_topics(name))]
+        tests.append({"name": name, "interval": "1m", "input_series": series,
+                      "promql_expr_test": [{"expr": query, "eval_time": "5m",
+                                            "exp_samples": [{"labels": "{}", "value": 100}]}]})
+    assert len(tests) == 4
+    (tmp_path / "keda.yml").write_text(yaml.safe_dump({"tests": tests}))
+    result = prometheus.promtool("test", "rules", "keda.yml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
 
 from callingest import avro, config_apply, config_file
 from callingest.infra import prepare_infrastructure
@@ -140,7 +142,16 @@ def read_events(settings: Settings, topics: Topics) -> EventReader:
             enable_auto_commit=False,
             group_id=None,
         )
-        await consumer.start()
+        try:
+            # Bounded: twice a run (2026-12-01) the topic the gateway had just published three
+            # calls to was missing from the broker's metadata, and start() waited for it until
+            # pytest-timeout. Say what the broker holds instead of hanging.
+            await asyncio.wait_for(consumer.start(), 60)
+        except (TimeoutError, KafkaError) as exc:
+            await consumer.stop()
+            raise AssertionError(
+                f"consumer of {topics.submitted} did not start ({type(exc).__name__}); the broker "
+                f"has {await topics_named(settings, settings.topic_prefix)}") from None
         records: list[dict[str, Any]] = []
         try:
             deadline = time.monotonic() + patience
@@ -172,3 +183,13 @@ async def poll(predicate: Callable[[], Awaitable[Any]], patience: float = 20.0) 
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await asyncio.sleep(0.1)
+
+
+async def topics_named(settings: Settings, prefix: str) -> list[str]:
+    """The broker's topics whose names start with ``prefix`` (a diagnosis)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
+    await admin.start()
+    try:
+        return sorted(t for t in await admin.list_topics() if t.startswith(prefix))
+    finally:
+        await admin.close()

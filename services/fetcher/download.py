@@ -28,8 +28,9 @@ Failures:
   minimum rate (``min_bytes_per_second`` over every ``read_timeout`` of waiting) that cuts
   a host trickling a byte a second.
 * Per-host protection (:mod:`services.fetcher.hosts`), for http(s): a host whose circuit
-  is open raises TransientError ``RecordingHostUnavailable`` without connecting; a host at
-  its concurrency cap raises :class:`~callingest.errors.Deferred` ``RecordingHostBusy``.
+  is open raises :class:`~callingest.errors.Refused` ``RecordingHostUnavailable`` without
+  connecting; a host at its concurrency cap raises :class:`~callingest.errors.Deferred`
+  ``RecordingHostBusy``.
 
 Secrets never reach a log line or an error message: URLs are shown through
 :func:`redact_url`, headers are never logged, and third-party exception texts (which may
@@ -153,12 +154,14 @@ async def fetch_recording(
     log_extra: Mapping[str, Any] | None = None,
     sleep: Sleep = asyncio.sleep,
     hosts: HostGuard | None = None,
+    last_chance: bool = False,
 ) -> StoredRecording:
     """Download ``recording_url`` into ``s3://bucket/key``; see the module docstring.
 
     ``http`` must be a session from :func:`callingest.ssrf.guarded_session` built with
     the same ``address_policy`` (the connector makes the final address decision). Writes
     nothing under ``key`` unless the whole recording was read and recognized.
+    ``last_chance``: see :meth:`HostGuard.admit`.
     """
     extra = {**(log_extra or {}), "url": redact_url(recording_url)}
     is_s3 = recording_url[:5].lower() == "s3://"
@@ -173,7 +176,8 @@ async def fetch_recording(
                                               address_policy=address_policy)
             first = parse_url(recording_url)
             with refusals_as_step_errors():
-                with hosts.admit(origin(first), redact_origin(first)) as outcome:
+                with hosts.admit(origin(first), redact_origin(first),
+                                 last_chance) as outcome:
                     return await _fetch_http_once(recording_url, auth=auth, http=http, s3=s3,
                                                   bucket=bucket, key=key, policy=policy,
                                                   address_policy=address_policy,

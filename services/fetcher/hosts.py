@@ -9,7 +9,10 @@ process keeps, in memory:
 * a circuit breaker. **Closed**: downloads go ahead; ``failure_threshold`` consecutive
   connection failures or timeouts open it. **Open** for ``cooldown`` seconds: downloads
   are refused without connecting (:class:`CircuitOpen`: the call is refused untried, no
-  attempt used, until its retry deadline; see :class:`callingest.errors.Refused`).
+  attempt used, until its retry deadline; see :class:`callingest.errors.Refused`), with
+  the class and message of the host's last real failure ("timed out fetching
+  http://host (host not contacted again: circuit open)"): what the call reports if it
+  gives up, so the CSM email names the cause, not the breaker.
   **Half-open** after the cool-down: one download is let through as a probe while the
   others are still refused; its answer closes the circuit at once (the calls due while
   its body streams go ahead), its failure opens it for another cool-down. A call never
@@ -57,10 +60,13 @@ class HostRefused(Exception):
 
 
 class CircuitOpen(HostRefused):
-    """The host's circuit is open (or half-open with its probe under way)."""
+    """The host's circuit is open (or half-open with its probe under way); ``str(exc)`` and
+    ``failure_class`` are the host's last real failure, which opened it."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, failure_class: str,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
+        self.failure_class = failure_class
         #: The rest of the cool-down (None: a probe is under way, its end is unknown).
         self.retry_after = retry_after
 
@@ -76,6 +82,8 @@ class _Host:
     opened_at: float = 0.0
     in_flight: int = 0
     probe: Outcome | None = None
+    #: The last real failure (class, message naming the host only): what refusals report.
+    cause: tuple[str, str] = ("RecordingHostUnavailable", "host unavailable")
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
@@ -94,10 +102,13 @@ class Outcome:
         if self._guard is not None and self._host is not None:
             self._guard._alive(self._host, self._shown)
 
-    def dead(self) -> None:
-        """Connection refused or reset, DNS failure, or a timeout."""
+    def dead(self, failure_class: str, message: str) -> None:
+        """Connection refused or reset, DNS failure, or a timeout: ``failure_class`` and
+        ``message`` (naming the host, not the URL: the calls refused for it are others')
+        are what the calls refused by the circuit it may open report."""
         self.result = False
         if self._guard is not None and self._host is not None:
+            self._host.cause = (failure_class, message)
             self._guard._dead(self._host, self._shown, self)
 
 
@@ -155,19 +166,23 @@ class HostGuard:
         if host is None:
             return
         if not last_chance:
-            self._refuse_if_open(host, shown, self.state(key))
+            self._refuse_if_open(host, self.state(key))
         if (host.state == CLOSED or last_chance) and host.in_flight >= self.max_per_host:
             metrics.FETCH_REJECTIONS.labels("host_busy").inc()
             raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
 
-    def _refuse_if_open(self, host: _Host, shown: str, state: str) -> None:
+    def _refuse_if_open(self, host: _Host, state: str) -> None:
+        """Refused with the cause of the open circuit: the host's last real failure."""
+        failure_class, cause = host.cause
         if state == OPEN:
             metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
             rest = self.cooldown - (self.clock() - host.opened_at)
-            raise CircuitOpen(f"circuit open for {shown}: not contacted", max(rest, 0.0))
+            raise CircuitOpen(f"{cause} (host not contacted again: circuit open)",
+                              failure_class, max(rest, 0.0))
         if state == HALF_OPEN and host.probe is not None:
             metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
-            raise CircuitOpen(f"circuit half-open for {shown}, probe under way: not contacted")
+            raise CircuitOpen(f"{cause} (host not contacted again: circuit half-open, "
+                              "probe under way)", failure_class)
 
     @contextmanager
     def admit(self, key: HostKey, shown: str, last_chance: bool = False) -> Iterator[Outcome]:
@@ -186,7 +201,7 @@ class HostGuard:
             self._move(None, CLOSED)
         state = self.state(key)
         if not last_chance:
-            self._refuse_if_open(host, shown, state)
+            self._refuse_if_open(host, state)
         if (host.state == CLOSED or last_chance) and host.in_flight >= self.max_per_host:
             metrics.FETCH_REJECTIONS.labels("host_busy").inc()
             raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
@@ -269,7 +284,7 @@ def refusals_as_step_errors() -> Iterator[None]:
     try:
         yield
     except CircuitOpen as exc:
-        raise Refused(str(exc), "RecordingHostUnavailable", exc.retry_after) from None
+        raise Refused(str(exc), exc.failure_class, exc.retry_after) from None
     except HostBusy as exc:
         raise Deferred(str(exc), "RecordingHostBusy") from None
 

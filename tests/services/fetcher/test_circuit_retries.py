@@ -110,10 +110,13 @@ async def test_calls_refused_behind_hanging_probes_are_tried_and_fetched(
     assert [calls[c]["status"] for c in good_cuids] == ["fetched"] * 3, [
         calls[c].get("failure") for c in good_cuids]
     assert all(len(server.hits_for(f"/good-{i}.wav")) == 1 for i in range(3))
-    for cuid in hanging:
-        assert calls[cuid]["status"] == "failed"
-        assert calls[cuid]["failure"]["class"] in ("RecordingTimeout",
-                                                   "RecordingHostUnavailable")
+    for cuid in hanging:  # the real cause, not the breaker, and no other call's path
+        failure = calls[cuid]["failure"]
+        assert (calls[cuid]["status"], failure["class"]) == ("failed", "RecordingTimeout")
+        own = f"timed out fetching {calls[cuid]['recording_url']} (gave up after"
+        host_only = (f"timed out fetching http://127.0.0.1:{server.port} (host not contacted "
+                     "again: circuit")
+        assert failure["message"].startswith((own, host_only)), failure
 
 
 async def test_a_probe_that_answered_closes_the_circuit_before_its_body_is_read(

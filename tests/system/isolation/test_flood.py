@@ -43,7 +43,7 @@ DEAD_CALLS = 300
 HEALTHY_CALLS = 5
 HEALTHY_BOUND_SECONDS = 30.0
 ATTEMPTS = 4
-DEAD_CLASSES = {"RecordingConnectionError", "RecordingTimeout", "RecordingHostUnavailable"}
+DEAD_CLASSES = {"RecordingConnectionError", "RecordingTimeout"}
 
 
 async def test_dead_hosts_of_one_network_do_not_delay_another(servers: Any, mail_dir: Path,

@@ -97,22 +97,25 @@ async def test_slow_but_steady_host_below_the_minimum_rate_is_cut(
     assert info.value.failure_class == "RecordingTimeout"
 
 
+@pytest.mark.parametrize(("host", "shown"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
 async def test_refused_connections_fail_fast_once_then_open_the_circuit(
-        servers: Any, http: aiohttp.ClientSession, store: Store, key: str) -> None:
+        servers: Any, http: aiohttp.ClientSession, store: Store, key: str, host: str,
+        shown: str) -> None:
+    """An IPv6 host is named as a URL writes it: http://[::1]:port, not http://::1:port."""
     port = free_port()  # nothing listens: connections are refused
-    url = f"http://127.0.0.1:{port}/call.wav"
+    url = f"http://{shown}:{port}/call.wav"
     hosts = HostGuard(max_per_host=8, failure_threshold=3, cooldown=60)
     pol = policy(servers)
     for _ in range(3):
         with pytest.raises(TransientError) as info:
             await asyncio.wait_for(fetch(url, http, store, key, pol, hosts), 10)
         assert info.value.failure_class == "RecordingConnectionError"
-    assert hosts.state(("http", "127.0.0.1", port)) == OPEN
+    assert hosts.state(("http", host, port)) == OPEN
     with pytest.raises(Refused) as refused:
         await fetch(url, http, store, key, pol, hosts)
     # the cause that opened the circuit, the host named once, bracket-free of any path
     assert refused.value.failure_class == "RecordingConnectionError"
-    assert refused.value.message == (f"ClientConnectorError fetching http://127.0.0.1:{port} "
+    assert refused.value.message == (f"ClientConnectorError fetching http://{shown}:{port} "
                                      "(host not contacted again: circuit open)")
 
 

@@ -43,3 +43,19 @@ class Deferred(TransientError):
 
     def __init__(self, message: str, failure_class: str = "Deferred") -> None:
         super().__init__(message, failure_class)
+
+
+class Refused(Deferred):
+    """Not tried: the resource is believed down (a recording host's circuit is open).
+
+    Like a deferral it uses up no attempt, so a call is not failed for tries it never had;
+    unlike one it is bounded: once the call's retry deadline has passed
+    (:func:`callingest.retry_tiers.past_deadline`) the consumer loop fails the call with
+    this error's class and message. ``retry_after``: when trying again is worth it (the
+    rest of the host's cool-down), which picks the retry tier.
+    """
+
+    def __init__(self, message: str, failure_class: str = "Refused",
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, failure_class)
+        self.retry_after = retry_after

@@ -9,7 +9,9 @@ step and route its outcome: success -> the call updated and the output event pro
 :class:`~callingest.errors.TransientError` (or an unexpected exception, as
 ``InternalError``) -> the next retry tier, or the call failed ``retryable=true`` once
 ``MAX_PROCESSING_ATTEMPTS`` are used up (a :attr:`~callingest.stages.Retry.FOREVER` stage
-never gives up); :class:`~callingest.errors.Deferred` -> tier 0, no attempt used.
+never gives up); :class:`~callingest.errors.Deferred` -> tier 0, no attempt used;
+:class:`~callingest.errors.Refused` -> likewise until the event's retry deadline has passed
+(:func:`~callingest.retry_tiers.past_deadline`), then the call failed ``retryable=true``.
 MongoDB and Kafka errors propagate: the loop retries the message in place.
 Every write of the call document goes through :class:`~callingest.call_store.CallStore`.
 """
@@ -29,7 +31,7 @@ from pymongo.errors import PyMongoError
 from callingest import avro, metrics, retry_tiers, tracing
 from callingest.call_store import CallStore, Outcome, stale, stored_outcome
 from callingest.dead_letters import DeadLetters
-from callingest.errors import Deferred, PermanentError, TransientError
+from callingest.errors import Deferred, PermanentError, Refused, TransientError
 from callingest.kafka import Producer, PublishError
 from callingest.logging import get_logger
 from callingest.settings import Settings
@@ -87,7 +89,9 @@ class MessageHandler:
             log.info("redelivered event, stored outcome republished", extra=extra)
             return
         retry = retry_tiers.failed_tries(record)
-        ctx = StageContext(self.settings, self.db, self.topics, call, retry, self.stage.resources)
+        overdue = retry_tiers.past_deadline(record, self.settings.retry_delays_seconds)
+        ctx = StageContext(self.settings, self.db, self.topics, call, retry, self.stage.resources,
+                           overdue)
         try:
             result = await self.stage.step(event, ctx)
         except PermanentError as exc:
@@ -96,6 +100,16 @@ class MessageHandler:
             return
         except (PyMongoError, KafkaError, PublishError):
             raise
+        except Refused as exc:
+            if overdue and self.spec.retry is Retry.BOUNDED:
+                await self._fail(event, exc.failure_class,
+                                 f"{exc.message} (gave up at the retry deadline after "
+                                 f"{_attempts(retry)})", retryable=True)
+                self._observe(tp, started, "failed")
+            else:
+                await self._schedule_retry(record, event, retry, exc, extra, counted=False)
+                self._observe(tp, started, "deferred")
+            return
         except Deferred as exc:
             await self._schedule_retry(record, event, retry, exc, extra, counted=False)
             self._observe(tp, started, "deferred")
@@ -108,9 +122,9 @@ class MessageHandler:
                 transient = TransientError(f"internal error: {type(exc).__name__}", "InternalError")
             if (retry + 1 >= self.settings.max_processing_attempts
                     and self.spec.retry is Retry.BOUNDED):
-                attempts = f"{retry + 1} attempt{'s' if retry else ''}"
                 await self._fail(event, transient.failure_class,
-                                 f"{transient.message} (gave up after {attempts})", retryable=True)
+                                 f"{transient.message} (gave up after {_attempts(retry + 1)})",
+                                 retryable=True)
                 self._observe(tp, started, "failed")
             else:
                 await self._schedule_retry(record, event, retry + 1, transient, extra)
@@ -158,9 +172,11 @@ class MessageHandler:
         ``retry`` is the number of failed tries so far (the header the next try reads).
         A counted retry is recorded on the call first (:meth:`CallStore.retrying`), so the
         status API says where the call stands before the retry can run. A deferral
-        (``counted=False``) goes to the first tier and records nothing.
+        (``counted=False``) goes to the first tier (or the one its ``retry_after`` asks for)
+        and records nothing.
         """
-        plan = retry_tiers.plan(self.settings.retry_delays_seconds, retry, counted, exc.retry_after)
+        plan = retry_tiers.plan(self.settings.retry_delays_seconds, retry, counted, exc.retry_after,
+                                retry_tiers.first_retry(record))
         if counted:
             await self.calls.retrying(event["cuid"], retry, datetime.fromtimestamp(plan.due, UTC),
                                       exc.failure_class, exc.message)
@@ -180,3 +196,7 @@ class MessageHandler:
         if not self._dead_letters.admit():
             raise DeadLetterLimit(reason)
         await self._dead_letters.send(tp, record, reason)
+
+
+def _attempts(tries: int) -> str:
+    return f"{tries} attempt{'' if tries == 1 else 's'}"

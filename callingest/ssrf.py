@@ -128,7 +128,7 @@ class AddressRefused(Exception):
     """
 
     def __init__(self, host: str, reason: str) -> None:
-        super().__init__(f"{bracketed(host)}: {reason}")
+        super().__init__(f"{show_host(host)}: {reason}")
         self.host = host
         self.reason = reason
 
@@ -171,13 +171,19 @@ class AddressPolicy:
         """Raise :class:`AddressRefused` unless ``address`` is allowed."""
         reason = self.refusal(address)
         if reason is not None:
-            shown = str(address) if host is None or host == str(address) else f"{host} ({address})"
+            shown = str(address) if host is None or host == str(address) else (
+                f"{show_host(host)} ({address})")
             raise AddressRefused(shown, reason)
 
 
-def bracketed(host: str) -> str:
-    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), anything else as is."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") and " " not in host else host
+def show_host(host: str) -> str:
+    """``host`` as a URL writes it: an IPv6 address in brackets (``[::1]``), so that a port
+    or a reason after it reads unambiguously; anything else as it is."""
+    try:
+        ipaddress.IPv6Address(host.split("%", 1)[0])  # a zone id is allowed after it
+    except ValueError:
+        return host
+    return f"[{host}]"
 
 
 def _as_ip(address: IPAddress | str) -> IPAddress:

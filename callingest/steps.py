@@ -56,7 +56,8 @@ class StepResult:
 @dataclass
 class StageContext(Generic[R]):
     """What a step may use: settings, the database, the topics, the call as stored (or None),
-    the number of failed tries so far, and the stage's resources."""
+    the number of failed tries so far, the stage's resources, and whether the event's retry
+    deadline has passed (:func:`callingest.retry_tiers.past_deadline`)."""
 
     settings: Settings
     db: AsyncDatabase[dict[str, Any]]
@@ -64,6 +65,7 @@ class StageContext(Generic[R]):
     call: dict[str, Any] | None
     retry: int
     resources: R
+    past_deadline: bool = False
 
 
 Step = Callable[[dict[str, Any], StageContext[R]], Awaitable[StepResult]]

@@ -28,8 +28,10 @@ Failures:
   minimum rate (``min_bytes_per_second`` over every ``read_timeout`` of waiting) that cuts
   a host trickling a byte a second.
 * Per-host protection (:mod:`services.fetcher.hosts`), for http(s): a host whose circuit
-  is open raises TransientError ``RecordingHostUnavailable`` without connecting; a host at
-  its concurrency cap raises :class:`~callingest.errors.Deferred` ``RecordingHostBusy``.
+  is open raises :class:`~callingest.errors.Refused` without connecting, with the class
+  and message of the host's last real failure (``RecordingTimeout`` "timed out fetching
+  http://host (host not contacted again: circuit open)"); a host at its concurrency cap
+  raises :class:`~callingest.errors.Deferred` ``RecordingHostBusy``.
 
 Secrets never reach a log line or an error message: URLs are shown through
 :func:`redact_url`, headers are never logged, and third-party exception texts (which may
@@ -46,6 +48,7 @@ from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from botocore.exceptions import BotoCoreError, ClientError
+from yarl import URL
 
 from callingest import metrics
 from callingest.audioformat import SNIFF_BYTES, sniff_format
@@ -153,12 +156,14 @@ async def fetch_recording(
     log_extra: Mapping[str, Any] | None = None,
     sleep: Sleep = asyncio.sleep,
     hosts: HostGuard | None = None,
+    last_chance: bool = False,
 ) -> StoredRecording:
     """Download ``recording_url`` into ``s3://bucket/key``; see the module docstring.
 
     ``http`` must be a session from :func:`callingest.ssrf.guarded_session` built with
     the same ``address_policy`` (the connector makes the final address decision). Writes
     nothing under ``key`` unless the whole recording was read and recognized.
+    ``last_chance``: see :meth:`HostGuard.admit`.
     """
     extra = {**(log_extra or {}), "url": redact_url(recording_url)}
     is_s3 = recording_url[:5].lower() == "s3://"
@@ -173,7 +178,8 @@ async def fetch_recording(
                                               address_policy=address_policy)
             first = parse_url(recording_url)
             with refusals_as_step_errors():
-                with hosts.admit(origin(first), redact_origin(first)) as outcome:
+                with hosts.admit(origin(first), redact_origin(first),
+                                 last_chance) as outcome:
                     return await _fetch_http_once(recording_url, auth=auth, http=http, s3=s3,
                                                   bucket=bucket, key=key, policy=policy,
                                                   address_policy=address_policy,
@@ -257,20 +263,25 @@ async def _fetch_http_once(recording_url: str, *, auth: RecordingAuthConfig | No
         except AddressRefused as exc:
             raise PermanentError("RecordingUrlRefused", f"recording URL refused: {exc}") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
-            outcome.dead()
-            raise _Retryable("RecordingTimeout", f"timed out fetching {shown}") from None
+            raise _dead(outcome, url, "RecordingTimeout", "timed out fetching {}") from None
         except aiohttp.InvalidURL:
             raise PermanentError("RecordingUrlRefused", f"invalid recording URL {shown}") from None
         except aiohttp.ClientConnectorDNSError:
-            outcome.dead()
-            raise _Retryable("RecordingConnectionError",
-                             f"could not resolve the host of {shown}") from None
+            raise _dead(outcome, url, "RecordingConnectionError",
+                        "could not resolve the host of {}") from None
         except (aiohttp.ClientError, ConnectionError) as exc:
-            outcome.dead()
-            raise _Retryable("RecordingConnectionError",
-                             f"{type(exc).__name__} fetching {shown}") from None
+            raise _dead(outcome, url, "RecordingConnectionError",
+                        f"{type(exc).__name__} fetching {{}}") from None
     raise PermanentError("RecordingUnavailable",
                          f"more than {policy.max_redirects} redirects from {redact_url(first)}")
+
+
+def _dead(outcome: Outcome, url: URL, failure_class: str, what: str) -> _Retryable:
+    """The host did not answer: ``outcome`` told, with ``what`` naming the host only (the
+    cause the calls its circuit refuses report: their URLs are not this one), and the
+    failure to raise, naming the URL."""
+    outcome.dead(failure_class, what.format(redact_origin(url)))
+    return _Retryable(failure_class, what.format(redact_url(url)))
 
 
 def _raise_for_status(status: int, headers: Mapping[str, str], shown: str) -> None:

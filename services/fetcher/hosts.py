@@ -8,10 +8,16 @@ process keeps, in memory:
   attempt), so one slow host cannot take every slot of the fetcher;
 * a circuit breaker. **Closed**: downloads go ahead; ``failure_threshold`` consecutive
   connection failures or timeouts open it. **Open** for ``cooldown`` seconds: downloads
-  are refused without connecting (:class:`CircuitOpen`: the call goes to its next retry
-  tier as a failed attempt). **Half-open** after the cool-down: one download is let
-  through as a probe while the others are still refused; its success closes the circuit,
-  its failure opens it for another cool-down.
+  are refused without connecting (:class:`CircuitOpen`: the call is refused untried, no
+  attempt used, until its retry deadline; see :class:`callingest.errors.Refused`), with
+  the class and message of the host's last real failure ("timed out fetching
+  http://host (host not contacted again: circuit open)"): what the call reports if it
+  gives up, so the CSM email names the cause, not the breaker.
+  **Half-open** after the cool-down: one download is let through as a probe while the
+  others are still refused; its answer closes the circuit at once (the calls due while
+  its body streams go ahead), its failure opens it for another cool-down. A call never
+  tried whose retry deadline has passed is let through whatever the circuit
+  (``last_chance``): no call fails without its own URL tried.
 
 Any HTTP answer (even a 404 or a 503) proves the host alive and counts as a success: the
 breaker is about dead hosts, the retry policy about bad answers. State is per process (each
@@ -33,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from callingest import metrics
-from callingest.errors import Deferred, TransientError
+from callingest.errors import Deferred, Refused
 from callingest.logging import get_logger
 from services.fetcher.urls import origin, parse_url, redact_origin
 
@@ -54,7 +60,15 @@ class HostRefused(Exception):
 
 
 class CircuitOpen(HostRefused):
-    """The host's circuit is open (or half-open with its probe under way)."""
+    """The host's circuit is open (or half-open with its probe under way); ``str(exc)`` and
+    ``failure_class`` are the host's last real failure, which opened it."""
+
+    def __init__(self, message: str, failure_class: str,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.failure_class = failure_class
+        #: The rest of the cool-down (None: a probe is under way, its end is unknown).
+        self.retry_after = retry_after
 
 
 class HostBusy(HostRefused):
@@ -67,23 +81,35 @@ class _Host:
     failures: int = 0
     opened_at: float = 0.0
     in_flight: int = 0
-    probing: bool = False
+    probe: Outcome | None = None
+    #: The last real failure (class, message naming the host only): what refusals report.
+    cause: tuple[str, str] = ("RecordingHostUnavailable", "host unavailable")
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
 
 
 class Outcome:
-    """Handed to the caller of :meth:`HostGuard.admit`: say what the download showed."""
+    """Handed to the caller of :meth:`HostGuard.admit`: say what the download showed. The
+    circuit takes it at once (a probe's response headers close it, not the end of its body)."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: HostGuard | None = None, host: _Host | None = None,
+                 shown: str = "") -> None:
         self.result: bool | None = None
+        self._guard, self._host, self._shown = guard, host, shown
 
     def alive(self) -> None:
         """The host answered (any HTTP status)."""
         self.result = True
+        if self._guard is not None and self._host is not None:
+            self._guard._alive(self._host, self._shown)
 
-    def dead(self) -> None:
-        """Connection refused or reset, DNS failure, or a timeout."""
+    def dead(self, failure_class: str, message: str) -> None:
+        """Connection refused or reset, DNS failure, or a timeout: ``failure_class`` and
+        ``message`` (naming the host, not the URL: the calls refused for it are others')
+        are what the calls refused by the circuit it may open report."""
         self.result = False
+        if self._guard is not None and self._host is not None:
+            self._host.cause = (failure_class, message)
+            self._guard._dead(self._host, self._shown, self)
 
 
 class HostGuard:
@@ -132,27 +158,40 @@ class HostGuard:
             with contextlib.suppress(ValueError):
                 host.waiters.remove(waiter)
 
-    def check(self, key: HostKey, shown: str) -> None:
+    def check(self, key: HostKey, shown: str, last_chance: bool = False) -> None:
         """Raise what :meth:`admit` would raise now, without starting anything: lets the
         caller skip its own preparation (object-store and database reads) for a host that
         would be refused anyway."""
         host = self._hosts.get(key)
         if host is None:
             return
-        state = self.state(key)
-        if state == OPEN or (state == HALF_OPEN and host.probing):
-            metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
-            raise CircuitOpen(f"circuit open for {shown}: not contacted")
-        if state == CLOSED and host.in_flight >= self.max_per_host:
+        if not last_chance:
+            self._refuse_if_open(host, self.state(key))
+        if (host.state == CLOSED or last_chance) and host.in_flight >= self.max_per_host:
             metrics.FETCH_REJECTIONS.labels("host_busy").inc()
             raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
 
+    def _refuse_if_open(self, host: _Host, state: str) -> None:
+        """Refused with the cause of the open circuit: the host's last real failure."""
+        failure_class, cause = host.cause
+        if state == OPEN:
+            metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
+            rest = self.cooldown - (self.clock() - host.opened_at)
+            raise CircuitOpen(f"{cause} (host not contacted again: circuit open)",
+                              failure_class, max(rest, 0.0))
+        if state == HALF_OPEN and host.probe is not None:
+            metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
+            raise CircuitOpen(f"{cause} (host not contacted again: circuit half-open, "
+                              "probe under way)", failure_class)
+
     @contextmanager
-    def admit(self, key: HostKey, shown: str) -> Iterator[Outcome]:
+    def admit(self, key: HostKey, shown: str, last_chance: bool = False) -> Iterator[Outcome]:
         """Run one download from ``key``, or raise :class:`HostRefused` without starting it.
 
         The caller marks the :class:`Outcome` alive or dead; left unmarked (the download
-        ended some other way, say a refused redirect) it changes no circuit.
+        ended some other way, say a refused redirect) it changes no circuit. ``last_chance``
+        (a call whose retry deadline passed before it was ever tried): whatever the
+        circuit, the download goes ahead if the host is under its cap.
         """
         host = self._hosts.get(key)
         if host is None:
@@ -160,23 +199,18 @@ class HostGuard:
                 self._forget_stale()
             host = self._hosts[key] = _Host()
             self._move(None, CLOSED)
-        probe = False
-        if host.state == OPEN:
-            if self.clock() - host.opened_at < self.cooldown:
-                metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
-                raise CircuitOpen(f"circuit open for {shown}: not contacted")
-            self._set(host, HALF_OPEN, shown)
-        if host.state == HALF_OPEN:
-            if host.probing:
-                metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
-                raise CircuitOpen(f"circuit half-open for {shown}, probe under way: "
-                                  "not contacted")
-            host.probing = probe = True
-        elif host.in_flight >= self.max_per_host:
+        state = self.state(key)
+        if not last_chance:
+            self._refuse_if_open(host, state)
+        if (host.state == CLOSED or last_chance) and host.in_flight >= self.max_per_host:
             metrics.FETCH_REJECTIONS.labels("host_busy").inc()
             raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
+        outcome = Outcome(self, host, shown)
+        if state == HALF_OPEN and host.probe is None:
+            if host.state == OPEN:
+                self._set(host, HALF_OPEN, shown)
+            host.probe = outcome
         host.in_flight += 1
-        outcome = Outcome()
         try:
             yield outcome
         finally:
@@ -186,29 +220,34 @@ class HostGuard:
                 if not waiter.done():
                     waiter.set_result(None)
                     break
-            if probe:
-                host.probing = False
-            if outcome.result is True:
-                host.failures = 0
-                if host.state != CLOSED:
-                    self._set(host, CLOSED, shown)
-            elif outcome.result is False:
-                host.failures += 1
-                if host.state == HALF_OPEN or (host.state == CLOSED
-                                               and host.failures >= self.failure_threshold):
-                    host.opened_at = self.clock()
-                    self._set(host, OPEN, shown)
-                    # the calls waiting for a place are refused now, not after their wait
-                    while host.waiters:
-                        waiter = host.waiters.popleft()
-                        if not waiter.done():
-                            waiter.set_result(None)
-            elif probe and host.state == HALF_OPEN:
-                host.opened_at = self.clock() - self.cooldown  # undecided: probe again next
+            if host.probe is outcome:  # ended undecided: probe again next
+                host.probe = None
+                host.opened_at = self.clock() - self.cooldown
                 self._set(host, OPEN, shown)
             if host.state == CLOSED and host.failures == 0 and host.in_flight == 0:
                 del self._hosts[key]
                 self._move(CLOSED, None)
+
+    def _alive(self, host: _Host, shown: str) -> None:
+        host.failures = 0
+        host.probe = None
+        if host.state != CLOSED:
+            self._set(host, CLOSED, shown)
+
+    def _dead(self, host: _Host, shown: str, outcome: Outcome) -> None:
+        host.failures += 1
+        was_probe = host.probe is outcome
+        if was_probe:
+            host.probe = None
+        if was_probe or host.state == HALF_OPEN or (
+                host.state == CLOSED and host.failures >= self.failure_threshold):
+            host.opened_at = self.clock()
+            self._set(host, OPEN, shown)
+            # the calls waiting for a place are refused now, not after their wait
+            while host.waiters:
+                waiter = host.waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def _forget_stale(self) -> None:
         """Forget idle hosts whose circuit has not been used for ten cool-downs."""
@@ -240,17 +279,18 @@ class HostGuard:
 
 @contextlib.contextmanager
 def refusals_as_step_errors() -> Iterator[None]:
-    """Host refusals as the consumer loop knows them: an open circuit uses up an attempt
-    (next retry tier), a busy host defers the call untried."""
+    """Host refusals as the consumer loop knows them: an open circuit refuses the call
+    untried until its retry deadline (then it fails), a busy host defers it untried."""
     try:
         yield
     except CircuitOpen as exc:
-        raise TransientError(str(exc), "RecordingHostUnavailable") from None
+        raise Refused(str(exc), exc.failure_class, exc.retry_after) from None
     except HostBusy as exc:
         raise Deferred(str(exc), "RecordingHostBusy") from None
 
 
-async def check_host(recording_url: str, hosts: HostGuard | None, wait: float = 0.0) -> None:
+async def check_host(recording_url: str, hosts: HostGuard | None, wait: float = 0.0,
+                     last_chance: bool = False) -> None:
     """Raise at once (as :func:`fetch_recording` would) if the recording's host is refused
     now, before any other work is spent on the call; a host at its cap is first waited for
     up to ``wait`` seconds. Does nothing for ``s3://`` URLs."""
@@ -259,4 +299,4 @@ async def check_host(recording_url: str, hosts: HostGuard | None, wait: float = 
     first = parse_url(recording_url)
     await hosts.wait_for_room(origin(first), wait)
     with refusals_as_step_errors():
-        hosts.check(origin(first), redact_origin(first))
+        hosts.check(origin(first), redact_origin(first), last_chance)

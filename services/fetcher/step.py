@@ -156,9 +156,11 @@ async def step(event: dict[str, Any], ctx: StageContext[FetcherResources]) -> St
     extra = {"cuid": cuid, "event_id": str(event.get("event_id")), "stage": STAGE}
 
     # A host that is refused now (circuit open, at its cap) costs no object-store or
-    # database read: the call leaves its slot at once.
+    # database read: the call leaves its slot at once. A call never tried whose retry
+    # deadline has passed gets one try whatever the circuit: none fails untried.
+    last_chance = ctx.past_deadline and ctx.retry == 0
     await check_host(event["recording_url"], resources.hosts,
-                     settings.fetch_host_wait_seconds)
+                     settings.fetch_host_wait_seconds, last_chance)
     stored = await _already_stored(s3, bucket, key)
     if stored is not None:
         log.info("recording already stored, reused", extra={**extra, "key": key})
@@ -177,6 +179,7 @@ async def step(event: dict[str, Any], ctx: StageContext[FetcherResources]) -> St
             address_policy=resources.address_policy,
             log_extra=extra,
             hosts=resources.hosts,
+            last_chance=last_chance,
         )
         log.info("recording fetched",
                  extra={**extra, "url": redact_url(event["recording_url"]), "key": key,

@@ -9,7 +9,7 @@ from yarl import URL
 
 from callingest.errors import PermanentError
 from callingest.logging import PATH_PARAMETERS
-from callingest.ssrf import url_as_given
+from callingest.ssrf import show_host, url_as_given
 
 
 def redact_url(url: str | URL) -> str:
@@ -17,9 +17,7 @@ def redact_url(url: str | URL) -> str:
     query string), query string and fragment: safe to log. Never raises."""
     try:
         parts = urlsplit(str(url))
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
+        host = show_host(parts.hostname or "")
         port = f":{parts.port}" if parts.port is not None else ""
         scheme = f"{parts.scheme}://" if parts.scheme else ""
         return f"{scheme}{host}{port}{PATH_PARAMETERS.sub('', parts.path)}"
@@ -40,6 +38,6 @@ def origin(url: URL) -> tuple[str, str, int | None]:
 
 
 def redact_origin(url: URL) -> str:
-    """``scheme://host:port`` of ``url``: safe to log and to store."""
+    """``scheme://host:port`` of ``url`` (an IPv6 host in brackets): safe to log and store."""
     scheme, host, port = origin(url)
-    return f"{scheme}://{host}" + (f":{port}" if port is not None else "")
+    return f"{scheme}://{show_host(host)}" + (f":{port}" if port is not None else "")

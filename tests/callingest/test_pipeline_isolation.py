@@ -11,7 +11,7 @@ import pytest
 
 from callingest import retry_tiers
 from callingest.callview import call_view
-from callingest.errors import Deferred, TransientError
+from callingest.errors import Deferred, Refused, TransientError
 from callingest.scheduling import network_share
 from callingest.settings import Settings
 from callingest.steps import StageContext, StepResult
@@ -71,22 +71,27 @@ async def test_a_backlog_does_not_delay_another_network(settings: Settings, db: 
 
 
 class Script:
-    """Per cuid: a list of actions, one per try ('transient', 'deferred', 'ok')."""
+    """Per cuid: a list of actions, one per try ('transient', 'deferred', 'refused', 'ok')."""
 
     def __init__(self, plans: dict[str, list[str]]) -> None:
         self.plans = plans
         self.tries: list[tuple[str, int]] = []
+        self.past_deadline: list[bool] = []
 
     async def __call__(self, event: dict[str, Any], ctx: StageContext) -> StepResult:
         cuid = event["cuid"]
         count = sum(1 for c, _ in self.tries if c == cuid)
         self.tries.append((cuid, ctx.retry))
+        self.past_deadline.append(ctx.past_deadline)
         plan = self.plans.get(cuid, ["ok"])
         action = plan[min(count, len(plan) - 1)]
         if action == "transient":
             raise TransientError(
                 "timed out fetching http://rec.example/a.wav;jsessionid=s3cret-session?token=sup3r-s3cret",
                 "RecordingTimeout")
+        if action == "refused":
+            raise Refused("timed out fetching http://rec.example (host not contacted again: "
+                          "circuit open)", "RecordingTimeout")
         if action == "deferred":
             raise Deferred("rec.example already has 32 downloads running", "RecordingHostBusy")
         if action == "rate-limited":
@@ -131,14 +136,7 @@ async def test_retrying_is_cleared_by_success_and_by_the_final_failure(
     step = Script({recovers["_id"]: ["transient", "ok"], dies["_id"]: ["transient"]})
     tuned = settings.model_copy(update={"max_processing_attempts": 3,
                                         "retry_delays_seconds": [0.5, 0.5]})
-    async with running(tuned, topics, step):
-        for doc in (recovers, dies):
-            await submit(settings, db, doc)
-        await wait_until(lambda: _status_is(db, recovers["_id"], "validated"), timeout=30,
-                         what="recovered")
-        await wait_until(lambda: _status_is(db, dies["_id"], "failed"), timeout=30, what="failed")
-    ok = await db.calls.find_one({"_id": recovers["_id"]})
-    failed = await db.calls.find_one({"_id": dies["_id"]})
+    ok, failed = await _one_recovers_one_fails(tuned, db, topics, step, recovers, dies)
     assert "retrying" not in ok and "retrying" not in failed
     assert [h["status"] for h in ok["history"]] == ["received", "retrying", "validated"]
     assert [(h["status"], h.get("attempt")) for h in failed["history"]] == [
@@ -165,6 +163,43 @@ async def test_a_deferral_uses_up_no_attempt(settings: Settings, db: Any, topics
     assert step.tries == [(doc["_id"], 0)] * 4
     stored = await db.calls.find_one({"_id": doc["_id"]})
     assert [h["status"] for h in stored["history"]] == ["received", "validated"]
+
+
+async def test_a_refusal_uses_up_no_attempt_until_the_retry_deadline(
+        settings: Settings, db: Any, topics: Topics) -> None:
+    """Refused (the resource believed down) more often than attempts allowed: no attempt is
+    used while the retry deadline (first retry + the tiers' delays) lasts; the step is told
+    when it has passed; a call still refused then fails with the refusal's class."""
+    recovers, refused = call_doc(), call_doc()
+    step = Script({recovers["_id"]: ["refused", "refused", "refused", "ok"],
+                   refused["_id"]: ["refused"]})
+    tuned = settings.model_copy(update={"max_processing_attempts": 2,
+                                        "retry_delays_seconds": [0.2, 1.5]})
+    _, failed = await _one_recovers_one_fails(tuned, db, topics, step, recovers, refused)
+    assert {retry for _, retry in step.tries} == {0}
+    refusals = [c for c, _ in step.tries if c == refused["_id"]]
+    assert len(refusals) > 2  # more than the two attempts allowed
+    assert step.past_deadline.count(True) == 1  # the last try only
+    assert failed["failure"]["class"] == "RecordingTimeout"
+    assert failed["failure"]["message"].endswith(
+        "(host not contacted again: circuit open) (gave up at the retry deadline after "
+        "0 attempts)")
+    assert [h["status"] for h in failed["history"]] == ["received", "failed"]
+
+
+async def _one_recovers_one_fails(settings: Settings, db: Any, topics: Topics, step: Script,
+                                  recovers: dict[str, Any], dies: dict[str, Any],
+                                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run ``step`` on the two calls until the first is validated and the second failed;
+    the two as stored."""
+    async with running(settings, topics, step):
+        for doc in (recovers, dies):
+            await submit(settings, db, doc)
+        await wait_until(lambda: _status_is(db, recovers["_id"], "validated"), timeout=30,
+                         what="recovered")
+        await wait_until(lambda: _status_is(db, dies["_id"], "failed"), timeout=30, what="failed")
+    return (await db.calls.find_one({"_id": recovers["_id"]}),
+            await db.calls.find_one({"_id": dies["_id"]}))
 
 
 async def _status_is(db: Any, cuid: str, status: str) -> bool:

@@ -25,6 +25,7 @@ from services.fetcher.download import (
     apply_auth,
     fetch_recording,
     parse_url,
+    redact_origin,
     redact_url,
 )
 from tests.helpers import parts_count
@@ -378,6 +379,19 @@ def test_unusable_auth_configs_rejected(doc: dict[str, Any]) -> None:
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://[::1]:18102/a.wav?token=x", "http://[::1]:18102"),
+        ("https://[2001:db8::7]/a.wav", "https://[2001:db8::7]:443"),
+        ("https://H.example:8443/a.wav", "https://h.example:8443"),
+    ],
+)
+def test_redact_origin_writes_ipv6_hosts_in_brackets(url: str, shown: str) -> None:
+    """What the circuit breaker's log lines and refusals name: not "http://::1:18102"."""
+    assert redact_origin(parse_url(url)) == shown
 
 
 # -- size, format --------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from callingest import metrics
-from callingest.errors import Deferred, TransientError
+from callingest.errors import Deferred, Refused, TransientError
 from callingest.settings import Settings
 from services.fetcher.budget import ByteBudget
 from services.fetcher.download import FetchPolicy, fetch_recording
@@ -97,21 +97,26 @@ async def test_slow_but_steady_host_below_the_minimum_rate_is_cut(
     assert info.value.failure_class == "RecordingTimeout"
 
 
+@pytest.mark.parametrize(("host", "shown"), [("127.0.0.1", "127.0.0.1"), ("::1", "[::1]")])
 async def test_refused_connections_fail_fast_once_then_open_the_circuit(
-        servers: Any, http: aiohttp.ClientSession, store: Store, key: str) -> None:
+        servers: Any, http: aiohttp.ClientSession, store: Store, key: str, host: str,
+        shown: str) -> None:
+    """An IPv6 host is named as a URL writes it: http://[::1]:port, not http://::1:port."""
     port = free_port()  # nothing listens: connections are refused
-    url = f"http://127.0.0.1:{port}/call.wav"
+    url = f"http://{shown}:{port}/call.wav"
     hosts = HostGuard(max_per_host=8, failure_threshold=3, cooldown=60)
     pol = policy(servers)
     for _ in range(3):
         with pytest.raises(TransientError) as info:
             await asyncio.wait_for(fetch(url, http, store, key, pol, hosts), 10)
         assert info.value.failure_class == "RecordingConnectionError"
-    assert hosts.state(("http", "127.0.0.1", port)) == OPEN
-    with pytest.raises(TransientError) as info:
+    assert hosts.state(("http", host, port)) == OPEN
+    with pytest.raises(Refused) as refused:
         await fetch(url, http, store, key, pol, hosts)
-    assert info.value.failure_class == "RecordingHostUnavailable"
-    assert "?" not in info.value.message
+    # the cause that opened the circuit, the host named once, bracket-free of any path
+    assert refused.value.failure_class == "RecordingConnectionError"
+    assert refused.value.message == (f"ClientConnectorError fetching http://{shown}:{port} "
+                                     "(host not contacted again: circuit open)")
 
 
 def _gauge(state: str) -> float:
@@ -147,9 +152,8 @@ async def test_circuit_opens_half_opens_and_closes(
     assert hosts.state(host) == OPEN
     assert hosts.counts()[OPEN] == 1 and _gauge(OPEN) >= 1
     tried = len(server.hits_for("/c.wav"))
-    with pytest.raises(TransientError) as info:
+    with pytest.raises(Refused):
         await fetch(url, http, store, key, pol, hosts)
-    assert info.value.failure_class == "RecordingHostUnavailable"
     assert len(server.hits_for("/c.wav")) == tried  # not contacted while open
     with pytest.raises(CircuitOpen):  # the step's early check, before any S3/database read
         hosts.check(host, "x")
@@ -159,7 +163,7 @@ async def test_circuit_opens_half_opens_and_closes(
     assert hosts.state(host) == HALF_OPEN
     with pytest.raises(TransientError) as info:
         await fetch(url, http, store, key, pol, hosts)
-    assert info.value.failure_class != "RecordingHostUnavailable"  # the probe went out
+    assert not isinstance(info.value, Refused)  # the probe went out
     assert len(server.hits_for("/c.wav")) > tried
     assert hosts.state(host) == OPEN
 
@@ -169,9 +173,10 @@ async def test_circuit_opens_half_opens_and_closes(
     mode["now"] = "slow"
     probe = asyncio.create_task(fetch(url, http, store, key, pol, hosts))
     await asyncio.sleep(0.3)
-    with pytest.raises(TransientError) as info:
+    with pytest.raises(Refused) as refused:
         await fetch(url, http, store, f"{key}-2", pol, hosts)
-    assert info.value.failure_class == "RecordingHostUnavailable"
+    assert refused.value.failure_class == "RecordingConnectionError"  # the probe's cause
+    assert "circuit half-open, probe under way" in refused.value.message
     stored = await probe
     assert stored.size_bytes == len(healthy)
     assert hosts.state(host) == CLOSED
@@ -276,7 +281,7 @@ async def test_calls_waiting_for_a_place_are_released_at_once_when_the_circuit_o
         waiting = [asyncio.create_task(hosts.wait_for_room(host, 30.0)) for _ in range(2)]
         await asyncio.sleep(0.05)
         assert not any(task.done() for task in waiting)
-        outcome.dead()
+        outcome.dead("RecordingTimeout", "timed out fetching http://rec.example")
     assert hosts.state(host) == OPEN
     await asyncio.wait_for(asyncio.gather(*waiting), 2.0)
     with pytest.raises(CircuitOpen):

@@ -189,6 +189,22 @@ def test_check_url_accepts_valid_host_names(url: str) -> None:
     check_url(URL(url), STRICT)
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://[::]/a.wav", "[::]: unspecified address"),
+        ("http://[fd00::1]:8080/a.wav?sig=x", "[fd00::1]: unique local (private) address"),
+        ("http://[::ffff:a00:1]/", "[::ffff:a00:1]: IPv4-mapped 10.0.0.1: private address"),
+        ("http://10.0.0.1/", "10.0.0.1: private address"),
+    ],
+)
+def test_refusals_show_an_ipv6_host_in_brackets(url: str, shown: str) -> None:
+    """Not "::: unspecified address": the host as a URL writes it, then the reason."""
+    with pytest.raises(AddressRefused) as info:
+        check_url(URL(url, encoded=True), STRICT)
+    assert str(info.value) == shown
+
+
 def test_check_url_leaves_names_to_the_resolver() -> None:
     check_url(URL("https://recordings.example.com/a.wav?sig=x", encoded=True), STRICT)
 

@@ -96,3 +96,9 @@ def is_crd_kind(resource: Resource) -> bool:
     """True for custom resources (Prometheus Operator, KEDA): no schema in kubernetes-validate."""
     group = resource["apiVersion"].split("/")[0] if "/" in resource["apiVersion"] else ""
     return group in {"monitoring.coreos.com", "keda.sh"}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """True if a matchLabels selector (the only kind the manifests use) selects ``labels``."""
+    assert set(selector) <= {"matchLabels"}, "only matchLabels selectors are used here"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())

@@ -60,8 +60,9 @@ def render_prod_with(component: str | None) -> list[Resource]:
     source = K8S / "overlays" / "prod"
     with tempfile.TemporaryDirectory() as tmp:
         rel = os.path.relpath(K8S, tmp)
-        for name in ("namespace.yaml", "replicas.yaml"):
-            Path(tmp, name).write_text((source / name).read_text())
+        for resource in source.glob("*.yaml"):
+            if resource.name != "kustomization.yaml":
+                Path(tmp, resource.name).write_text(resource.read_text())
         text = (source / "kustomization.yaml").read_text().replace("../../", f"{rel}/")
         text = re.sub(r"components:\n  - \S+/components/s3-static-keys\n",
                       f"components:\n  - {rel}/components/{component}\n" if component else "",

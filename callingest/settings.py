@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,6 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -53,6 +52,7 @@ from callingest.setting_types import (
     Seconds,
     SecondsOrNone,
 )
+from callingest.settings_files import FileSettingsSource, SettingsFileError
 
 DEV_PROFILE = "dev"
 _DEV = "callingest_dev_default"
@@ -107,30 +107,6 @@ def at_least_outside_dev(default: float, minimum: float, **constraints: Any) -> 
 def dev_default(dev: Any, default: Any) -> Any:
     """An optional setting whose default differs in the dev profile."""
     return Field(default, json_schema_extra={_DEV: dev})
-
-
-class SettingsFileError(ValueError):
-    """A ``<NAME>_FILE`` that cannot be read, or given together with ``<NAME>``."""
-
-
-class _FileSettingsSource(EnvSettingsSource):
-    """``<NAME>_FILE=/path``: the value of ``<NAME>`` is the file's content."""
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        fields = {name.upper() for name in self.settings_cls.model_fields}
-        environ = {k.upper(): v for k, v in os.environ.items()}
-        values: dict[str, str | None] = {}
-        for key, path in environ.items():
-            name = key.removesuffix("_FILE")
-            if not key.endswith("_FILE") or name not in fields:
-                continue
-            if environ.get(name):
-                raise SettingsFileError(f"{name} and {key} are both set; give one")
-            try:
-                values[name.lower()] = Path(path).read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise SettingsFileError(f"{key}: cannot read {path}: {exc.strerror}") from None
-        return values
 
 
 class Settings(BaseSettings):
@@ -247,7 +223,7 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _FileSettingsSource(settings_cls)
+        return init_settings, env_settings, FileSettingsSource(settings_cls)
 
     @model_validator(mode="before")
     @classmethod

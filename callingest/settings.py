@@ -62,6 +62,9 @@ _REFUSED = "callingest_refused_outside_dev"
 _AT_LEAST = "callingest_at_least_outside_dev"
 
 
+PLAIN_SMTP_LOGIN = ("SMTP_USERNAME and SMTP_PASSWORD need SMTP_STARTTLS=true outside the dev "
+                    "profile: no login over a plain connection")
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -150,6 +153,13 @@ class Settings(BaseSettings):
     smtp_port: Port = dev_default(1025, 25)
     smtp_from: str = required_outside_dev("callingest@localhost")
     smtp_timeout_seconds: Seconds = 10.0
+    smtp_starttls: bool = False
+    """Upgrade the connection with STARTTLS before anything else (port 587); never falls back."""
+    smtp_username: SecretStr = SecretStr("")
+    smtp_password: SecretStr = SecretStr("")
+    """With ``SMTP_USERNAME``: log in (both or neither); outside dev only after STARTTLS."""
+    smtp_ca_file: str | None = None
+    """CA bundle for the relay's certificate; unset: the system's CAs. Hostnames are verified."""
 
     http_host: Host = "127.0.0.1"
     http_port: Port | None = None
@@ -275,6 +285,19 @@ class Settings(BaseSettings):
                                      or self.s3_secret_access_key.get_secret_value()):
             raise ValueError("S3_USE_IAM_ROLE=true and static S3 keys are both set; give one")
         return self
+
+    @model_validator(mode="after")
+    def _smtp_login(self) -> Settings:
+        if bool(self.smtp_username.get_secret_value()) != bool(self.smtp_password.get_secret_value()):
+            raise ValueError("SMTP_USERNAME and SMTP_PASSWORD go together; give both or neither")
+        if self.smtp_plain_login:
+            raise ValueError(PLAIN_SMTP_LOGIN)
+        return self
+
+    @property
+    def smtp_plain_login(self) -> bool:
+        """A login without STARTTLS outside the dev profile: the password would cross in clear."""
+        return bool(self.smtp_username.get_secret_value()) and not self.smtp_starttls and not self.dev
 
     @property
     def dev(self) -> bool:

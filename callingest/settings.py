@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,6 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
-    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
@@ -53,6 +52,7 @@ from callingest.setting_types import (
     Seconds,
     SecondsOrNone,
 )
+from callingest.settings_files import FileSettingsSource, SettingsFileError
 
 DEV_PROFILE = "dev"
 _DEV = "callingest_dev_default"
@@ -61,6 +61,9 @@ _UNLESS = "callingest_required_unless"
 _REFUSED = "callingest_refused_outside_dev"
 _AT_LEAST = "callingest_at_least_outside_dev"
 
+
+PLAIN_SMTP_LOGIN = ("SMTP_USERNAME and SMTP_PASSWORD need SMTP_STARTTLS=true outside the dev "
+                    "profile: no login over a plain connection")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -109,30 +112,6 @@ def dev_default(dev: Any, default: Any) -> Any:
     return Field(default, json_schema_extra={_DEV: dev})
 
 
-class SettingsFileError(ValueError):
-    """A ``<NAME>_FILE`` that cannot be read, or given together with ``<NAME>``."""
-
-
-class _FileSettingsSource(EnvSettingsSource):
-    """``<NAME>_FILE=/path``: the value of ``<NAME>`` is the file's content."""
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        fields = {name.upper() for name in self.settings_cls.model_fields}
-        environ = {k.upper(): v for k, v in os.environ.items()}
-        values: dict[str, str | None] = {}
-        for key, path in environ.items():
-            name = key.removesuffix("_FILE")
-            if not key.endswith("_FILE") or name not in fields:
-                continue
-            if environ.get(name):
-                raise SettingsFileError(f"{name} and {key} are both set; give one")
-            try:
-                values[name.lower()] = Path(path).read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise SettingsFileError(f"{key}: cannot read {path}: {exc.strerror}") from None
-        return values
-
-
 class Settings(BaseSettings):
     """Every knob of every service. Field names are the environment variables, upper-cased."""
 
@@ -174,6 +153,13 @@ class Settings(BaseSettings):
     smtp_port: Port = dev_default(1025, 25)
     smtp_from: str = required_outside_dev("callingest@localhost")
     smtp_timeout_seconds: Seconds = 10.0
+    smtp_starttls: bool = False
+    """Upgrade the connection with STARTTLS before anything else (port 587); never falls back."""
+    smtp_username: SecretStr = SecretStr("")
+    smtp_password: SecretStr = SecretStr("")
+    """With ``SMTP_USERNAME``: log in (both or neither); outside dev only after STARTTLS."""
+    smtp_ca_file: str | None = None
+    """CA bundle for the relay's certificate; unset: the system's CAs. Hostnames are verified."""
 
     http_host: Host = "127.0.0.1"
     http_port: Port | None = None
@@ -247,7 +233,7 @@ class Settings(BaseSettings):
         env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _FileSettingsSource(settings_cls)
+        return init_settings, env_settings, FileSettingsSource(settings_cls)
 
     @model_validator(mode="before")
     @classmethod
@@ -299,6 +285,19 @@ class Settings(BaseSettings):
                                      or self.s3_secret_access_key.get_secret_value()):
             raise ValueError("S3_USE_IAM_ROLE=true and static S3 keys are both set; give one")
         return self
+
+    @model_validator(mode="after")
+    def _smtp_login(self) -> Settings:
+        if bool(self.smtp_username.get_secret_value()) != bool(self.smtp_password.get_secret_value()):
+            raise ValueError("SMTP_USERNAME and SMTP_PASSWORD go together; give both or neither")
+        if self.smtp_plain_login:
+            raise ValueError(PLAIN_SMTP_LOGIN)
+        return self
+
+    @property
+    def smtp_plain_login(self) -> bool:
+        """A login without STARTTLS outside the dev profile: the password would cross in clear."""
+        return bool(self.smtp_username.get_secret_value()) and not self.smtp_starttls and not self.dev
 
     @property
     def dev(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import smtplib
+import ssl
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from typing import Any
@@ -14,7 +15,7 @@ from callingest import metrics
 from callingest.config_file import load_network
 from callingest.errors import TransientError
 from callingest.logging import get_logger
-from callingest.settings import Settings
+from callingest.settings import PLAIN_SMTP_LOGIN, Settings
 from callingest.steps import NoResources, StageContext, StepResult
 
 log = get_logger(__name__)
@@ -47,8 +48,17 @@ def compose(call: dict[str, Any], event: dict[str, Any], to: str, sender: str) -
 
 
 def _send(settings: Settings, msg: EmailMessage) -> None:
+    """Deliver ``msg``: STARTTLS first if configured (never a fall-back to plain), then the login
+    if configured; outside the dev profile no login without STARTTLS (before connecting)."""
+    if settings.smtp_plain_login:
+        raise smtplib.SMTPNotSupportedError(PLAIN_SMTP_LOGIN)
     with smtplib.SMTP(settings.smtp_host, settings.smtp_port,
                       timeout=settings.smtp_timeout_seconds) as smtp:
+        if settings.smtp_starttls:
+            smtp.starttls(context=ssl.create_default_context(cafile=settings.smtp_ca_file or None))
+        if settings.smtp_username.get_secret_value():
+            smtp.login(settings.smtp_username.get_secret_value(),
+                       settings.smtp_password.get_secret_value())
         smtp.send_message(msg)
 
 

@@ -1,22 +1,26 @@
-"""The notifier's step called directly, on the real store and the real SMTP sink."""
+"""The notifier's step called directly, on the real store and the real SMTP sink; STARTTLS and
+the login on a real relay started here (:mod:`tests.services.notifier.relay`)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from callingest import metrics
 from callingest.errors import TransientError
-from callingest.settings import Settings
+from callingest.settings import PLAIN_SMTP_LOGIN, Settings
 from callingest.steps import NoResources, StageContext
 from callingest.topics import Topics
 from services.notifier.step import step
 from tests.conftest import free_port
 from tests.helpers import call_doc, mails_about
+from tests.services.notifier.relay import PASSWORD, USERNAME, Relay
 
 pytestmark = [pytest.mark.mongo, pytest.mark.smtp]
 
@@ -89,3 +93,72 @@ async def test_smtp_unreachable_is_transient(networks: Any, settings: Settings, 
         await step(call_failed(call), context(closed, networks, topics, call))
     assert failed.value.failure_class == "SmtpUnavailable"
     assert await networks.notifications.find_one({"_id": f"{call['_id']}:1"}) is None
+
+
+@pytest.fixture
+def relay(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Relay]:
+    """A relay requiring a login; ``@pytest.mark.parametrize("relay", [False], indirect=True)``:
+    one that offers the login on the plain connection too."""
+    server = Relay(tmp_path, login_needs_tls=getattr(request, "param", True))
+    server.controller.start()
+    yield server
+    server.controller.stop()
+
+
+def via(relay: Relay, settings: Settings, password: str = PASSWORD, **changes: Any) -> Settings:
+    """``settings`` sending through ``relay`` with STARTTLS, trusting its CA, logging in."""
+    return settings.model_copy(update={
+        "smtp_host": "127.0.0.1", "smtp_port": relay.port, "smtp_starttls": True,
+        "smtp_ca_file": str(relay.ca_file), "smtp_username": SecretStr(USERNAME),
+        "smtp_password": SecretStr(password), **changes})
+
+
+async def test_starttls_and_login_deliver(networks: Any, settings: Settings, topics: Topics,
+                                          relay: Relay) -> None:
+    call = call_doc()
+    result = await step(call_failed(call), context(via(relay, settings), networks, topics, call))
+    assert set(result.call_update or {}) == {"csm_notified_at"}
+    assert relay.logins == [(USERNAME, PASSWORD, True)]  # after STARTTLS
+    (message,) = relay.messages
+    assert f"X-Callingest-Cuid: {call['_id']}".encode() in message
+
+
+async def test_a_wrong_password_is_transient_and_not_quoted(
+        networks: Any, settings: Settings, topics: Topics, relay: Relay) -> None:
+    call = call_doc()
+    wrong = "wrong-pw-0b6d2c"
+    with pytest.raises(TransientError) as failed:
+        await step(call_failed(call), context(via(relay, settings, wrong), networks, topics, call))
+    assert failed.value.failure_class == "SmtpUnavailable"
+    assert "SMTPAuthenticationError" in str(failed.value)
+    assert relay.logins and all(login[1] == wrong and login[2] for login in relay.logins)
+    for text in (str(failed.value), repr(failed.value), str(failed.value.__cause__)):
+        assert wrong not in text and PASSWORD not in text
+    assert relay.messages == []
+    assert await networks.notifications.find_one({"_id": f"{call['_id']}:1"}) is None
+
+
+async def test_an_untrusted_relay_gets_no_credentials(networks: Any, settings: Settings,
+                                                      topics: Topics, relay: Relay) -> None:
+    call = call_doc()
+    system_cas = via(relay, settings, smtp_ca_file=None)  # the relay's CA is not among them
+    with pytest.raises(TransientError) as failed:
+        await step(call_failed(call), context(system_cas, networks, topics, call))
+    assert "SSLCertVerificationError" in str(failed.value)
+    assert relay.logins == [] and relay.messages == []
+
+
+@pytest.mark.parametrize("relay", [False], indirect=True)
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # the point here
+async def test_no_login_over_a_plain_connection_outside_dev(
+        networks: Any, settings: Settings, topics: Topics, relay: Relay) -> None:
+    call = call_doc()
+    plain = via(relay, settings, smtp_starttls=False)
+    await step(call_failed(call), context(plain, networks, topics, call))  # dev: allowed
+    assert relay.logins == [(USERNAME, PASSWORD, False)]
+    other = call_doc()
+    production = plain.model_copy(update={"callingest_env": "production"})
+    with pytest.raises(TransientError) as failed:
+        await step(call_failed(other), context(production, networks, topics, other))
+    assert str(failed.value.__cause__) == PLAIN_SMTP_LOGIN
+    assert len(relay.logins) == 1 and len(relay.messages) == 1  # refused before connecting

@@ -35,7 +35,8 @@ from tests.system.ops.manifests import (
 # the pinned kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.32.0", kubernetes_validate.latest_version())
 
-SECRET_ENV = {"MONGODB_URI", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "SECRET_KEYS"}
+SECRET_ENV = {"MONGODB_URI", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "SECRET_KEYS",
+              "SMTP_USERNAME", "SMTP_PASSWORD"}
 CONFIG_ENV = {
     "KAFKA_BOOTSTRAP_SERVERS",
     "MONGODB_DATABASE",
@@ -45,6 +46,7 @@ CONFIG_ENV = {
     "SMTP_HOST",
     "SMTP_PORT",
     "SMTP_FROM",
+    "SMTP_STARTTLS",
     "TOPIC_PREFIX",
     "ALLOW_LOOPBACK_RECORDINGS",
     "ALLOW_LOOPBACK_WEBHOOKS",
@@ -248,6 +250,16 @@ def test_prod_has_no_secret_values_and_refuses_loopback_recordings() -> None:
                     assert env["valueFrom"]["secretKeyRef"]["name"] == "callingest-secrets"
     image = _containers(of_kind(resources, "Deployment")["gateway"])[0]["image"]
     assert not image.endswith(":latest") and ":" in image
+
+
+def test_prod_submits_mail_with_starttls_and_a_login_from_the_secret() -> None:
+    resources = render_overlay("prod")
+    config = _config(resources)
+    assert (config["SMTP_PORT"], config["SMTP_STARTTLS"]) == ("587", "true")
+    (container,) = _containers(of_kind(resources, "Deployment")["notifier"])
+    env = {e["name"]: e for e in container["env"]}
+    for name in ("SMTP_USERNAME", "SMTP_PASSWORD"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "callingest-secrets", "key": name}
 
 
 def test_dev_secret_holds_every_referenced_key() -> None:

@@ -166,7 +166,8 @@ def test_irsa_annotates_the_service_account_and_drops_the_keys() -> None:
 #: Stand-ins for the prod overlay's Secret, created out of band (not rendered).
 PROD_SECRETS = {"MONGODB_URI": "mongodb+srv://callingest:pw@cluster0.example.net/?authSource=admin",
                 "S3_ACCESS_KEY_ID": "AKIAEXAMPLE", "S3_SECRET_ACCESS_KEY": "example-secret",
-                "SECRET_KEYS": "k1:" + "A" * 43 + "="}
+                "SECRET_KEYS": "k1:" + "A" * 43 + "=", "SMTP_USERNAME": "callingest",
+                "SMTP_PASSWORD": "example-relay-password"}
 
 
 def workload_environ(resources: list[Resource], workload: Resource) -> dict[str, str]:

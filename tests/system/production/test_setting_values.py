@@ -8,6 +8,7 @@ Each run is ``callingest`` in a subprocess under the production profile (``bare_
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr, ValidationError
@@ -124,3 +125,22 @@ def test_rotate_secrets_requires_only_what_rotation_reads() -> None:
     assert done.returncode == 2
     assert done.stderr.startswith("callingest: bad setting SECRET_KEYS: required "), done.stderr
     assert missing_in(done.stderr) == {"SECRET_KEYS"}
+
+
+def test_the_smtp_login_is_both_or_neither_and_only_over_starttls(tmp_path: Path) -> None:
+    secret = "relay-hunter2"
+    (tmp_path / "smtp-password").write_text(secret + "\n")
+    starttls = {"SMTP_STARTTLS": "true"}
+    for given in ({"SMTP_USERNAME": "relay"}, {"SMTP_PASSWORD": secret, **starttls},
+                  {"SMTP_PASSWORD_FILE": str(tmp_path / "smtp-password"), **starttls}):
+        done, _ = run(["serve", "notifier"], bare_env(**given))
+        assert_refused(done.stderr, done.returncode, "(SETTINGS)")
+        assert "SMTP_USERNAME and SMTP_PASSWORD go together" in done.stderr
+        assert secret not in done.stderr
+    login = {"SMTP_USERNAME": "relay", "SMTP_PASSWORD_FILE": str(tmp_path / "smtp-password")}
+    done, _ = run(["serve", "notifier"], bare_env(**login))  # no STARTTLS: a plain login
+    assert_refused(done.stderr, done.returncode, "(SETTINGS)")
+    assert "need SMTP_STARTTLS=true" in done.stderr and secret not in done.stderr
+    done, _ = run(["serve", "notifier"], bare_env(**login, **starttls))
+    assert done.returncode == 2 and "(SETTINGS)" not in done.stderr  # only the missing ones
+    assert missing_in(done.stderr) >= {"MONGODB_URI", "SMTP_HOST"} and secret not in done.stderr

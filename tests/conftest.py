@@ -13,7 +13,6 @@ import contextlib
 import faulthandler
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -123,11 +122,7 @@ def session_log_file() -> Iterator[Path]:
     handler.close()
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+free_port = devstack.free_port
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -243,6 +244,33 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return False
+
+
+# Ports :func:`free_port` hands out: below Linux's default ephemeral range (32768-60999), so
+# that no outgoing connection's local port takes one between the pick and the bind, and
+# above the dev stack's defaults (27017 the highest there).
+FREE_PORTS = range(28000, 32768)
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now, and not handed out before by this process.
+
+    Not the kernel's ``bind(0)``: that picks from the ephemeral range, where a port can go to
+    an outgoing connection before the server binds it, and can repeat within one test (a
+    stack whose S3 port was its Kafka controller's answered the S3 client with closed
+    connections)."""
+    candidates = [p for p in FREE_PORTS if p not in _handed_out]
+    random.shuffle(candidates)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {FREE_PORTS.start}-{FREE_PORTS.stop - 1}")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:

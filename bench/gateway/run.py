@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,18 +45,13 @@ from bench.stack import prepare  # noqa: E402
 from callingest import mongo  # noqa: E402
 from callingest.settings import Settings  # noqa: E402
 from callingest.topics import Topics  # noqa: E402
+from tools.devstack import free_port  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = ROOT / "bench" / "results"
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 TOKEN = "demo-network-token"
 URL_PATH = "/api/2022-03-01/calls.json"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_ready(url: str, timeout: float = 60.0, expect: int = 200) -> None:

@@ -19,6 +19,7 @@ from callingest.http import add_ops_routes
 from callingest.kafka import PublishError, TopicScanner, client_options
 from callingest.logging import get_logger
 from callingest.settings import Settings, ip_networks
+from callingest.tasks import cancel_and_wait
 from callingest.topics import Topics
 from services.gateway import keys
 from services.gateway.auth import FailureThrottle, TokenAuthenticator
@@ -99,9 +100,7 @@ async def infra_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(verify())
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_and_wait(task, "gateway infrastructure check")
 
 
 async def republisher_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -111,9 +110,8 @@ async def republisher_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(republisher.run(
         max(after / 2, 0.5), after, scans=app[keys.SCANS_UNPUBLISHED]))
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    republisher.stop()  # its loop ends even if the cancellation below is swallowed
+    await cancel_and_wait(task, "gateway republisher")
 
 
 def init_app(settings: Settings, *, with_metrics: bool = True,

@@ -44,6 +44,12 @@ class Republisher:
         self._publisher = publisher
         self._scan_from: datetime | None = None  # None: read the stored mark first
         self._marked = False
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Make :meth:`run` return at its next step, also if a cancellation of its task is
+        swallowed (see callingest/tasks.py): the gateway calls it before cancelling the task."""
+        self._stopping = True
 
     async def republish_pending(self, older_than_seconds: float, limit: int = 1000) -> int:
         """Publish calls left unpublished for ``older_than_seconds``; returns how many.
@@ -105,15 +111,17 @@ class Republisher:
 
     async def run(self, interval_seconds: float, older_than_seconds: float,
                   scans: bool = True) -> None:
-        """Forever (never raises): every ``interval_seconds`` :meth:`retry_failed`;
+        """Until :meth:`stop` (never raises): every ``interval_seconds`` :meth:`retry_failed`;
         ``older_than_seconds`` after start and then every :data:`FULL_SCAN_SECONDS`
         :meth:`republish_pending` (from the stored scan mark, then what was created since)
         and the restarts of failed calls whose event was never published (callingest/replay.py).
         ``scans=False``: only the retries (another worker scans).
         """
         next_scan = time.monotonic() + older_than_seconds  # calls of before our start are due
-        while True:
+        while not self._stopping:
             await asyncio.sleep(interval_seconds)
+            if self._stopping:
+                return
             try:
                 await self.retry_failed()
                 if scans and time.monotonic() >= next_scan:

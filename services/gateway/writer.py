@@ -13,7 +13,6 @@ docs/architecture.md, "Publication".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,6 +20,8 @@ from typing import Any, TypeVar
 from bson.errors import BSONError
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError, WriteConcernError
+
+from callingest.tasks import cancel_and_wait
 
 Document = dict[str, Any]
 T = TypeVar("T")
@@ -98,9 +99,7 @@ class CallWriter:
                 if asyncio.get_running_loop().time() > deadline:
                     break
                 await asyncio.sleep(0.01)
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task, "gateway call writer")
 
     async def insert(self, collection: str, doc: Document) -> bool:
         """Insert ``doc`` into ``collection``: True if inserted, False if a unique key exists.

@@ -143,9 +143,11 @@ def read_events(settings: Settings, topics: Topics) -> EventReader:
             group_id=None,
         )
         try:
-            # Bounded: twice a run (2026-12-01) the topic the gateway had just published three
-            # calls to was missing from the broker's metadata, and start() waited for it until
-            # pytest-timeout. Say what the broker holds instead of hanging.
+            # Bounded, and says what the broker holds instead of hanging. (The republisher
+            # test's "topic not found in cluster metadata" of 2026-12-01 was not the broker:
+            # the test hung in the gateway's shutdown, see callingest/tasks.py; after its
+            # timeout its own `topics` teardown deleted the topic while the abandoned test
+            # coroutine went on into this read.)
             await asyncio.wait_for(consumer.start(), 60)
         except (TimeoutError, KafkaError) as exc:
             await consumer.stop()

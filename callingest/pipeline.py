@@ -54,6 +54,7 @@ from callingest.offsets import Offsets
 from callingest.scheduling import FairQueue, Queued
 from callingest.settings import Settings
 from callingest.steps import Stage
+from callingest.tasks import cancel_and_wait
 from callingest.topics import Topics
 
 log = get_logger(__name__)
@@ -155,9 +156,7 @@ class StageRunner:
             await self._loop(consumer)
         finally:
             self.ready = False
-            lag_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lag_task
+            await cancel_and_wait(lag_task, f"{self.service} lag report")
             await self._drain(self.settings.shutdown_grace_seconds)
             with contextlib.suppress(Exception):
                 await self._commit()
@@ -248,9 +247,8 @@ class StageRunner:
 
     async def _process(self, tp: TopicPartition, record: ConsumerRecord,
                        previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(previous)
+        if previous is not None:  # its outcome does not matter here; our own cancellation does
+            await asyncio.wait({previous})
         if self.failure is not None:  # not after an event of this call that failed
             raise ConsumerFailed(self.failure)
         retrying = False

@@ -177,3 +177,25 @@ async def _all_terminal(db: Any, docs: list[dict[str, Any]]) -> bool:
 
 async def _count(settings: Settings, topic: str, n: int) -> bool:
     return len(await read_topic(settings, topic, timeout=1.0)) >= n
+
+
+async def test_an_event_cancelled_while_it_waits_for_its_calls_previous_event_is_not_processed(
+    settings: Settings, db: Any
+) -> None:
+    """At shutdown the runner cancels what is still in flight; an event queued behind an
+    earlier event of the same call must end there, not go on to its step once the earlier one
+    is done (it is redelivered after the restart)."""
+    step = Recorder({})
+    producer = Producer(settings.kafka_bootstrap_servers, "test")  # never started: not used
+    runner = StageRunner(Stage(stage("validator"), step, NoResources()), settings, db, producer)
+    previous_may_end = asyncio.Event()
+    previous = asyncio.create_task(previous_may_end.wait())
+    # No partition or record: the event must stop before it reads them.
+    waiting = asyncio.create_task(runner._process(None, None, previous))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    waiting.cancel()
+    await asyncio.sleep(0.05)
+    previous_may_end.set()
+    await asyncio.wait({waiting}, timeout=5)
+    assert waiting.cancelled()
+    assert step.calls == []

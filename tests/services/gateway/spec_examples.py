@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers import demo_call
+from tools import devstack
 
 API = "/api/2022-03-01"
 TOKEN = "spec-example-network-token"
@@ -253,21 +254,13 @@ def run_examples(base_url: str) -> dict[str, dict[str, Any]]:
     return answers
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def gateway_of(checkout: Path, env: dict[str, str], log: Path) -> Iterator[str]:
     """``callingest serve gateway`` of ``checkout`` with ``env`` (its own database and topic
     prefix), after that checkout's ``admin init`` and ``config apply`` of :data:`CONFIG_YAML`;
     yields its base URL and stops it afterwards."""
     cli = str(Path(sys.executable).with_name("callingest"))
-    port = _free_port()
+    port = devstack.free_port()
     full = {**os.environ, **env, "PYTHONPATH": str(checkout), "CALLINGEST_ENV": "dev",
             "GATEWAY_PORT": str(port), "HTTP_PORT": str(port)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -308,10 +301,11 @@ def _clean_up(env: dict[str, str]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
     from pymongo import MongoClient
 
-    MongoClient("mongodb://127.0.0.1:27017/").drop_database(env["MONGODB_DATABASE"])
+    ports = devstack.Ports()
+    MongoClient(f"mongodb://127.0.0.1:{ports.mongodb}/").drop_database(env["MONGODB_DATABASE"])
 
     async def delete_topics() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers="127.0.0.1:9092")
+        admin = AIOKafkaAdminClient(bootstrap_servers=f"127.0.0.1:{ports.kafka}")
         await admin.start()
         try:
             names = [t for t in await admin.list_topics() if t.startswith(env["TOPIC_PREFIX"])]
@@ -325,7 +319,7 @@ def _clean_up(env: dict[str, str]) -> None:
 
 def _main() -> None:
     """Record the golden answers of the gateway of the checkout given as first argument on the
-    dev servers (127.0.0.1 default ports) into the file given as second."""
+    dev servers (127.0.0.1, the ports of tools/devstack.py) into the file given as second."""
     checkout, out = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
     tag = uuid.uuid4().hex[:10]
     env = {"TOPIC_PREFIX": f"spec{tag}.", "MONGODB_DATABASE": f"spec_{tag}",

@@ -12,7 +12,9 @@ makes is here:
   the CallFailed outcome, ``retrying`` cleared;
 * a counted retry (:meth:`CallStore.retrying`): ``retrying`` (where the call stands) and a
   ``retrying`` history entry with the error class; the message is scrubbed of query
-  strings and secrets.
+  strings and secrets;
+* a refusal by an open circuit (:meth:`CallStore.refused`): ``retrying`` with ``circuit``
+  (what the call waits for), no history entry: it is no try, and recurs every cool-down.
 
 An outcome is ``{"attempt", "topic", "event", "record"}`` (topic, event and record only
 when the stage publishes something): the output event with its deterministic id, stored
@@ -127,17 +129,33 @@ class CallStore:
         )
         return output
 
+    def _waiting(self, retry: int, next_attempt_at: datetime, failure_class: str,
+                 message: str) -> dict[str, Any]:
+        """``retrying``: the call waits for try ``retry + 1`` of this stage, due at
+        ``next_attempt_at``, after a failure of ``failure_class``."""
+        return {"stage": self.spec.name, "attempt": retry + 1, "next_attempt_at": next_attempt_at,
+                "last_error": {"class": failure_class, "message": scrub(message)[:500]}}
+
     async def retrying(self, cuid: str, retry: int, next_attempt_at: datetime,
                        failure_class: str, message: str) -> None:
         """Record that the call waits for try ``retry + 1`` of this stage, due at
         ``next_attempt_at``, after a failure of ``failure_class``."""
-        error = {"class": failure_class, "message": scrub(message)[:500]}
-        stage = self.spec.name
+        waiting = self._waiting(retry, next_attempt_at, failure_class, message)
         await self.db.calls.update_one(
             {"_id": cuid},
-            {"$set": {"retrying": {"stage": stage, "attempt": retry + 1,
-                                   "next_attempt_at": next_attempt_at, "last_error": error}},
-             "$push": {"history": {"stage": stage, "status": "retrying", "at": now(),
-                                   "attempt": retry, "class": error["class"],
+            {"$set": {"retrying": waiting},
+             "$push": {"history": {"stage": self.spec.name, "status": "retrying", "at": now(),
+                                   "attempt": retry, "class": failure_class,
                                    "next_attempt_at": next_attempt_at}}},
         )
+
+    async def refused(self, cuid: str, retry: int, next_attempt_at: datetime,
+                      failure_class: str, message: str, circuit: dict[str, Any]) -> None:
+        """Record that try ``retry + 1`` of this stage was refused untried by an open circuit
+        (no attempt used) and is due again at ``next_attempt_at``; ``failure_class`` and
+        ``message``: the failure that opened the circuit; ``circuit``: ``{host, state,
+        deadline}``, the call's retry deadline (tried then whatever the circuit if never
+        tried, else failed)."""
+        waiting = self._waiting(retry, next_attempt_at, failure_class, message)
+        await self.db.calls.update_one({"_id": cuid},
+                                       {"$set": {"retrying": {**waiting, "circuit": circuit}}})

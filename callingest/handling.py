@@ -173,13 +173,18 @@ class MessageHandler:
         A counted retry is recorded on the call first (:meth:`CallStore.retrying`), so the
         status API says where the call stands before the retry can run. A deferral
         (``counted=False``) goes to the first tier (or the one its ``retry_after`` asks for)
-        and records nothing.
+        and records nothing, unless it is a refusal by an open circuit
+        (:meth:`CallStore.refused`: the call may wait on it until its retry deadline).
         """
         plan = retry_tiers.plan(self.settings.retry_delays_seconds, retry, counted, exc.retry_after,
                                 retry_tiers.first_retry(record))
+        due = datetime.fromtimestamp(plan.due, UTC)
         if counted:
-            await self.calls.retrying(event["cuid"], retry, datetime.fromtimestamp(plan.due, UTC),
-                                      exc.failure_class, exc.message)
+            await self.calls.retrying(event["cuid"], retry, due, exc.failure_class, exc.message)
+        elif isinstance(exc, Refused):
+            await self.calls.refused(event["cuid"], retry, due, exc.failure_class, exc.message, {
+                "host": exc.resource, "state": exc.circuit,
+                "deadline": datetime.fromtimestamp(plan.deadline, UTC)})
         await self.producer.send_raw(self.topics.retry(self.stage.name, plan.tier), record.value,
                                      key=(record.key or b"").decode(), headers=plan.headers)
         if not counted:

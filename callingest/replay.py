@@ -12,7 +12,9 @@ by the stages, so a restarted call reaches exactly one terminal state.
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,6 +30,8 @@ from callingest.topics import Topics
 
 # {_id: "<cuid>:<attempt>", cuid, attempt, stage, source, at, published}: who started an attempt
 RESTART_CLAIMS = "call_restarts"
+#: How often :func:`restart_published` reads a claim whose publication is under way.
+SETTLE_POLL_SECONDS = 0.05
 
 
 @dataclass
@@ -215,6 +219,9 @@ async def republish_unpublished_restarts(calls: Any, send: Send, older_than: tim
     """Publish the input event of every restart claimed more than ``older_than`` ago whose
     publication was never recorded (its process died between the claim and Kafka's
     acknowledgement), so a restarted call is never left waiting; the number published.
+    A claim whose call never reached its attempt (the process died before updating the
+    call) is deleted, or the call, still failed, could never be restarted again: every
+    restart would lose to that claim.
 
     Sending again what was in fact delivered is harmless: the event has the same id and
     attempt, and a stage republishes its stored outcome for a redelivered event.
@@ -224,12 +231,36 @@ async def republish_unpublished_restarts(calls: Any, send: Send, older_than: tim
     cutoff = datetime.now(UTC) - older_than
     async for claim in claims.find({"published": False, "at": {"$lt": cutoff}}):
         call = await calls.find_one({"_id": claim.get("cuid")})
-        if call is not None and int(call.get("attempt") or 1) == claim.get("attempt"):
+        attempt = None if call is None else int(call.get("attempt") or 1)
+        if attempt is not None and attempt < claim.get("attempt", 0):
+            # Claimed, but the call was never moved to that attempt (its process died in
+            # between, or the update failed): released, so the call can be restarted again.
+            await claims.delete_one({"_id": claim["_id"], "published": False})
+            continue
+        if call is not None and attempt == claim.get("attempt"):
             _suffix, event_name, record = events.stage_input(call, claim["stage"], claim["attempt"])
             await send(claim["stage"], event_name, record)
             published += 1
         await claims.update_one({"_id": claim["_id"]}, {"$set": {"published": True}})
     return published
+
+
+async def restart_published(calls: Any, cuid: str, attempt: int, patience: float) -> bool | None:
+    """Whether the restart that claimed ``attempt`` of the call ``cuid`` went through: True
+    once its event is acknowledged, False if its claim is gone (undone: Kafka did not take
+    the event; or never claimed); waits up to ``patience`` seconds while its publication
+    is under way, then None."""
+    claims = calls.database[RESTART_CLAIMS]
+    deadline = time.monotonic() + patience
+    while True:
+        claim = await claims.find_one({"_id": f"{cuid}:{attempt}"}, {"published": 1})
+        if claim is None:
+            return False
+        if claim.get("published"):
+            return True
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(SETTLE_POLL_SECONDS)
 
 
 async def run_replay(settings: Settings, flt: ReplayFilter, dry_run: bool) -> int:

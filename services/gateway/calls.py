@@ -10,7 +10,12 @@ unique keys (_id, and the index on network_id + external_call_unique_id)
 make a concurrent second insert fail as a duplicate, after which the stored
 call's content hash decides: same content -> 202 with the stored cuid, other
 content -> 409, unless the stored call ``failed``: then the new content replaces
-it and is processed from the start (a correction, 201 with the same cuid).
+it and is processed from the start (a correction, 201 with the same cuid). A 409 for a
+call that failed before and is being processed again says why (its cuid and status), to a
+token that may see the call; otherwise it is the spec's, telling nothing about the call.
+Of concurrent corrections and retries of one failed call one restarts it; the others wait
+until its event is acknowledged (409: already being processed again; 202 for the same
+correction), or try again if it was undone (Kafka did not take it).
 A 201 or 202 is only given once the call is stored and its CallSubmitted event
 is acknowledged by Kafka; a new call's receipt is written in the background
 after that (awaited only where a resubmission publishes it).
@@ -35,7 +40,7 @@ from callingest.config_file import NetworkSettings, StoredCampaign, load_campaig
 from callingest.kafka import PublishError
 from callingest.logging import get_logger
 from callingest.mongo import storable
-from callingest.replay import NotRestartable, Restart, restart_failed_call
+from callingest.replay import NotRestartable, Restart, restart_failed_call, restart_published
 from services.gateway.domain import Principal
 from services.gateway.errors import (
     CampaignError,
@@ -48,7 +53,7 @@ from services.gateway.errors import (
     UnauthorizedOperation,
 )
 from services.gateway.models import ValidationContext
-from services.gateway.publisher import CallPublisher, KafkaUnavailable
+from services.gateway.publisher import PUBLISH_WAIT_SECONDS, CallPublisher, KafkaUnavailable
 from services.gateway.validation import NormalizedCall, validate_submission
 from services.gateway.writer import CallWriter
 
@@ -56,6 +61,11 @@ log = get_logger(__name__)
 
 Document = dict[str, Any]
 RETRY_AFTER_SECONDS = 5
+#: How long a correction or retry that another one beat to a failed call waits for the
+#: winner's event to be acknowledged (the winner waits as long for Kafka) or undone.
+RESTART_SETTLE_SECONDS = PUBLISH_WAIT_SECONDS + 1.0
+#: How many times a correction or retry tries again when the restart it lost to was undone.
+RESTART_ROUNDS = 3
 #: Entries of each configuration cache (networks; campaigns).
 CACHE_SIZE = 10_000
 
@@ -108,6 +118,22 @@ class Submission:
     created: bool
 
 
+@dataclass(frozen=True)
+class Lost:
+    """Another correction or retry restarted the failed call first: the call as stored once
+    that restart's event was acknowledged (``published``), or when the wait for it ended."""
+
+    call: Document | None
+    published: bool
+
+
+def _unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "The call could not be queued for processing right now; retry the same request later.",
+        retry_after=RETRY_AFTER_SECONDS,
+    )
+
+
 class CallService:
     """Submission and lookup of calls for authenticated principals."""
 
@@ -151,10 +177,7 @@ class CallService:
             return await self._store_and_publish(call, campaign, principal)
         except KafkaUnavailable:
             metrics.CALLS_SUBMITTED.labels("unavailable").inc()
-            raise ServiceUnavailable(
-                "The call could not be queued for processing right now; retry the same request later.",
-                retry_after=RETRY_AFTER_SECONDS,
-            ) from None
+            raise _unavailable() from None
 
     async def _check_campaign(
         self, principal: Principal, network: NetworkSettings, body: Document
@@ -193,38 +216,96 @@ class CallService:
         existing = await self._calls.find_one({"_id": doc["_id"]}) or await self._calls.find_one(
             {"network_id": call.network_id, "external_call_unique_id": call.external_call_unique_id}
         )
-        if existing is None:  # the holder of the id vanished between insert and read
-            return await self._store_and_publish(call, campaign, principal)
-        if existing.get("content_hash") != content_hash:
-            # Only a call the token may see can be corrected (a scoped token: its advertisers').
-            correctable = existing.get("status") == "failed" and principal.may_use(
-                str(existing.get("advertiser_id")))
-            corrected = await self._correct(existing, doc) if correctable else None
-            if corrected is not None:
-                return corrected
-            metrics.CALLS_SUBMITTED.labels("conflict").inc()
-            raise Conflict()
+        for _ in range(RESTART_ROUNDS):
+            if existing is None:  # the holder of the id vanished between insert and read
+                return await self._store_and_publish(call, campaign, principal)
+            if existing.get("content_hash") != content_hash:
+                return await self._resubmitted(existing, doc, principal)
+            settled = await self._settled(existing)
+            if settled is existing:
+                break
+            existing = settled
+        else:
+            raise _unavailable()
         await self._publisher.ensure_published(existing)
         metrics.CALLS_SUBMITTED.labels("duplicate").inc()
         return Submission(cuid=existing["_id"], created=False)
 
-    async def _correct(self, existing: Document, doc: Document) -> Submission | None:
+    async def _settled(self, call: Document) -> Document | None:
+        """``call`` itself once the restart that made its attempt (a correction may have stored
+        the content a resubmission repeats) has its event acknowledged, or if it was never
+        restarted; if that restart was undone, the call as stored now. 503 while the
+        restart's publication is still under way after :data:`RESTART_SETTLE_SECONDS`."""
+        attempt = int(call.get("attempt") or 1)
+        if attempt == 1:
+            return call
+        published = await restart_published(self._calls, call["_id"], attempt,
+                                            RESTART_SETTLE_SECONDS)
+        if published is None:
+            raise _unavailable()
+        if published:
+            return call
+        current = await self._calls.find_one({"_id": call["_id"]})
+        if current is not None and int(current.get("attempt") or 1) == attempt:
+            return call  # no claim, yet the call is at that attempt: nothing to wait for
+        return current
+
+    async def _resubmitted(self, existing: Document, doc: Document,
+                           principal: Principal) -> Submission:
+        """Other content for a stored call: a correction if the call failed and the token may
+        see it (same network; a scoped token: its advertisers'), else 409."""
+        visible = (existing.get("network_id") == principal.network_id
+                   and principal.may_use(str(existing.get("advertiser_id"))))
+        if visible and existing.get("status") == "failed":
+            return await self._correct(existing, doc)
+        metrics.CALLS_SUBMITTED.labels("conflict").inc()
+        if visible and int(existing.get("attempt") or 1) > 1:
+            raise Conflict.not_correctable(existing["_id"], str(existing.get("status")))
+        raise Conflict()  # the spec's answer: nothing about the call
+
+    async def _correct(self, existing: Document, doc: Document) -> Submission:
         """Replace a failed call's content with ``doc``'s and process it from the start (201).
 
-        If another correction or retry took the call first: 202 when the call now has
-        ``doc``'s content (a concurrent identical correction), else None (the caller answers 409).
+        If another correction or retry took the call first: 202 once the call has ``doc``'s
+        content (a concurrent identical correction) and its event is acknowledged, else 409.
         """
         replace = {k: v for k, v in doc.items() if k not in _KEPT_ON_CORRECTION}
-        if await self._restart(existing, "correction", replace) is not None:
+        outcome = await self._restart_first(existing, "correction", replace)
+        if isinstance(outcome, Restart):
             metrics.CALLS_SUBMITTED.labels("corrected").inc()
             log.info("failed call corrected", extra={"cuid": existing["_id"],
                                                     "network_id": existing.get("network_id")})
             return Submission(cuid=existing["_id"], created=True)
-        current = await self._calls.find_one({"_id": existing["_id"]})
+        current = outcome.call
         if current is not None and current.get("content_hash") == doc["content_hash"]:
+            if not outcome.published:
+                raise _unavailable()
             metrics.CALLS_SUBMITTED.labels("duplicate").inc()
             return Submission(cuid=existing["_id"], created=False)
-        return None
+        metrics.CALLS_SUBMITTED.labels("conflict").inc()
+        raise Conflict.restarted_first(existing["_id"])
+
+    async def _restart_first(self, call: Document, source: str,
+                             replace: Document | None = None) -> Restart | Lost:
+        """Restart the failed ``call`` (:meth:`_restart`); if another correction or retry
+        restarted it first, wait for that one's event to be acknowledged
+        (:data:`RESTART_SETTLE_SECONDS` at most) and return the call as stored then. If that
+        restart was undone (Kafka did not take its event), or the call read was stale (it
+        has failed again since), the call is failed now: try again, a few times."""
+        current: Document | None = call
+        for _ in range(RESTART_ROUNDS):
+            restarted = await self._restart(call, source, replace)
+            if restarted is not None:
+                return restarted
+            attempt = int(call.get("attempt") or 1)
+            published = await restart_published(self._calls, call["_id"], attempt + 1,
+                                                RESTART_SETTLE_SECONDS)
+            current = await self._calls.find_one({"_id": call["_id"]})
+            if (current is None or current.get("status") != "failed"
+                    or (published is not False and int(current.get("attempt") or 1) == attempt)):
+                return Lost(current, published is True)
+            call = current
+        return Lost(current, False)
 
     async def _restart(self, call: Document, source: str,
                        replace: Document | None = None) -> Restart | None:
@@ -233,15 +314,14 @@ class CallService:
             return await restart_failed_call(self._calls, call, self._publisher.send_stage_input,
                                              source=source, replace=replace)
         except (KafkaUnavailable, PublishError):
-            raise ServiceUnavailable(
-                "The call could not be queued for processing right now; retry the same request later.",
-                retry_after=RETRY_AFTER_SECONDS,
-            ) from None
+            raise _unavailable() from None
 
     async def retry(self, principal: Principal, cuid: str) -> Restart:
         """POST calls/{cuid}/retry.json: a failed call resumes from the stage that failed.
 
-        404 for a call the principal cannot see, 409 for one that is not (or no longer) failed.
+        404 for a call the principal cannot see, 409 for one that is not (or no longer) failed
+        or that another retry or correction restarted first (answered once that one's event
+        is acknowledged).
         """
         call = await self.find(principal, cuid)
         if call is None:
@@ -250,11 +330,11 @@ class CallService:
             raise Conflict(f"The call is {call.get('status')}, not failed; only a failed call "
                            "can be retried.")
         try:
-            restarted = await self._restart(call, "retry")
+            restarted = await self._restart_first(call, "retry")
         except NotRestartable as exc:
             raise Conflict(f"The call cannot be retried: {exc}.") from None
-        if restarted is None:
-            raise Conflict("The call is already being processed again.")
+        if isinstance(restarted, Lost):
+            raise Conflict.restarted_first()
         log.info("failed call retried", extra={"cuid": cuid, "stage": restarted.stage})
         return restarted
 

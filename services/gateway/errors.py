@@ -105,12 +105,27 @@ class Conflict(ApiError):
 
     status = 409
     error_class = "Conflict"
+    USED = "The external_call_unique_id in the request has already been used for a different call"
 
     def __init__(self, invalid_data: str | None = None) -> None:
-        super().__init__(
-            invalid_data
-            or "The external_call_unique_id in the request has already been used for a different call."
-        )
+        super().__init__(invalid_data or f"{self.USED}.")
+
+    @classmethod
+    def not_correctable(cls, cuid: str, status: str) -> Conflict:
+        """Other content for a call processed again (after a retry or correction) that is not
+        failed (again), said to a token that may see the call: why it is no correction."""
+        if status == "normalized":
+            return cls(f"{cls.USED}: the call {cuid} was processed again and is normalized; only "
+                       "a failed call can be corrected.")
+        return cls(f"{cls.USED}: the call {cuid} is already being processed again (it is {status}), "
+                   "and only a failed call can be corrected; resubmit the correction if it fails again.")
+
+    @classmethod
+    def restarted_first(cls, cuid: str | None = None) -> Conflict:
+        """A correction (``cuid`` given) or retry of a failed call that another correction or
+        retry restarted first."""
+        done = "is already being processed again: another retry or correction of it was accepted first."
+        return cls(f"{cls.USED}: the call {cuid} {done}" if cuid else f"The call {done}")
 
 
 class PayloadTooLarge(ApiError):

@@ -77,7 +77,9 @@ _ERROR_STATUSES = {
     "403": "Permission, campaign configuration or validation error (RecordInvalid)",
     "404": "No such call (or recording not normalized yet)",
     "409": "external_call_unique_id already used with other content (of a call that has not "
-    "failed), or a retry of a call that is not failed",
+    "failed; for a call being processed again after a retry or correction, the message names "
+    "its cuid and status, to a token that may see it), or a retry of a call that is not failed, "
+    "or a retry or correction of a failed call that another one restarted first",
     "413": "Body larger than 1 MiB",
     "415": "Body not application/json",
     "429": "Too many invalid tokens from this address; retry after the Retry-After seconds",

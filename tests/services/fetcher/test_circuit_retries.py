@@ -8,13 +8,16 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from callingest import events, mongo
+from callingest.callview import call_view
 from callingest.errors import TransientError
 from callingest.kafka import Producer
 from callingest.pipeline import StageRunner
@@ -170,3 +173,62 @@ async def test_a_probe_that_answered_closes_the_circuit_before_its_body_is_read(
         await asyncio.gather(probe, return_exceptions=True)
         for name in keys:
             await store.client.delete_object(Bucket=store.bucket, Key=name)
+
+
+def circuit_refusals() -> float:
+    return REGISTRY.get_sample_value("callingest_fetch_rejections_total",
+                                     {"reason": "circuit_open"}) or 0.0
+
+
+async def test_a_call_refused_by_its_hosts_open_circuit_says_so_in_the_call_view(
+        settings: Settings, db: Any, topics: Topics, store: Store, server: RecordingServer,
+        http: aiohttp.ClientSession) -> None:
+    """A call refused untried by its host's open circuit shows it in ``retrying``: the try it
+    waits for, when it is due, the host's failure that opened the circuit and ``circuit``
+    (host, state, the call's retry deadline). Before, a refusal recorded nothing: a call never
+    tried showed ``retrying: null``, a call tried before kept the ``retrying`` of its own
+    failed try, due in the past, for as long as the circuit refused it."""
+    tuned = settings.model_copy(update={"fetch_host_wait_seconds": 0.0,
+                                        "retry_delays_seconds": [1.0, 60.0]})
+    guard = HostGuard(max_per_host=8, failure_threshold=1, cooldown=60.0)
+    key, host = ("http", "127.0.0.1", server.port), f"http://127.0.0.1:{server.port}"
+    dead = server.route("/dead.wav", reset_connection())
+    good = server.route("/good.wav", serve(wav_bytes()))
+
+    async def stored(cuid: str) -> dict[str, Any]:
+        return dict(await db.calls.find_one({"_id": cuid}))
+
+    async with fetcher(tuned, store, http, guard):
+        opener = await send_validated(tuned, db, dead)  # its failed try opens the circuit
+        await wait_until(lambda: guard.state(key) == OPEN, timeout=30, what="the open circuit")
+        refusals = circuit_refusals()
+        waiting = await send_validated(tuned, db, good)
+        await wait_until(lambda: circuit_refusals() >= refusals + 2, timeout=30,
+                         what="both calls refused (the opener's retry is due after 1 s)")
+
+        async def refusals_recorded() -> bool:
+            calls = [await stored(cuid) for cuid in (waiting, opener)]
+            return all((call.get("retrying") or {}).get("circuit") for call in calls)
+        await wait_until(refusals_recorded, timeout=10, what="the refusals on the calls")
+        views = {cuid: call_view(await stored(cuid)) for cuid in (waiting, opener)}
+    assert not server.hits_for("/good.wav")  # never tried
+    cause = (await stored(opener))["history"][-1]  # the opener's own failed try
+    assert cause["status"] == "retrying"
+    for cuid, attempt in ((waiting, 1), (opener, 2)):
+        view = views[cuid]
+        assert view["status"] == "validated"
+        retrying = view["retrying"]
+        assert (retrying["stage"], retrying["attempt"]) == ("fetcher", attempt), retrying
+        assert retrying["last_error"]["class"] == cause["class"]
+        assert retrying["last_error"]["message"].endswith(
+            "(host not contacted again: circuit open)"), retrying
+        assert host in retrying["last_error"]["message"]
+        assert set(retrying["circuit"]) == {"host", "state", "deadline"}
+        assert (retrying["circuit"]["host"], retrying["circuit"]["state"]) == (host, "open")
+        due = datetime.fromisoformat(retrying["next_attempt_at"])
+        deadline = datetime.fromisoformat(retrying["circuit"]["deadline"])
+        assert datetime.now(UTC) < min(due, deadline), retrying  # the rest of the cool-down
+    # A refusal is not a try: no history entry for it, the opener's failed try stays the last.
+    assert [h["status"] for h in views[waiting]["history"]] == ["received"]
+    assert views[opener]["history"][-1]["status"] == "retrying"
+    assert views[opener]["history"][-1]["attempt"] == 1

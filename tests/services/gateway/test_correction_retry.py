@@ -13,9 +13,11 @@ import pytest
 
 from callingest import events
 from callingest.kafka import Producer
-from callingest.replay import republish_unpublished_restarts, restart_failed_call
+from callingest.replay import RESTART_CLAIMS, republish_unpublished_restarts, restart_failed_call
 from callingest.settings import Settings
 from callingest.topics import Topics
+from services.gateway.calls import CallService
+from services.gateway.publisher import CallPublisher, KafkaUnavailable
 from tests.helpers import decoded, read_topic
 from tests.services.gateway.conftest import ADVERTISER_TOKEN, NETWORK_TOKEN, OTHER_NETWORK_TOKEN
 from tests.services.gateway.test_gateway_api import Client, assert_error, call_body, post
@@ -212,3 +214,174 @@ async def test_a_restart_whose_process_died_before_publishing_is_published_later
         await producer.stop()
     validated = await events_of(settings, topics.validated, cuid)
     assert [e["attempt"] for e in validated] == [2]
+
+
+GENERIC_CONFLICT = "The external_call_unique_id in the request has already been used for a different call."
+
+
+async def _processed_again(gateway: Client, db: Any, external_id: str, **overrides: Any) -> str:
+    """A call failed once and retried (attempt 2, validated): its cuid."""
+    _status, body = await post(gateway, call_body(external_id, **overrides))
+    cuid = str(body["cuid"])
+    await fail(db, cuid, "fetcher")
+    assert (await retry(gateway, cuid))[0] == 202
+    return cuid
+
+
+async def test_a_conflict_with_a_call_processed_again_says_why(
+    gateway: Client, configured_db: Any
+) -> None:
+    """Other content for a call that failed and is being processed again: the 409 says that the
+    call <cuid> is being processed again, its status, and that only a failed call can be
+    corrected, to a token that may see the call (it was the generic 409, which told a client
+    nothing); a call being processed for the first time keeps the spec's answer."""
+    assert (await post(gateway, call_body("again-first")))[0] == 201
+    first = assert_error(*(await post(gateway, call_body("again-first", recording_url=FIXED_URL))),
+                         409, "Conflict")
+    assert first == GENERIC_CONFLICT
+
+    cuid = await _processed_again(gateway, configured_db, "again-1")
+    text = assert_error(*(await post(gateway, call_body("again-1", recording_url=FIXED_URL))),
+                        409, "Conflict")
+    assert text.startswith(GENERIC_CONFLICT[:-1]), text
+    assert f"call {cuid} is already being processed again (it is validated)" in text, text
+    assert "only a failed call can be corrected" in text
+    scoped = call_body("again-1", recording_url=FIXED_URL)  # campaign 85: adv-1's own call
+    scoped["oauth_token"] = ADVERTISER_TOKEN
+    assert assert_error(*(await post(gateway, scoped)), 409, "Conflict") == text
+
+    # Processed to the end after its correction: normalized, still not correctable.
+    await configured_db.calls.update_one({"_id": cuid}, {"$set": {"status": "normalized"}})
+    text = assert_error(*(await post(gateway, call_body("again-1", recording_url=FIXED_URL))),
+                        409, "Conflict")
+    assert f"call {cuid} was processed again and is normalized" in text, text
+    assert "only a failed call can be corrected" in text
+
+
+async def test_a_conflict_tells_nothing_about_a_call_the_token_cannot_see(
+    gateway: Client, configured_db: Any
+) -> None:
+    cuid = await _processed_again(gateway, configured_db, "again-adv2",
+                                  advertiser_campaign_id_from_network=90)
+    hijack = call_body("again-adv2", recording_url=FIXED_URL)  # campaign 85: adv-1's
+    hijack["oauth_token"] = ADVERTISER_TOKEN
+    text = assert_error(*(await post(gateway, hijack)), 409, "Conflict")
+    assert text == GENERIC_CONFLICT and cuid not in text
+    await fail(configured_db, cuid, "fetcher")  # failed again: still nothing, and not corrected
+    assert assert_error(*(await post(gateway, hijack)), 409, "Conflict") == GENERIC_CONFLICT
+    assert (await configured_db.calls.find_one({"_id": cuid}))["recording_url"] != FIXED_URL
+
+
+class HeldSend:
+    """Holds the gateway's first publication of a restarted call's event until released, then
+    sends it (``fails=False``) or refuses it as Kafka would (``fails=True``); later ones pass."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fails: bool) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.fails = fails
+        original = CallPublisher.send_stage_input
+        held = self
+
+        async def send(publisher: CallPublisher, stage: str, event: str,
+                       record: dict[str, Any]) -> None:
+            if not held.entered.is_set():
+                held.entered.set()
+                await held.release.wait()
+                if held.fails:
+                    raise KafkaUnavailable("Kafka is unavailable")
+            await original(publisher, stage, event, record)
+
+        monkeypatch.setattr(CallPublisher, "send_stage_input", send)
+
+
+async def test_a_correction_that_loses_to_a_retry_is_told_the_call_is_processed_again(
+    gateway: Client, configured_db: Any, settings: Settings, topics: Topics,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A correction and a retry both read the call failed; the retry claims the new attempt
+    first. The correction is answered, once the retry's event is acknowledged, that the call is
+    already being processed again (it was the generic 409, at once); the retry's restart is
+    the one processed."""
+    _status, body = await post(gateway, call_body("lost-fix"))
+    cuid = body["cuid"]
+    before = await fail(configured_db, cuid, "fetcher")
+    read, go = asyncio.Event(), asyncio.Event()
+    restart = CallService._restart
+
+    async def after_the_retry(service: CallService, call: dict[str, Any], source: str,
+                              replace: dict[str, Any] | None = None) -> Any:
+        if source == "correction" and not read.is_set():
+            read.set()  # the correction read the call failed
+            await go.wait()
+        return await restart(service, call, source, replace)
+
+    monkeypatch.setattr(CallService, "_restart", after_the_retry)
+    held = HeldSend(monkeypatch, fails=False)
+    correction = asyncio.create_task(post(gateway, call_body("lost-fix", recording_url=FIXED_URL)))
+    await asyncio.wait_for(read.wait(), 10)
+    retried = asyncio.create_task(retry(gateway, cuid))
+    await asyncio.wait_for(held.entered.wait(), 10)  # the retry claimed attempt 2, publishing
+    go.set()
+    await asyncio.wait({correction}, timeout=1.0)
+    held.release.set()
+    assert await retried == (202, {"cuid": cuid, "status": "validated"})
+    text = assert_error(*(await correction), 409, "Conflict")
+    assert f"call {cuid} is already being processed again" in text, text
+
+    call = await configured_db.calls.find_one({"_id": cuid})  # the retry's restart, unchanged
+    assert (call["status"], call["attempt"], call["recording_url"]) == (
+        "validated", 2, before["recording_url"])
+    assert [e["attempt"] for e in await events_of(settings, topics.validated, cuid)] == [2]
+    assert [e["attempt"] for e in await events_of(settings, topics.submitted, cuid)] == [1]
+
+    # Resubmitted after the retry took the call: the same answer, with the call's status.
+    text = assert_error(*(await post(gateway, call_body("lost-fix", recording_url=FIXED_URL))),
+                        409, "Conflict")
+    assert f"call {cuid} is already being processed again (it is validated)" in text, text
+
+
+async def test_a_restart_refused_by_kafka_loses_no_concurrent_correction(
+    gateway: Client, configured_db: Any, settings: Settings, topics: Topics,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two identical corrections at once; Kafka refuses the first one's event (503, undone).
+    The second must not be answered 202 on the strength of the first's content (it was, and the
+    correction was then lost with the undone one): it waits and makes the correction itself."""
+    _status, body = await post(gateway, call_body("undone-fix"))
+    cuid = body["cuid"]
+    await fail(configured_db, cuid, "fetcher")
+    held = HeldSend(monkeypatch, fails=True)
+    corrected = call_body("undone-fix", recording_url=FIXED_URL)
+    first = asyncio.create_task(post(gateway, corrected))
+    await asyncio.wait_for(held.entered.wait(), 10)
+    second = asyncio.create_task(post(gateway, corrected))
+    await asyncio.wait({second}, timeout=1.0)
+    held.release.set()
+    assert (await first)[0] == 503
+    assert await second == (201, {"cuid": cuid})
+
+    call = await configured_db.calls.find_one({"_id": cuid})
+    assert (call["status"], call["attempt"], call["recording_url"]) == ("received", 2, FIXED_URL)
+    submitted = await events_of(settings, topics.submitted, cuid)
+    assert [(e["attempt"], e["recording_url"]) for e in submitted][1:] == [(2, FIXED_URL)]
+
+
+async def test_a_restart_whose_process_died_before_updating_the_call_does_not_block_it(
+    gateway: Client, configured_db: Any
+) -> None:
+    """The process died between claiming attempt 2 and updating the call: the call is still
+    failed at attempt 1. The republisher pass releases the orphaned claim, so the call can be
+    retried (before, it marked the claim published and every retry answered 409 for good)."""
+    _status, body = await post(gateway, call_body("orphan-claim"))
+    cuid = body["cuid"]
+    await fail(configured_db, cuid, "fetcher")
+    await configured_db[RESTART_CLAIMS].insert_one({
+        "_id": f"{cuid}:2", "cuid": cuid, "attempt": 2, "stage": "fetcher", "source": "retry",
+        "at": datetime.now(UTC) - timedelta(minutes=5), "published": False})
+
+    async def send(stage: str, event: str, record: dict[str, Any]) -> None:
+        raise AssertionError("nothing to publish: the call was never restarted")
+
+    assert await republish_unpublished_restarts(configured_db.calls, send, timedelta(0)) == 0
+    assert await retry(gateway, cuid) == (202, {"cuid": cuid, "status": "validated"})

@@ -13,8 +13,9 @@ makes is here:
 * a counted retry (:meth:`CallStore.retrying`): ``retrying`` (where the call stands) and a
   ``retrying`` history entry with the error class; the message is scrubbed of query
   strings and secrets;
-* a refusal by an open circuit (:meth:`CallStore.refused`): ``retrying`` with ``circuit``
-  (what the call waits for), no history entry: it is no try, and recurs every cool-down.
+* a refusal by an open circuit (:meth:`CallStore.refused`): ``retrying`` (the try the call
+  waits for, and the host's failure that opened the circuit), no history entry: it is no try,
+  and recurs every cool-down.
 
 An outcome is ``{"attempt", "topic", "event", "record"}`` (topic, event and record only
 when the stage publishes something): the output event with its deterministic id, stored
@@ -150,12 +151,10 @@ class CallStore:
         )
 
     async def refused(self, cuid: str, retry: int, next_attempt_at: datetime,
-                      failure_class: str, message: str, circuit: dict[str, Any]) -> None:
+                      failure_class: str, message: str) -> None:
         """Record that try ``retry + 1`` of this stage was refused untried by an open circuit
         (no attempt used) and is due again at ``next_attempt_at``; ``failure_class`` and
-        ``message``: the failure that opened the circuit; ``circuit``: ``{host, state,
-        deadline}``, the call's retry deadline (tried then whatever the circuit if never
-        tried, else failed)."""
+        ``message``: the failure that opened the circuit (the message says the circuit is
+        open and names the host only)."""
         waiting = self._waiting(retry, next_attempt_at, failure_class, message)
-        await self.db.calls.update_one({"_id": cuid},
-                                       {"$set": {"retrying": {**waiting, "circuit": circuit}}})
+        await self.db.calls.update_one({"_id": cuid}, {"$set": {"retrying": waiting}})

@@ -55,18 +55,6 @@ class RetryError(BaseModel):
     message: str = Field(description="no secrets, no query strings")
 
 
-class CircuitOut(BaseModel):
-    """The open circuit of the call's recording host, which refused its last try untried."""
-
-    host: str = Field(description="the recording host: scheme://host:port, no path")
-    state: Literal["open", "half_open"] = Field(
-        description="open: the host is not contacted until its cool-down ends; half_open: one "
-        "probe download is under way, the others wait for its answer")
-    deadline: str = Field(
-        description="ISO 8601 UTC with Z: the call's retry deadline. A call never tried gets "
-        "one try of its own then, whatever the circuit; a call tried before fails then")
-
-
 class RetryingOut(BaseModel):
     """Where a call waiting for its next try stands (null when no stage waits)."""
 
@@ -75,11 +63,6 @@ class RetryingOut(BaseModel):
                          "2 = the first retry)")
     next_attempt_at: str = Field(description="ISO 8601 UTC with Z")
     last_error: RetryError
-    circuit: CircuitOut | None = Field(
-        None, exclude_if=lambda circuit: circuit is None,
-        description="only while the last try was refused untried (no attempt used) because "
-        "the recording host's circuit is open; last_error is then the host's failure that opened "
-        "it. Absent after a try that was made and failed")
 
 
 class RecordingOut(BaseModel):
@@ -130,9 +113,7 @@ def _iso(value: Any) -> str | None:
 def _retrying(retrying: dict[str, Any] | None) -> dict[str, Any] | None:
     if not retrying:
         return None
-    circuit = retrying.get("circuit")
-    return {**retrying, "next_attempt_at": _iso(retrying.get("next_attempt_at")),
-            "circuit": circuit and {**circuit, "deadline": _iso(circuit.get("deadline"))}}
+    return {**retrying, "next_attempt_at": _iso(retrying.get("next_attempt_at"))}
 
 
 def call_view(call: dict[str, Any]) -> dict[str, Any]:

@@ -52,16 +52,10 @@ class Refused(Deferred):
     unlike one it is bounded: once the call's retry deadline has passed
     (:func:`callingest.retry_tiers.past_deadline`) the consumer loop fails the call with
     this error's class and message. ``retry_after``: when trying again is worth it (the
-    rest of the host's cool-down), which picks the retry tier. ``resource`` (what is believed
-    down, as messages show it: ``http://host:port``) and ``circuit`` (``open``, or
-    ``half_open`` while a probe is under way) are recorded on the call, so its view says
-    what it waits for.
+    rest of the host's cool-down), which picks the retry tier.
     """
 
     def __init__(self, message: str, failure_class: str = "Refused",
-                 retry_after: float | None = None, resource: str = "",
-                 circuit: str = "open") -> None:
+                 retry_after: float | None = None) -> None:
         super().__init__(message, failure_class)
         self.retry_after = retry_after
-        self.resource = resource
-        self.circuit = circuit

@@ -182,9 +182,7 @@ class MessageHandler:
         if counted:
             await self.calls.retrying(event["cuid"], retry, due, exc.failure_class, exc.message)
         elif isinstance(exc, Refused):
-            await self.calls.refused(event["cuid"], retry, due, exc.failure_class, exc.message, {
-                "host": exc.resource, "state": exc.circuit,
-                "deadline": datetime.fromtimestamp(plan.deadline, UTC)})
+            await self.calls.refused(event["cuid"], retry, due, exc.failure_class, exc.message)
         await self.producer.send_raw(self.topics.retry(self.stage.name, plan.tier), record.value,
                                      key=(record.key or b"").decode(), headers=plan.headers)
         if not counted:

@@ -68,8 +68,6 @@ class RetryPlan:
     due: float
     """Unix time (seconds) the next try is due."""
     headers: list[tuple[str, bytes]]
-    deadline: float
-    """Unix time (seconds) of the event's retry deadline (:func:`past_deadline`)."""
 
 
 def plan(delays: list[float], retry: int, counted: bool = True,
@@ -83,13 +81,13 @@ def plan(delays: list[float], retry: int, counted: bool = True,
         tier += 1
     delay = delays[tier]
     due = time.time() + delay
-    first = due - delay if first is None else first
+    now = due - delay
     headers = [(RETRY_ATTEMPT_HEADER, str(retry).encode()),
                (NOT_BEFORE_HEADER, str(int(due * 1000)).encode()),
-               (FIRST_RETRY_HEADER, str(int(first * 1000)).encode())]
+               (FIRST_RETRY_HEADER, str(int((now if first is None else first) * 1000)).encode())]
     if not counted:
         headers.append((DEFERRED_HEADER, b"1"))
-    return RetryPlan(tier, delay, due, headers, int(first * 1000) / 1000.0 + sum(delays))
+    return RetryPlan(tier, delay, due, headers)
 
 
 class Pauses:

@@ -64,14 +64,11 @@ class CircuitOpen(HostRefused):
     ``failure_class`` are the host's last real failure, which opened it."""
 
     def __init__(self, message: str, failure_class: str,
-                 retry_after: float | None = None, host: str = "", state: str = "open") -> None:
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.failure_class = failure_class
         #: The rest of the cool-down (None: a probe is under way, its end is unknown).
         self.retry_after = retry_after
-        #: The host as messages show it (``http://host:port``) and the circuit's state.
-        self.host = host
-        self.state = state
 
 
 class HostBusy(HostRefused):
@@ -169,23 +166,23 @@ class HostGuard:
         if host is None:
             return
         if not last_chance:
-            self._refuse_if_open(host, self.state(key), shown)
+            self._refuse_if_open(host, self.state(key))
         if (host.state == CLOSED or last_chance) and host.in_flight >= self.max_per_host:
             metrics.FETCH_REJECTIONS.labels("host_busy").inc()
             raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
 
-    def _refuse_if_open(self, host: _Host, state: str, shown: str) -> None:
+    def _refuse_if_open(self, host: _Host, state: str) -> None:
         """Refused with the cause of the open circuit: the host's last real failure."""
         failure_class, cause = host.cause
         if state == OPEN:
             metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
             rest = self.cooldown - (self.clock() - host.opened_at)
             raise CircuitOpen(f"{cause} (host not contacted again: circuit open)",
-                              failure_class, max(rest, 0.0), shown, OPEN)
+                              failure_class, max(rest, 0.0))
         if state == HALF_OPEN and host.probe is not None:
             metrics.FETCH_REJECTIONS.labels("circuit_open").inc()
             raise CircuitOpen(f"{cause} (host not contacted again: circuit half-open, "
-                              "probe under way)", failure_class, None, shown, HALF_OPEN)
+                              "probe under way)", failure_class)
 
     @contextmanager
     def admit(self, key: HostKey, shown: str, last_chance: bool = False) -> Iterator[Outcome]:
@@ -204,7 +201,7 @@ class HostGuard:
             self._move(None, CLOSED)
         state = self.state(key)
         if not last_chance:
-            self._refuse_if_open(host, state, shown)
+            self._refuse_if_open(host, state)
         if (host.state == CLOSED or last_chance) and host.in_flight >= self.max_per_host:
             metrics.FETCH_REJECTIONS.labels("host_busy").inc()
             raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
@@ -287,7 +284,7 @@ def refusals_as_step_errors() -> Iterator[None]:
     try:
         yield
     except CircuitOpen as exc:
-        raise Refused(str(exc), exc.failure_class, exc.retry_after, exc.host, exc.state) from None
+        raise Refused(str(exc), exc.failure_class, exc.retry_after) from None
     except HostBusy as exc:
         raise Deferred(str(exc), "RecordingHostBusy") from None
 

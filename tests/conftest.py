@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import logging
 import os
 import signal
 import subprocess
@@ -98,7 +99,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def session_log_file() -> Iterator[Path]:
     """Every in-process log record of the run, as JSON lines, in .run/test-logs/pytest.log."""
-    import logging
     import shutil
 
     from callingest.logging import JsonFormatter
@@ -219,15 +219,22 @@ async def topics(settings: Settings) -> AsyncIterator[Topics]:
     await delete_topics(settings, t.all())
 
 
-async def delete_topics(settings: Settings, names: list[str]) -> None:
+async def delete_topics(settings: Settings, names: list[str], timeout: float = 60.0) -> None:
+    """Delete those of ``names`` that exist: a clean-up, so bounded (a topic left behind
+    harms no later test, a hang here would stop the run)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
+
+    async def delete() -> None:
+        await admin.start()
         existing = set(await admin.list_topics())
         doomed = [n for n in names if n in existing]
         if doomed:
-            with contextlib.suppress(Exception):
-                await admin.delete_topics(doomed)
+            await admin.delete_topics(doomed)
+
+    try:
+        await asyncio.wait_for(delete(), timeout)
+    except Exception as exc:  # TimeoutError included
+        logging.getLogger(__name__).warning("topics not deleted: %s %s", type(exc).__name__, exc)
     finally:
         await admin.close()
 

@@ -74,12 +74,18 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
 
 
 async def _principal(request: web.Request, body: dict[str, Any] | None = None) -> Principal:
-    """The token's principal; failed tokens count against the source address (429 past a limit)."""
+    """The token's principal; unknown tokens count against the source address (429 past a
+    limit). A request without a token is 401 and not counted: it guesses nothing, and a
+    client that forgot its header must not lock out its address's other clients."""
+    authenticator = request.app[keys.AUTHENTICATOR]
+    token = request_token(request, body)
+    if token is None:
+        return await authenticator.authenticate(None)  # raises NotAuthorized
     throttle = request.app[keys.AUTH_THROTTLE]
     address = throttle.address_of(request)
     throttle.check(address)
     try:
-        return await request.app[keys.AUTHENTICATOR].authenticate(request_token(request, body))
+        return await authenticator.authenticate(token)
     except NotAuthorized:
         throttle.record_failure(address)
         raise

@@ -67,6 +67,23 @@ async def test_repeated_401s_from_one_address_get_429_others_unaffected(
         assert status == 201, json.dumps(body)
 
 
+async def test_requests_without_a_token_are_401_and_never_lock_out_the_address(
+    servers: devstack.Ports,
+) -> None:
+    """No token guesses nothing: a client that forgot its Authorization header gets 401 every
+    time, and its address's other clients (a valid token, a typo'd one) are not locked out."""
+    env = {"AUTH_FAILURE_THRESHOLD": str(THRESHOLD), "AUTH_FAILURE_WINDOW_SECONDS": str(WINDOW)}
+    async with secure_gateway(servers, "token-missing", env) as gw, client("127.0.0.1") as http:
+        for _ in range(THRESHOLD * 3):
+            async with http.post(f"{gw.url}{API}/calls.json",
+                                 json=call_body(uuid.uuid4().hex)) as resp:
+                assert resp.status == 401, await resp.text()
+        status, body, _ = await submit(http, gw.url, used_secret(uuid.uuid4().hex))
+        assert status == 401, body
+        status, body, _ = await submit(http, gw.url, TOKEN_A)
+        assert status == 201, json.dumps(body)
+
+
 async def test_behind_a_trusted_proxy_one_clients_failures_do_not_lock_out_the_others(
     servers: devstack.Ports,
 ) -> None:

@@ -143,7 +143,10 @@ def normalize_phone_number(value: Any) -> str:
     """``value`` in E.164 (``+18885551212``).
 
     Accepts a JSON integer or a string; without a leading ``+`` the number is
-    read as a NANP number (10-digit national, or 11 digits starting with 1).
+    read as a NANP number (10-digit national, or 11 digits starting with 1), or, when that
+    is not a valid number and the digits begin with the country code of one of the other
+    countries the spec names (:data:`COUNTRY_CODES_WITHOUT_PLUS`: the UK's 44, Spain's 34), as
+    E.164 without its ``+`` (a JSON integer cannot carry one: ``442071838750``).
     Any country code is accepted after ``+``. Raises :class:`FieldError`
     unless phonenumbers considers the number valid.
     """
@@ -157,17 +160,26 @@ def normalize_phone_number(value: Any) -> str:
     return _normalize_phone_text(text)
 
 
+#: The spec's countries besides the NANP ("UK and Spanish numbers are also supported"): their
+#: numbers are also read from digits without the ``+`` when they are no valid NANP number.
+COUNTRY_CODES_WITHOUT_PLUS = ("44", "34")
+
+
 @functools.lru_cache(maxsize=65_536)
 def _normalize_phone_text(text: str) -> str:
     """E.164 of a stripped, length-checked number (cached: the same numbers recur, e.g.
     an advertiser's tracking numbers; a FieldError is not cached)."""
-    try:
-        number = phonenumbers.parse(text, None if text.startswith("+") else "US")
-    except phonenumbers.NumberParseException:
-        raise FieldError("is not a valid phone number") from None
-    if not phonenumbers.is_valid_number(number):
-        raise FieldError("is not a valid phone number")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    readings = [text]
+    if text.isdigit() and text.startswith(COUNTRY_CODES_WITHOUT_PLUS):
+        readings.append("+" + text)
+    for reading in readings:
+        try:
+            number = phonenumbers.parse(reading, None if reading.startswith("+") else "US")
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(number):
+            return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    raise FieldError("is not a valid phone number")
 
 
 # --------------------------------------------------------------------------- signal values

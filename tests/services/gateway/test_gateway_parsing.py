@@ -209,6 +209,11 @@ def test_start_time_parser_fails_only_with_field_error(value: object) -> None:
         ("+442071838750", "+442071838750"),
         ("+34 912 345 678", "+34912345678"),
         ("+447911123456", "+447911123456"),
+        # E.164 without its "+" (a JSON integer cannot carry one), for the spec's UK and Spain
+        (442071838750, "+442071838750"),
+        ("447911123456", "+447911123456"),
+        (34612345678, "+34612345678"),
+        ("34912345678", "+34912345678"),
     ],
 )
 def test_phone_forms(value: object, expected: str) -> None:
@@ -223,6 +228,8 @@ def test_phone_forms(value: object, expected: str) -> None:
         "+11234567890",
         "5555551234",
         "+4412",
+        "4412",  # not a UK number either way
+        33123456789,  # France without "+": only the spec's UK and Spain are read so
         "not a number",
         1.5,
         True,

@@ -53,8 +53,13 @@ class NormalizedCall:
 
     @property
     def content_hash(self) -> str:
-        """sha256 of the canonical JSON; equal for resubmissions that differ only in form."""
-        text = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        """sha256 of the canonical JSON; equal for resubmissions that differ only in form
+        (signals and custom data in another order included: they are hashed sorted by name,
+        and kept in the order submitted)."""
+        canonical = self.canonical()
+        for field in ("signals", "custom_data"):
+            canonical[field] = sorted(canonical[field], key=lambda item: (item["name"], item["value"]))
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -103,6 +108,6 @@ def validate_submission(body: Any, ctx: ValidationContext) -> NormalizedCall:
         recording_url=call.recording_url,
         recording_auth_config_id=call.recording_auth_config_id,
         language_code=call.language_code or ctx.network.default_language_code,
-        signals=tuple(sorted((s.name, s.value) for s in submission.signals)),
-        custom_data=tuple(sorted((d.name, d.value) for d in submission.custom_data)),
+        signals=tuple((s.name, s.value) for s in submission.signals),
+        custom_data=tuple((d.name, d.value) for d in submission.custom_data),
     )

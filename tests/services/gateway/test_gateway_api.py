@@ -179,16 +179,21 @@ async def test_spec_example_with_all_fields(gateway: Client, read_events: EventR
     _, call = await get_call(gateway, body["cuid"])
     assert call["start_time"] == "2016-08-08T18:03:31.000Z"
     assert call["destination_phone_number"] == "+19093900003"
-    assert sorted(call["signals"], key=lambda s: s["name"]) == [
-        {"name": "Quote", "value": True},
-        {"name": "Sale", "value": True},
-    ]
-    assert sorted(call["custom_data"], key=lambda c: c["name"]) == [
+    # In the order submitted (names as configured), not sorted.
+    assert call["signals"] == [{"name": "Sale", "value": True}, {"name": "Quote", "value": True}]
+    assert call["custom_data"] == [
         {"name": "channel", "value": "Paid Search"},
         {"name": "line_of_business", "value": "Social"},
     ]
     (event,) = await read_events(expected=1)
-    assert {s["name"] for s in event["signals"]} == {"Sale", "Quote"}
+    assert [s["name"] for s in event["signals"]] == ["Sale", "Quote"]
+    # The same content in another order is the same call: 202, nothing changes.
+    again = json.loads(fill(SPEC_ALL_FIELDS))
+    again["signals"].reverse()
+    again["custom_data"].reverse()
+    status, answer = await post(gateway, again)
+    assert (status, answer) == (202, {"cuid": body["cuid"]})
+    assert (await get_call(gateway, body["cuid"]))[1]["signals"][0]["name"] == "Sale"
     assert {(c["name"], c["value"]) for c in event["custom_data"]} == {
         ("channel", "Paid Search"),
         ("line_of_business", "Social"),

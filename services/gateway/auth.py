@@ -26,7 +26,11 @@ from services.gateway.errors import NotAuthorized, TooManyRequests
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_TOKEN_HEADER = re.compile(r'Token\s+token="?(?P<token>[^"\s,]+)"?', re.IGNORECASE)
+# Token token=<token>, quoted or not, and the options Rails' token scheme allows after it
+# (``Token token="abc", nonce="def"``; separated by commas, semicolons or tabs): ignored.
+_TOKEN_HEADER = re.compile(
+    r'Token\s+token="?(?P<token>[^"\s,;]+)"?(?:\s*[,;\t]\s*[A-Za-z_][\w-]*="[^"]*"|'
+    r'\s*[,;\t]\s*[A-Za-z_][\w-]*=[^\s,;"]*)*', re.IGNORECASE)
 _BEARER_HEADER = re.compile(r"Bearer\s+(?P<token>\S+)", re.IGNORECASE)
 NEGATIVE_CACHE_SECONDS = 1.0
 MAX_CACHE_ENTRIES = 10_000

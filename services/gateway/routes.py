@@ -19,3 +19,5 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get(f"/api/{V}/calls/{{cuid}}/recording.wav", views.get_recording)
     app.router.add_get(f"/api/{V}/openapi.json", views.openapi)
     app.router.add_route("*", r"/api/{version:(?!" + V + r"/)[^/]+}/{tail:.*}", views.other_api_version)
+    # Another version with nothing after it (``/api/2020-10-01``) is the same mistake.
+    app.router.add_route("*", r"/api/{version:(?!" + V + r"$)[^/]+}", views.other_api_version)

@@ -227,7 +227,8 @@ async def test_put_behaves_like_post(gateway: Client) -> None:
 # --------------------------------------------------------------------------- auth
 
 
-@pytest.mark.parametrize("form", ["body", "query", "bearer", "token_header", "token_header_quoted"])
+@pytest.mark.parametrize("form", ["body", "query", "bearer", "token_header", "token_header_quoted",
+                                  "token_header_options"])
 async def test_every_token_form_is_accepted(gateway: Client, form: str) -> None:
     body = call_body(f"auth-{form}")
     del body["oauth_token"]
@@ -241,8 +242,10 @@ async def test_every_token_form_is_accepted(gateway: Client, form: str) -> None:
         headers["Authorization"] = f"Bearer {NETWORK_TOKEN}"
     elif form == "token_header":
         headers["Authorization"] = f"Token token={NETWORK_TOKEN}"
-    else:
+    elif form == "token_header_quoted":
         headers["Authorization"] = f'Token token="{NETWORK_TOKEN}"'
+    else:  # options after the token, as Rails' token scheme allows: ignored
+        headers["Authorization"] = f'Token token="{NETWORK_TOKEN}", realm="calls"; nonce=x1'
     resp = await gateway.post(url, json=body, headers=headers)
     assert resp.status == 201, await resp.text()
 
@@ -277,6 +280,8 @@ async def test_tokens_never_reach_a_log(gateway: Client, caplog: pytest.LogCaptu
         ("PUT", "/api/2017-02-01/calls.json"),
         ("POST", "/api/v1/calls.json"),
         ("GET", "/api/2015-05-01/calls/abc.json"),
+        ("POST", "/api/2020-10-01"),
+        ("GET", "/api/2020-10-01/"),
     ],
 )
 async def test_other_api_versions_are_400(gateway: Client, method: str, path: str) -> None:

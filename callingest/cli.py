@@ -8,6 +8,7 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -112,22 +113,37 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     if args.command == "config":
-        return asyncio.run(_config_apply(settings, args.file))
+        return _run("config apply", _config_apply(settings, args.file))
     if args.command == "calls":
-        return asyncio.run(_calls_show(settings, args.cuid))
+        return _run("calls show", _calls_show(settings, args.cuid))
     if args.command == "replay":
         from callingest.replay import ReplayFilter, run_replay
 
         flt = ReplayFilter(cuids=args.cuid, stage=args.stage, since=args.since,
                            failure_class=args.failure_class)
-        return asyncio.run(run_replay(settings, flt, dry_run=args.dry_run))
+        return _run("replay", run_replay(settings, flt, dry_run=args.dry_run))
     if args.command == "admin" and args.admin_command == "rotate-secrets":
         from callingest.rotation import run_rotation
 
-        return asyncio.run(run_rotation(settings))
+        return _run("admin rotate-secrets", run_rotation(settings))
     if args.command == "admin":
         return asyncio.run(_admin_init(settings))
     return 2
+
+
+def _run(command: str, work: Coroutine[Any, Any, int]) -> int:
+    """Run an operator command; MongoDB or Kafka out of reach is one line on stderr and exit 1,
+    not a traceback (scrubbed: a driver's message may quote its URI)."""
+    from aiokafka.errors import KafkaError
+    from pymongo.errors import PyMongoError
+
+    from callingest.logging import scrub
+
+    try:
+        return asyncio.run(work)
+    except (KafkaError, PyMongoError) as exc:
+        print(scrub(f"callingest {command}: {type(exc).__name__}: {exc}")[:800], file=sys.stderr)
+        return 1
 
 
 async def _config_apply(settings: Any, path: Path) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from callingest.settings import Settings
 from callingest.topics import Topics
@@ -90,3 +91,19 @@ async def test_a_dry_run_names_the_stage_the_replay_restarts_from(settings: Sett
             in dry.stdout)
     narrowed = cli(settings, "replay", "--cuid", "dry-mono", "--stage", "fetcher", "--dry-run")
     assert "dry-mono: no failed call with this cuid matching the other filters" in narrowed.stdout
+
+
+@pytest.mark.parametrize("command", [["calls", "show", "c0ffee"], ["replay", "--dry-run"],
+                                     ["config", "apply", "deploy/examples/demo-config.yaml"]])
+def test_an_unreachable_store_is_one_line_and_exit_1(settings: Settings, command: list[str]) -> None:
+    """MongoDB out of reach: the operator gets one line naming the command and the error, no
+    traceback, and no password of the URI."""
+    from tests.conftest import free_port
+
+    dead = settings.model_copy(update={"mongodb_uri": SecretStr(
+        f"mongodb://operator:hunter2-secret@127.0.0.1:{free_port()}/")})
+    done = cli(dead, *command)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "hunter2-secret" not in done.stderr, done.stderr
+    name = " ".join(command[:1] if command[0] == "replay" else command[:2])
+    assert done.stderr.startswith(f"callingest {name}: "), done.stderr

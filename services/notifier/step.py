@@ -7,6 +7,7 @@ import smtplib
 import ssl
 from datetime import UTC, datetime
 from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
 from typing import Any
 
 from pymongo.errors import DuplicateKeyError
@@ -29,6 +30,11 @@ def compose(call: dict[str, Any], event: dict[str, Any], to: str, sender: str) -
     msg["From"] = sender
     msg["To"] = to
     msg["Subject"] = f"Call processing failed: {cuid} ({event['failure_class']} in {stage})"
+    msg["Date"] = formatdate(usegmt=True)
+    # One Message-ID per (cuid, attempt): if a notifier dies between sending and recording the
+    # notification, the email sent again is the same message, which mail clients merge.
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "callingest"
+    msg["Message-ID"] = f"<{cuid}.{event.get('attempt', 1)}@{domain}>"
     msg["X-Callingest-Cuid"] = cuid
     msg["X-Callingest-Attempt"] = str(event.get("attempt", 1))
     msg.set_content(

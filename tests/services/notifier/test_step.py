@@ -60,6 +60,11 @@ async def test_one_email_per_failed_attempt(networks: Any, settings: Settings, t
     mails = mails_about(mail_dir, call["_id"])
     assert len(mails) == 1
     assert mails[0]["To"] == "csm@example.com"
+    # One Message-ID per (cuid, attempt), so a copy sent again after a crash between sending
+    # and recording is the same message to a mail client; and a Date, as RFC 5322 requires.
+    domain = settings.smtp_from.rpartition("@")[2]
+    assert mails[0]["Message-ID"] == f"<{call['_id']}.1@{domain}>"
+    assert mails[0]["Date"]
     body = mails[0].get_payload(decode=True)
     assert isinstance(body, bytes)
     for needle in (call["external_call_unique_id"], "campaign not found",

@@ -93,12 +93,10 @@ class Outcome:
 
     def __init__(self, guard: HostGuard | None = None, host: _Host | None = None,
                  shown: str = "") -> None:
-        self.result: bool | None = None
         self._guard, self._host, self._shown = guard, host, shown
 
     def alive(self) -> None:
         """The host answered (any HTTP status)."""
-        self.result = True
         if self._guard is not None and self._host is not None:
             self._guard._alive(self._host, self._shown)
 
@@ -106,7 +104,6 @@ class Outcome:
         """Connection refused or reset, DNS failure, or a timeout: ``failure_class`` and
         ``message`` (naming the host, not the URL: the calls refused for it are others')
         are what the calls refused by the circuit it may open report."""
-        self.result = False
         if self._guard is not None and self._host is not None:
             self._host.cause = (failure_class, message)
             self._guard._dead(self._host, self._shown, self)
@@ -165,8 +162,13 @@ class HostGuard:
         host = self._hosts.get(key)
         if host is None:
             return
+        self._refuse(host, self.state(key), shown, last_chance)
+
+    def _refuse(self, host: _Host, state: str, shown: str, last_chance: bool) -> None:
+        """Raise :class:`CircuitOpen` (unless ``last_chance``) or :class:`HostBusy` if a
+        download from ``host``, its circuit in ``state``, may not start now."""
         if not last_chance:
-            self._refuse_if_open(host, self.state(key))
+            self._refuse_if_open(host, state)
         if (host.state == CLOSED or last_chance) and host.in_flight >= self.max_per_host:
             metrics.FETCH_REJECTIONS.labels("host_busy").inc()
             raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
@@ -200,11 +202,7 @@ class HostGuard:
             host = self._hosts[key] = _Host()
             self._move(None, CLOSED)
         state = self.state(key)
-        if not last_chance:
-            self._refuse_if_open(host, state)
-        if (host.state == CLOSED or last_chance) and host.in_flight >= self.max_per_host:
-            metrics.FETCH_REJECTIONS.labels("host_busy").inc()
-            raise HostBusy(f"{shown} already has {host.in_flight} downloads running")
+        self._refuse(host, state, shown, last_chance)
         outcome = Outcome(self, host, shown)
         if state == HALF_OPEN and host.probe is None:
             if host.state == OPEN:

@@ -80,8 +80,8 @@ def plan(delays: list[float], retry: int, counted: bool = True,
     while at_least is not None and delays[tier] < at_least and tier < len(delays) - 1:
         tier += 1
     delay = delays[tier]
-    due = time.time() + delay
-    now = due - delay
+    now = time.time()
+    due = now + delay
     headers = [(RETRY_ATTEMPT_HEADER, str(retry).encode()),
                (NOT_BEFORE_HEADER, str(int(due * 1000)).encode()),
                (FIRST_RETRY_HEADER, str(int((now if first is None else first) * 1000)).encode())]

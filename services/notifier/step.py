@@ -26,6 +26,7 @@ def compose(call: dict[str, Any], event: dict[str, Any], to: str, sender: str) -
     """The notification for ``event`` (a CallFailed record) about ``call``."""
     cuid = event["cuid"]
     stage = event["stage"]
+    attempt = event.get("attempt", 1)
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = to
@@ -34,9 +35,9 @@ def compose(call: dict[str, Any], event: dict[str, Any], to: str, sender: str) -
     # One Message-ID per (cuid, attempt): if a notifier dies between sending and recording the
     # notification, the email sent again is the same message, which mail clients merge.
     domain = parseaddr(sender)[1].rpartition("@")[2] or "callingest"
-    msg["Message-ID"] = f"<{cuid}.{event.get('attempt', 1)}@{domain}>"
+    msg["Message-ID"] = f"<{cuid}.{attempt}@{domain}>"
     msg["X-Callingest-Cuid"] = cuid
-    msg["X-Callingest-Attempt"] = str(event.get("attempt", 1))
+    msg["X-Callingest-Attempt"] = str(attempt)
     msg.set_content(
         "A call submitted through the Call Ingestion API could not be processed.\n\n"
         f"cuid:                    {cuid}\n"
@@ -45,7 +46,7 @@ def compose(call: dict[str, Any], event: dict[str, Any], to: str, sender: str) -
         f"stage:                   {stage}\n"
         f"class:                   {event['failure_class']}\n"
         f"message:                 {event['message']}\n"
-        f"attempt:                 {event.get('attempt', 1)}\n"
+        f"attempt:                 {attempt}\n"
         f"retryable:               {'yes' if event.get('retryable') else 'no'}\n\n"
         "Once the recording is reachable again or the configuration is corrected, replay it:\n\n"
         f"    callingest replay --cuid {cuid} --stage {stage}\n"

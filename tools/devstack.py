@@ -257,9 +257,9 @@ def free_port() -> int:
     """A loopback TCP port nothing listens on now, and not handed out before by this process.
 
     Not the kernel's ``bind(0)``: that picks from the ephemeral range, where a port can go to
-    an outgoing connection before the server binds it, and can repeat within one test (a
-    stack whose S3 port was its Kafka controller's answered the S3 client with closed
-    connections)."""
+    an outgoing connection before the server binds it, and can repeat within one test (the
+    likely cause of a CI failure of 2026-12-01: a private stack's S3 client got closed
+    connections, as from a port another of its servers held)."""
     candidates = [p for p in FREE_PORTS if p not in _handed_out]
     random.shuffle(candidates)
     for port in candidates:
